@@ -1,0 +1,481 @@
+"""Pure types shared by every layer: the desired fleet, the observed fleet and the plan.
+
+Data flow::
+
+    manifests.compile ──▶ DesiredFleet ─┐
+                                        ├──▶ planning.diff ──▶ Plan ──▶ render / execute
+    state store / runtime ─▶ ObservedFleet ┘
+
+Nothing here does I/O. Instances are frozen; mappings inside them are never mutated after
+construction. Identity is ``(kind, name)`` and a VM is ``<workload>-<ordinal>``: no type here
+knows the file a document came from, except for error messages (``Workload.declared_in``).
+
+A VM's configuration is kept as a flat ``settings`` mapping (``"deploy.env.LOG_LEVEL"`` ->
+canonical JSON of the value). The planner compares the desired and observed mappings key by key
+and looks up each changed key's disruption class (``planning.rules``); the same keys name the
+change in every rendering of the plan, so a reviewer reads exactly what moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Any
+
+API_VERSION = "reconciler/v1alpha1"
+PLAN_FORMAT_VERSION = 1
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: the one encoding that digests are taken of."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def digest_of(value: Any) -> str:
+    """``sha256:<hex>`` of the canonical JSON of ``value``."""
+    return "sha256:" + hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def short_digest(digest: str | None, length: int = 12) -> str:
+    """``sha256:0123abcd...`` shortened for humans; ``-`` for no digest."""
+    if not digest:
+        return "-"
+    return digest.split(":", 1)[-1][:length]
+
+
+class Language(StrEnum):
+    PYTHON = "python"
+    C = "c"
+    BINARY = "binary"
+
+
+class Target(StrEnum):
+    EXECUTABLE = "executable"
+    UNIKERNEL = "unikernel"
+    MICROVM = "microvm"
+
+
+class RuntimeKind(StrEnum):
+    QEMU = "qemu"
+    FIRECRACKER = "firecracker"
+    PROCESS = "process"
+
+
+# --------------------------------------------------------------------------------------------
+# Desired state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """How the host decides a VM is healthy once its workload started.
+
+    ``console``: the guest init's "workload started" marker is enough. ``tcp``: a connection to
+    ``port`` on the VM's address succeeds. ``http``: ``GET path`` on ``port`` answers 2xx/3xx.
+    """
+
+    kind: str
+    port: int | None = None
+    path: str | None = None
+    timeout_seconds: float = 5.0
+    interval_seconds: float = 2.0
+    start_period_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    name: str
+    port: int
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a workload's source lives: ``path`` is relative to the fleet root (POSIX form)."""
+
+    path: str
+    language: Language
+    entrypoint: str
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    targets: tuple[Target, ...]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    target: Target
+    runtime: RuntimeKind
+    replicas: int
+    vcpus: int
+    memory_mib: int
+    env: Mapping[str, str] = field(default_factory=dict)
+    ports: tuple[PortSpec, ...] = ()
+    health: HealthCheck | None = None
+    depends_on: tuple[str, ...] = ()
+    kernel: str | None = None
+    args: tuple[str, ...] = ()
+    kernel_args: str = ""
+    restart_policy: str = "always"
+    """``always`` for services; ``never`` for batch jobs, whose VM ends when the job does."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    labels: Mapping[str, str]
+    source: SourceSpec
+    build: BuildSpec
+    deploy: DeploySpec
+    source_digest: str
+    """Content digest of the source tree at this revision (paths, modes, bytes)."""
+    declared_in: str = ""
+    """File the document came from; for messages only, never part of identity."""
+    suspended: bool = False
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """One build output a VM needs, named by the digest of its inputs.
+
+    ``inputs`` names each component digest (``source``, ``target``, ``build``, ``kernel``,
+    ``builder``) so that a plan can say which input moved. ``input_digest`` is the digest of
+    ``inputs``; the artifact cache adds the toolchain versions of the machine that builds it.
+    """
+
+    workload: str
+    target: Target
+    input_digest: str
+    inputs: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class DesiredVM:
+    name: str
+    workload: str
+    ordinal: int
+    runtime: RuntimeKind
+    target: Target
+    artifact: ArtifactRef
+    settings: Mapping[str, str]
+    """Flat canonical settings; see the module docstring and ``planning.rules``."""
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    max_unavailable: int = 1
+    max_surge: int = 0
+
+
+@dataclass(frozen=True)
+class NetworkPool:
+    cidr: str = "10.88.0.0/24"
+    bridge: str = "rcbr0"
+    nat: bool = False
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    name: str
+    rollout: RolloutPolicy = RolloutPolicy()
+    prune: bool = True
+    allow_empty: bool = False
+    network: NetworkPool = NetworkPool()
+    kernel: str | None = None
+    variables: Mapping[str, Any] = field(default_factory=dict)
+    declared: bool = True
+    """False when the revision has no Fleet document and these are the built-in defaults."""
+
+
+@dataclass(frozen=True)
+class DesiredFleet:
+    revision: str | None
+    fleet: FleetSettings
+    workloads: Mapping[str, Workload]
+    vms: Mapping[str, DesiredVM]
+    artifacts: Mapping[tuple[str, Target], ArtifactRef]
+
+
+# --------------------------------------------------------------------------------------------
+# Observed state
+# --------------------------------------------------------------------------------------------
+
+
+class VMState(StrEnum):
+    PENDING = "pending"  # recorded, not started yet (or start in progress)
+    RUNNING = "running"
+    STOPPED = "stopped"  # shut down cleanly, can be started again
+    FAILED = "failed"  # the workload or the guest failed
+    MISSING = "missing"  # recorded as running, but its process is gone
+
+
+@dataclass(frozen=True)
+class ObservedVM:
+    name: str
+    workload: str
+    fleet: str
+    runtime: RuntimeKind
+    target: Target
+    artifact_digest: str
+    artifact_inputs: Mapping[str, str]
+    settings: Mapping[str, str]
+    state: VMState = VMState.RUNNING
+    healthy: bool | None = None
+    pid: int | None = None
+    address: str | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ObservedFleet:
+    """What runs now. ``version`` grows with every write to the state store, so a saved plan
+    can tell that the world moved since it was made."""
+
+    version: int
+    vms: Mapping[str, ObservedVM]
+    applied_revision: str | None = None
+
+
+EMPTY_OBSERVED = ObservedFleet(version=0, vms={})
+
+
+# --------------------------------------------------------------------------------------------
+# Plan
+# --------------------------------------------------------------------------------------------
+
+
+class ActionType(StrEnum):
+    CREATE = "create"
+    UPDATE = "update"
+    RESTART = "restart"
+    REPLACE = "replace"
+    DELETE = "delete"
+    NOOP = "no-op"
+
+
+class Disruption(IntEnum):
+    """How much a change to a running VM disturbs it; ordered, so ``max`` picks the worst."""
+
+    NONE = 0
+    IN_PLACE = 1
+    RESTART = 2
+    REPLACE = 3
+
+    @property
+    def label(self) -> str:
+        return {0: "none", 1: "in-place", 2: "restart", 3: "replace"}[self.value]
+
+    @classmethod
+    def from_label(cls, label: str) -> Disruption:
+        return {d.label: d for d in cls}[label]
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    before: str | None
+    after: str | None
+
+
+@dataclass(frozen=True)
+class VMAction:
+    action: ActionType
+    vm: str
+    workload: str
+    disruption: Disruption
+    reason: str
+    changes: tuple[Change, ...] = ()
+    artifact_before: str | None = None
+    artifact_after: str | None = None
+    wave: int = 0
+    """Rollout batch: actions of one wave may run together; waves run in order."""
+
+
+@dataclass(frozen=True)
+class BuildAction:
+    """An artifact whose input digest is not what runs now, with the inputs that moved."""
+
+    workload: str
+    target: Target
+    digest_before: str | None
+    digest_after: str
+    changed_inputs: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    fleet: str
+    base: str | None
+    head: str | None
+    observed_version: int
+    actions: tuple[VMAction, ...]
+    noops: tuple[VMAction, ...]
+    builds: tuple[BuildAction, ...]
+    warnings: tuple[str, ...] = ()
+    format_version: int = PLAN_FORMAT_VERSION
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.actions)
+
+    def summary(self) -> dict[str, int]:
+        counts = {kind.value: 0 for kind in ActionType if kind is not ActionType.NOOP}
+        for action in self.actions:
+            counts[action.action.value] += 1
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable, documented JSON form (see docs/plan-format.md)."""
+        return {
+            "format_version": self.format_version,
+            "fleet": self.fleet,
+            "base": self.base,
+            "head": self.head,
+            "observed_version": self.observed_version,
+            "summary": self.summary(),
+            "actions": [_action_to_dict(a) for a in self.actions],
+            "noops": [_action_to_dict(a) for a in self.noops],
+            "builds": [
+                {
+                    "workload": b.workload,
+                    "target": b.target.value,
+                    "digest_before": b.digest_before,
+                    "digest_after": b.digest_after,
+                    "changed_inputs": list(b.changed_inputs),
+                    "reason": b.reason,
+                }
+                for b in self.builds
+            ],
+            "warnings": list(self.warnings),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Inverse of :meth:`to_dict`; raises ``KeyError``/``ValueError`` on malformed input
+        (the caller turns those into a ``PlanError``)."""
+        if data.get("format_version") != PLAN_FORMAT_VERSION:
+            raise ValueError(f"unsupported plan format_version {data.get('format_version')!r}")
+        return cls(
+            fleet=str(data["fleet"]),
+            base=data["base"],
+            head=data["head"],
+            observed_version=int(data["observed_version"]),
+            actions=tuple(_action_from_dict(a) for a in data["actions"]),
+            noops=tuple(_action_from_dict(a) for a in data["noops"]),
+            builds=tuple(
+                BuildAction(
+                    workload=b["workload"],
+                    target=Target(b["target"]),
+                    digest_before=b["digest_before"],
+                    digest_after=b["digest_after"],
+                    changed_inputs=tuple(b["changed_inputs"]),
+                    reason=b["reason"],
+                )
+                for b in data["builds"]
+            ),
+            warnings=tuple(data.get("warnings", ())),
+        )
+
+
+def _action_to_dict(action: VMAction) -> dict[str, Any]:
+    return {
+        "action": action.action.value,
+        "vm": action.vm,
+        "workload": action.workload,
+        "disruption": action.disruption.label,
+        "reason": action.reason,
+        "changes": [{"key": c.key, "before": c.before, "after": c.after} for c in action.changes],
+        "artifact_before": action.artifact_before,
+        "artifact_after": action.artifact_after,
+        "wave": action.wave,
+    }
+
+
+def _action_from_dict(data: Mapping[str, Any]) -> VMAction:
+    return VMAction(
+        action=ActionType(data["action"]),
+        vm=data["vm"],
+        workload=data["workload"],
+        disruption=Disruption.from_label(data["disruption"]),
+        reason=data["reason"],
+        changes=tuple(Change(c["key"], c["before"], c["after"]) for c in data["changes"]),
+        artifact_before=data["artifact_before"],
+        artifact_after=data["artifact_after"],
+        wave=int(data["wave"]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Derivations from a Workload (pure; used by manifests.compile and by tests)
+# --------------------------------------------------------------------------------------------
+
+BUILDER_ABI = "1"
+"""Bump when the builders produce different output from the same inputs; it is one of the
+inputs of every artifact digest, so bumping it rebuilds everything once."""
+
+
+def artifact_ref_for(workload: Workload, target: Target, kernel: str | None) -> ArtifactRef:
+    """The artifact ``workload`` builds for ``target``, named by the digest of its inputs.
+
+    ``kernel`` is the fleet's kernel reference (name or digest); the executable target does
+    not boot a kernel, so its digest ignores it.
+    """
+    inputs = {
+        "source": workload.source_digest,
+        "build": digest_of(
+            {
+                "language": workload.source.language.value,
+                "entrypoint": workload.source.entrypoint,
+                "options": dict(workload.build.options),
+            }
+        ),
+        "target": digest_of(target.value),
+        "kernel": digest_of(kernel if target is not Target.EXECUTABLE else None),
+        "builder": digest_of(BUILDER_ABI),
+    }
+    return ArtifactRef(
+        workload=workload.name, target=target, input_digest=digest_of(inputs), inputs=inputs
+    )
+
+
+def vm_settings(workload: Workload, artifact: ArtifactRef, kernel: str | None) -> dict[str, str]:
+    """The flat settings of every replica of ``workload`` (see the module docstring)."""
+    deploy = workload.deploy
+    settings: dict[str, Any] = {
+        "runtime": deploy.runtime.value,
+        "target": deploy.target.value,
+        "artifact": artifact.input_digest,
+        "deploy.vcpus": deploy.vcpus,
+        "deploy.memoryMiB": deploy.memory_mib,
+        "deploy.kernel": kernel if deploy.runtime is not RuntimeKind.PROCESS else None,
+        "deploy.kernelArgs": deploy.kernel_args,
+        "deploy.args": list(deploy.args),
+        "deploy.restartPolicy": deploy.restart_policy,
+        "deploy.ports": [[p.name, p.port, p.protocol] for p in deploy.ports],
+        "deploy.health": None
+        if deploy.health is None
+        else {
+            "kind": deploy.health.kind,
+            "port": deploy.health.port,
+            "path": deploy.health.path,
+            "timeoutSeconds": deploy.health.timeout_seconds,
+            "intervalSeconds": deploy.health.interval_seconds,
+            "startPeriodSeconds": deploy.health.start_period_seconds,
+        },
+        "deploy.dependsOn": sorted(deploy.depends_on),
+    }
+    for key, value in deploy.env.items():
+        settings[f"deploy.env.{key}"] = value
+    for key, value in workload.labels.items():
+        settings[f"metadata.labels.{key}"] = value
+    return {key: canonical_json(value) for key, value in settings.items()}
+
+
+def vm_name(workload: str, ordinal: int) -> str:
+    return f"{workload}-{ordinal}"
