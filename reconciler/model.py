@@ -94,7 +94,8 @@ class PortSpec:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """Where a workload's source lives: ``path`` is relative to the fleet root (POSIX form)."""
+    """Where a workload's source lives: ``path`` is relative to the revision root (POSIX form,
+    normalised, never leaving it), whatever the fleet sub-directory is."""
 
     path: str
     language: Language
@@ -261,14 +262,15 @@ class ActionType(StrEnum):
 class Disruption(IntEnum):
     """How much a change to a running VM disturbs it; ordered, so ``max`` picks the worst."""
 
-    NONE = 0
+    NONE = 0  # also the disruption of a create: nothing running is disturbed
     IN_PLACE = 1
     RESTART = 2
     REPLACE = 3
+    DESTROY = 4  # a delete: the VM goes away
 
     @property
     def label(self) -> str:
-        return {0: "none", 1: "in-place", 2: "restart", 3: "replace"}[self.value]
+        return {0: "none", 1: "in-place", 2: "restart", 3: "replace", 4: "destroy"}[self.value]
 
     @classmethod
     def from_label(cls, label: str) -> Disruption:
@@ -479,3 +481,33 @@ def vm_settings(workload: Workload, artifact: ArtifactRef, kernel: str | None) -
 
 def vm_name(workload: str, ordinal: int) -> str:
     return f"{workload}-{ordinal}"
+
+
+def assemble_fleet(
+    revision: str | None, fleet: FleetSettings, workloads: Mapping[str, Workload]
+) -> DesiredFleet:
+    """Expand validated workloads into VMs and artifacts: the last, pure step of compiling."""
+    vms: dict[str, DesiredVM] = {}
+    artifacts: dict[tuple[str, Target], ArtifactRef] = {}
+    for workload in workloads.values():
+        kernel = workload.deploy.kernel or fleet.kernel
+        for target in workload.build.targets:
+            artifacts[(workload.name, target)] = artifact_ref_for(workload, target, kernel)
+        deployed = artifacts.get((workload.name, workload.deploy.target)) or artifact_ref_for(
+            workload, workload.deploy.target, kernel
+        )
+        settings = vm_settings(workload, deployed, kernel)
+        for ordinal in range(workload.deploy.replicas):
+            name = vm_name(workload.name, ordinal)
+            vms[name] = DesiredVM(
+                name=name,
+                workload=workload.name,
+                ordinal=ordinal,
+                runtime=workload.deploy.runtime,
+                target=workload.deploy.target,
+                artifact=deployed,
+                settings=settings,
+            )
+    return DesiredFleet(
+        revision=revision, fleet=fleet, workloads=dict(workloads), vms=vms, artifacts=artifacts
+    )

@@ -1,0 +1,94 @@
+"""``validate``, ``diff`` and ``plan``: read a fleet at a revision and say what would change.
+
+Exit codes follow Terraform's ``-detailed-exitcode``: 0 no changes, 2 changes, 1 error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from reconciler.cli.options import add_repo_options, add_state_option, revision_loader, state_dir
+from reconciler.errors import EXIT_CHANGES, EXIT_OK, ConfigError
+from reconciler.model import Plan
+from reconciler.pipeline import plan_against_store, plan_between
+from reconciler.render import RENDERERS
+from reconciler.state import open_state_store
+
+
+def register(commands: Any) -> None:
+    validate = commands.add_parser(
+        "validate", help="check a fleet revision without touching anything"
+    )
+    add_repo_options(validate)
+    add_state_option(validate)
+    validate.add_argument("--rev", default=None, help="revision to check (default: the ref)")
+    validate.set_defaults(handler=run_validate)
+
+    for name, help_text in (
+        ("diff", "show what applying a revision would change (exit 0 none, 2 changes, 1 error)"),
+        ("plan", "like diff, and save the plan for a later apply with -o"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        add_repo_options(sub)
+        add_state_option(sub)
+        sub.add_argument(
+            "--rev", default=None, help="revision to compare with the live fleet (default: ref)"
+        )
+        sub.add_argument("--base", default=None, help="compare two revisions: the base")
+        sub.add_argument("--head", default=None, help="with --base: the head (default: ref)")
+        sub.add_argument("--format", choices=sorted(RENDERERS), default="text")
+        if name == "plan":
+            sub.add_argument(
+                "-o", "--out", type=Path, required=True, help="write the plan as JSON here"
+            )
+        sub.set_defaults(handler=run_diff)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    loader = revision_loader(args)
+    desired = loader.load(args.rev)
+    print(
+        f"ok: fleet {desired.fleet.name!r} at {desired.revision}: "
+        f"{len(desired.workloads)} workloads, {len(desired.vms)} VMs, "
+        f"{len(desired.artifacts)} artifacts"
+    )
+    return EXIT_OK
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    if args.head is not None and args.base is None:
+        raise ConfigError("--head needs --base (or use --rev to compare with the live fleet)")
+    if args.base is not None and args.rev is not None:
+        raise ConfigError("use either --rev (against the live fleet) or --base/--head, not both")
+    loader = revision_loader(args)
+    if args.base is not None:
+        return plan_between(loader, args.base, args.head)
+    store = open_state_store(state_dir(args))
+    try:
+        return plan_against_store(loader, args.rev, store)
+    finally:
+        store.close()
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    plan = make_plan(args)
+    sys.stdout.write(RENDERERS[args.format](plan))
+    out: Path | None = getattr(args, "out", None)
+    if out is not None:
+        _write_plan(out, plan)
+        print(f"plan saved to {out}", file=sys.stderr)
+    return EXIT_CHANGES if plan.has_changes else EXIT_OK
+
+
+def _write_plan(path: Path, plan: Plan) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the plan to {path}: {exc.strerror}") from exc

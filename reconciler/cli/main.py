@@ -1,0 +1,61 @@
+"""Parser and dispatch for ``reconciler``; see ``main``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from reconciler import __version__
+from reconciler.cli import fleet_commands
+from reconciler.errors import EXIT_INTERRUPTED, ConfigError, ReconcilerError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error, which ``diff`` reserves for "changes": raise instead."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="reconciler",
+        description="GitOps for microVM fleets: converge VMs onto the manifests in a Git repo.",
+    )
+    parser.add_argument("--version", action="version", version=f"reconciler {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (repeatable)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+    fleet_commands.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(
+            level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+        code: int = args.handler(args)
+        return code
+    except ReconcilerError as err:
+        lines = err.lines()
+        for line in lines[:-1]:
+            print(line, file=sys.stderr)
+        last = lines[-1]
+        print(last if last.startswith("error:") else f"error: {last}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def entrypoint() -> NoReturn:
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The one pipeline from a fleet repository to a plan, shared by diff, plan, apply and daemon.
+
+    Source.resolve/checkout ──▶ manifests.load_fleet ──▶ DesiredFleet
+    StateStore.observed (or the base revision) ──▶ ObservedFleet ──▶ planning.diff ──▶ Plan
+
+Commands choose what happens to the plan (render it, save it, execute it); none of them has a
+second way of making one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from reconciler.manifests import ParseCache, load_fleet
+from reconciler.model import DesiredFleet, Plan
+from reconciler.planning import diff, observed_from_desired
+from reconciler.source import Source
+from reconciler.state import StateStore
+
+
+@dataclass
+class RevisionLoader:
+    """Loads the desired fleet at any revision of one source, parsing each file content once."""
+
+    source: Source
+    subpath: str = ""
+    cache: ParseCache = field(default_factory=ParseCache)
+
+    def resolve(self, rev: str | None) -> str:
+        return self.source.resolve(rev)
+
+    def load(self, rev: str | None) -> DesiredFleet:
+        revision = self.source.resolve(rev)
+        root = self.source.checkout(revision)
+        return load_fleet(root, subpath=self.subpath, revision=revision, cache=self.cache)
+
+
+def plan_against_store(loader: RevisionLoader, rev: str | None, store: StateStore) -> Plan:
+    """Desired at ``rev`` against what the state store says runs now."""
+    desired = loader.load(rev)
+    return diff(desired, store.observed())
+
+
+def plan_between(loader: RevisionLoader, base: str, head: str | None) -> Plan:
+    """Desired at ``head`` against the fleet as ``base`` would run it: the pull-request review.
+
+    Needs no runtime and no state store."""
+    base_fleet = loader.load(base)
+    head_fleet = loader.load(head)
+    return diff(head_fleet, observed_from_desired(base_fleet), base=base_fleet)

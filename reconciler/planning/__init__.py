@@ -1,0 +1,11 @@
+"""Pure planning: ``diff(desired, observed) -> Plan``.
+
+This package does no I/O and imports no git, subprocess or pyroute2 (a test checks it). The
+same function serves ``reconciler diff`` (which renders the plan) and ``reconciler apply``
+(which executes it): there is no second pipeline for dry runs.
+"""
+
+from reconciler.planning.diff import diff, observed_from_desired
+from reconciler.planning.rules import disruption_of
+
+__all__ = ["diff", "disruption_of", "observed_from_desired"]

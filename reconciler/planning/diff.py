@@ -1,0 +1,414 @@
+"""The planner: compare a ``DesiredFleet`` with an ``ObservedFleet`` and return a ``Plan``.
+
+Input comes from ``manifests`` (desired) and from the state store or, for a review of two
+revisions, from :func:`observed_from_desired` of the base revision. Output goes to ``render``
+(diff) or ``execution`` (apply). Pure: same inputs, same plan, no I/O.
+
+Decisions, in the order they are taken for each VM:
+
+1. An observed VM owned by another fleet is never touched (prune touches only what this fleet
+   owns).
+2. A desired VM that is not observed is created.
+3. A suspended workload's VMs are left as they are.
+4. An observed VM that died is recreated (``replace``), a stopped one restarted, unless it is a
+   batch job (``restartPolicy: never``) that ended, which is left alone.
+5. Otherwise the settings are compared key by key and the worst disruption class of the changed
+   keys (``rules``) picks ``update`` (in place), ``restart`` or ``replace``.
+6. An observed VM that is no longer desired is deleted, if the fleet prunes.
+
+An empty desired set never deletes the fleet unless the fleet sets ``allowEmpty``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+
+from reconciler.errors import PlanError
+from reconciler.model import (
+    ActionType,
+    ArtifactRef,
+    BuildAction,
+    Change,
+    DesiredFleet,
+    DesiredVM,
+    Disruption,
+    ObservedFleet,
+    ObservedVM,
+    Plan,
+    Target,
+    VMAction,
+    VMState,
+)
+from reconciler.planning.rules import disruption_of
+
+_ACTION_FOR = {
+    Disruption.IN_PLACE: ActionType.UPDATE,
+    Disruption.RESTART: ActionType.RESTART,
+    Disruption.REPLACE: ActionType.REPLACE,
+}
+
+
+def observed_from_desired(desired: DesiredFleet, *, version: int = 0) -> ObservedFleet:
+    """The fleet as it would run once ``desired`` were fully applied and healthy.
+
+    This is the "observed" side when two revisions are compared (``diff --base --head``): the
+    review of a pull request needs no runtime and no state store.
+    """
+    vms = {
+        vm.name: ObservedVM(
+            name=vm.name,
+            workload=vm.workload,
+            fleet=desired.fleet.name,
+            runtime=vm.runtime,
+            target=vm.target,
+            artifact_digest=vm.artifact.input_digest,
+            artifact_inputs=vm.artifact.inputs,
+            settings=vm.settings,
+            state=VMState.RUNNING,
+            healthy=True,
+        )
+        for vm in desired.vms.values()
+        if not desired.workloads[vm.workload].suspended
+    }
+    return ObservedFleet(version=version, vms=vms, applied_revision=desired.revision)
+
+
+def diff(
+    desired: DesiredFleet,
+    observed: ObservedFleet,
+    *,
+    base: DesiredFleet | None = None,
+) -> Plan:
+    """Plan the actions that take ``observed`` to ``desired``.
+
+    ``base`` is the previous revision's desired fleet when two revisions are compared; it lets
+    the plan name every artifact whose inputs change, not only those of VMs that move.
+    """
+    fleet = desired.fleet.name
+    owned = {name: vm for name, vm in observed.vms.items() if vm.fleet == fleet}
+    if not desired.vms and owned and not desired.fleet.allow_empty:
+        raise PlanError(
+            f"the revision declares no VMs, which would delete all {len(owned)} VMs of fleet "
+            f"{fleet!r}; refusing. Set Fleet spec.allowEmpty: true to allow an empty fleet"
+        )
+
+    order = _workload_order(desired, owned.values())
+    actions: list[VMAction] = []
+    noops: list[VMAction] = []
+    warnings: list[str] = []
+
+    for name, foreign in sorted(observed.vms.items()):
+        if foreign.fleet != fleet:
+            noops.append(
+                _noop(name, foreign.workload, f"owned by fleet {foreign.fleet!r}, not {fleet!r}")
+            )
+            if name in desired.vms:
+                warnings.append(
+                    f"VM {name} is wanted by fleet {fleet!r} but owned by fleet "
+                    f"{foreign.fleet!r}; it is left alone"
+                )
+
+    for workload_name in order:
+        workload = desired.workloads.get(workload_name)
+        desired_vms = sorted(
+            (vm for vm in desired.vms.values() if vm.workload == workload_name),
+            key=lambda vm: vm.ordinal,
+        )
+        for vm in desired_vms:
+            current = observed.vms.get(vm.name)
+            if current is not None and current.fleet != fleet:
+                continue
+            if workload is not None and workload.suspended:
+                noops.append(_noop(vm.name, vm.workload, "workload is suspended"))
+                continue
+            restart_policy = workload.deploy.restart_policy if workload else "always"
+            action = _plan_vm(vm, current, restart_policy)
+            (noops if action.action is ActionType.NOOP else actions).append(action)
+
+        for vm_name, current in sorted(owned.items(), key=lambda item: _ordinal_key(item[0])):
+            if current.workload != workload_name or vm_name in desired.vms:
+                continue
+            if workload is not None and workload.suspended:
+                noops.append(_noop(vm_name, current.workload, "workload is suspended"))
+                continue
+            reason = (
+                f"workload {workload_name!r} is no longer in the revision"
+                if workload is None
+                else f"scaled down to {workload.deploy.replicas} replicas"
+            )
+            if not desired.fleet.prune:
+                noops.append(_noop(vm_name, current.workload, f"{reason}; prune is disabled"))
+                continue
+            actions.append(
+                VMAction(
+                    action=ActionType.DELETE,
+                    vm=vm_name,
+                    workload=current.workload,
+                    disruption=Disruption.DESTROY,
+                    reason=reason,
+                    artifact_before=current.artifact_digest,
+                )
+            )
+
+    return Plan(
+        fleet=fleet,
+        base=base.revision if base is not None else observed.applied_revision,
+        head=desired.revision,
+        observed_version=observed.version,
+        actions=tuple(_assign_waves(actions, order, desired)),
+        noops=tuple(noops),
+        builds=tuple(_builds(desired, owned, actions, base)),
+        warnings=tuple(warnings),
+    )
+
+
+def _plan_vm(vm: DesiredVM, current: ObservedVM | None, restart_policy: str) -> VMAction:
+    if current is None:
+        return VMAction(
+            action=ActionType.CREATE,
+            vm=vm.name,
+            workload=vm.workload,
+            disruption=Disruption.NONE,
+            reason="not running",
+            changes=tuple(Change(k, None, v) for k, v in sorted(vm.settings.items())),
+            artifact_after=vm.artifact.input_digest,
+        )
+
+    changes = _changes(current.settings, vm.settings)
+    ended = current.state in (VMState.STOPPED, VMState.FAILED, VMState.MISSING)
+    if ended and not changes:
+        if restart_policy == "never":
+            return _noop(
+                vm.name,
+                vm.workload,
+                f"batch job ended ({current.state.value}); restartPolicy never",
+            )
+        if restart_policy == "on-failure" and current.state is VMState.STOPPED:
+            return _noop(
+                vm.name, vm.workload, "workload exited successfully; restartPolicy on-failure"
+            )
+    if current.state in (VMState.MISSING, VMState.FAILED):
+        detail = f": {current.detail}" if current.detail else ""
+        return VMAction(
+            action=ActionType.REPLACE,
+            vm=vm.name,
+            workload=vm.workload,
+            disruption=Disruption.REPLACE,
+            reason=f"VM is {current.state.value}{detail}; it is recreated",
+            changes=changes,
+            artifact_before=current.artifact_digest,
+            artifact_after=vm.artifact.input_digest,
+        )
+
+    disruption = max((disruption_of(c.key) for c in changes), default=Disruption.NONE)
+    if current.state is VMState.STOPPED and disruption < Disruption.RESTART:
+        disruption = Disruption.RESTART
+        reason = "VM is stopped; it is started"
+        if changes:
+            reason += "; changed: " + _keys(changes)
+    elif disruption is Disruption.NONE:
+        return _noop(vm.name, vm.workload, "up to date")
+    else:
+        reason = "changed: " + _keys(changes)
+    return VMAction(
+        action=_ACTION_FOR[disruption],
+        vm=vm.name,
+        workload=vm.workload,
+        disruption=disruption,
+        reason=reason,
+        changes=changes,
+        artifact_before=current.artifact_digest,
+        artifact_after=vm.artifact.input_digest,
+    )
+
+
+def _changes(before: Mapping[str, str], after: Mapping[str, str]) -> tuple[Change, ...]:
+    if before == after:
+        return ()
+    return tuple(
+        Change(key, before.get(key), after.get(key))
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    )
+
+
+def _keys(changes: Sequence[Change], limit: int = 4) -> str:
+    keys = [c.key for c in changes]
+    shown = ", ".join(keys[:limit])
+    return shown if len(keys) <= limit else f"{shown} and {len(keys) - limit} more"
+
+
+def _noop(vm: str, workload: str, reason: str) -> VMAction:
+    return VMAction(
+        action=ActionType.NOOP, vm=vm, workload=workload, disruption=Disruption.NONE, reason=reason
+    )
+
+
+def _ordinal_key(vm_name: str) -> tuple[str, int]:
+    prefix, _, ordinal = vm_name.rpartition("-")
+    return (prefix, int(ordinal)) if ordinal.isdigit() else (vm_name, -1)
+
+
+def _workload_order(desired: DesiredFleet, owned: Iterable[ObservedVM]) -> list[str]:
+    """Desired workloads with dependencies first, then removed workloads with dependents first.
+
+    Manifest validation has refused unknown names and cycles already; a dependency that is not
+    desired (which cannot happen after validation) is ignored rather than looped on.
+    """
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(name: str) -> None:
+        if state.get(name) or name not in desired.workloads:
+            return
+        state[name] = 1
+        for dependency in sorted(desired.workloads[name].deploy.depends_on):
+            visit(dependency)
+        state[name] = 2
+        order.append(name)
+
+    for name in sorted(desired.workloads):
+        visit(name)
+
+    removed: dict[str, list[str]] = {}
+    for vm in owned:
+        if vm.workload not in desired.workloads and vm.workload not in removed:
+            removed[vm.workload] = _json_list(vm.settings.get("deploy.dependsOn"))
+    order.extend(reversed(_toposort(removed)))
+    return order
+
+
+def _toposort(graph: Mapping[str, list[str]]) -> list[str]:
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen or name not in graph:
+            return
+        seen.add(name)
+        for dependency in sorted(graph[name]):
+            visit(dependency)
+        order.append(name)
+
+    for name in sorted(graph):
+        visit(name)
+    return order
+
+
+def _json_list(encoded: str | None) -> list[str]:
+    if not encoded:
+        return []
+    value = json.loads(encoded)
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _assign_waves(
+    actions: list[VMAction], order: list[str], desired: DesiredFleet
+) -> list[VMAction]:
+    """Order actions by workload dependency order and cut them into rollout waves.
+
+    Per workload: creates first (new capacity before anything is disturbed), then in-place
+    updates, then restarts and replaces in batches of ``maxUnavailable``, then scale-down
+    deletes. Waves are numbered across the whole plan so the executor runs them in sequence.
+    """
+    batch = max(1, desired.fleet.rollout.max_unavailable)
+    rank = {name: index for index, name in enumerate(order)}
+    by_workload: dict[str, list[VMAction]] = {}
+    for action in actions:
+        by_workload.setdefault(action.workload, []).append(action)
+
+    result: list[VMAction] = []
+    wave = 0
+    for workload in sorted(by_workload, key=lambda w: rank.get(w, len(rank))):
+        group = by_workload[workload]
+        phases = (
+            [a for a in group if a.action is ActionType.CREATE],
+            [a for a in group if a.action is ActionType.UPDATE],
+            [a for a in group if a.action in (ActionType.RESTART, ActionType.REPLACE)],
+            [a for a in group if a.action is ActionType.DELETE],
+        )
+        for index, phase in enumerate(phases):
+            if not phase:
+                continue
+            size = batch if index == 2 else len(phase)
+            for start in range(0, len(phase), size):
+                wave += 1
+                result.extend(_with_wave(a, wave) for a in phase[start : start + size])
+    return result
+
+
+def _with_wave(action: VMAction, wave: int) -> VMAction:
+    return VMAction(
+        action=action.action,
+        vm=action.vm,
+        workload=action.workload,
+        disruption=action.disruption,
+        reason=action.reason,
+        changes=action.changes,
+        artifact_before=action.artifact_before,
+        artifact_after=action.artifact_after,
+        wave=wave,
+    )
+
+
+def _builds(
+    desired: DesiredFleet,
+    owned: Mapping[str, ObservedVM],
+    actions: Sequence[VMAction],
+    base: DesiredFleet | None,
+) -> list[BuildAction]:
+    """Artifacts whose input digest is new, with the inputs that moved.
+
+    Comparing two revisions, every target of every workload is compared with the base. Against
+    the live fleet, only the artifacts that VMs about to be created or replaced will run.
+    """
+    builds: dict[tuple[str, Target], BuildAction] = {}
+    if base is not None:
+        for key, ref in sorted(desired.artifacts.items()):
+            before = base.artifacts.get(key)
+            if before is None or before.input_digest != ref.input_digest:
+                builds[key] = _build(
+                    ref, before.input_digest if before else None, before.inputs if before else None
+                )
+        return list(builds.values())
+
+    for action in actions:
+        if action.action not in (ActionType.CREATE, ActionType.REPLACE):
+            continue
+        vm = desired.vms[action.vm]
+        current = owned.get(action.vm)
+        if current is not None and current.artifact_digest == vm.artifact.input_digest:
+            continue
+        key = (vm.workload, vm.target)
+        if key not in builds:
+            if current is not None and current.target == vm.target:
+                builds[key] = _build(vm.artifact, current.artifact_digest, current.artifact_inputs)
+            else:
+                builds[key] = _build(vm.artifact, None, None)
+    return [builds[key] for key in sorted(builds)]
+
+
+def _build(
+    ref: ArtifactRef, digest_before: str | None, inputs_before: Mapping[str, str] | None
+) -> BuildAction:
+    if inputs_before is None:
+        changed = tuple(sorted(ref.inputs))
+        reason = "new artifact"
+    else:
+        changed = tuple(
+            sorted(
+                k
+                for k in ref.inputs.keys() | inputs_before.keys()
+                if ref.inputs.get(k) != inputs_before.get(k)
+            )
+        )
+        reason = "inputs changed: " + ", ".join(changed)
+    return BuildAction(
+        workload=ref.workload,
+        target=ref.target,
+        digest_before=digest_before,
+        digest_after=ref.input_digest,
+        changed_inputs=changed,
+        reason=reason,
+    )

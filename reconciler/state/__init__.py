@@ -1,0 +1,18 @@
+"""The state store: what runs (observed VMs), which revisions were applied and attempted, and a
+version number that grows with every write so a saved plan can tell the world moved.
+
+``StateStore`` is the Protocol the rest of the code sees; ``SQLiteStateStore`` is the embedded
+default. The execution layer writes it; ``diff`` and ``status`` read it.
+"""
+
+from reconciler.state.paths import default_state_dir
+from reconciler.state.protocol import RevisionRecord, StateStore
+from reconciler.state.sqlite import SQLiteStateStore, open_state_store
+
+__all__ = [
+    "RevisionRecord",
+    "SQLiteStateStore",
+    "StateStore",
+    "default_state_dir",
+    "open_state_store",
+]

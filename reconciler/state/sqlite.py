@@ -1,0 +1,196 @@
+"""SQLite implementation of the state store (the embedded default).
+
+One file, ``state.db`` in the state directory, in WAL mode with ``synchronous=FULL``: a write
+that returned survives a power cut, which the intents of the execution layer rely on. Every
+write runs in one transaction together with the bump of ``meta.version``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from reconciler.errors import StateError
+from reconciler.model import ObservedFleet, ObservedVM, RuntimeKind, Target, VMState
+from reconciler.state.protocol import RevisionRecord
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vms (
+    name TEXT PRIMARY KEY,
+    fleet TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    runtime TEXT NOT NULL,
+    target TEXT NOT NULL,
+    artifact_digest TEXT NOT NULL,
+    artifact_inputs TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    state TEXT NOT NULL,
+    healthy INTEGER,
+    pid INTEGER,
+    address TEXT,
+    detail TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    revision TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    message TEXT NOT NULL,
+    at REAL NOT NULL
+);
+"""
+
+
+class SQLiteStateStore:
+    """``StateStore`` on one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in _write).
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._check_schema_version()
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(
+                f"cannot open the state store {path}: {exc}; check --state-dir and its permissions"
+            ) from exc
+
+    def _check_schema_version(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            with self._write():
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('version', '0')",
+                    (str(SCHEMA_VERSION),),
+                )
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise StateError(
+                f"the state store {self.path} was written by a newer reconciler "
+                f"(schema {row[0]} > {SCHEMA_VERSION}); upgrade reconciler"
+            )
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute(
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'version'"
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot write the state store {self.path}: {exc}") from exc
+
+    def version(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key='version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def observed(self) -> ObservedFleet:
+        try:
+            self._db.execute("BEGIN")
+            try:
+                version = self.version()
+                rows = self._db.execute(
+                    "SELECT name, fleet, workload, runtime, target, artifact_digest,"
+                    " artifact_inputs, settings, state, healthy, pid, address, detail"
+                    " FROM vms ORDER BY name"
+                ).fetchall()
+            finally:
+                self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot read the state store {self.path}: {exc}") from exc
+        vms = {row[0]: _vm_from_row(row) for row in rows}
+        applied = self.applied_revision()
+        return ObservedFleet(
+            version=version, vms=vms, applied_revision=applied.revision if applied else None
+        )
+
+    def put_vm(self, vm: ObservedVM) -> None:
+        with self._write():
+            self._db.execute(
+                "INSERT OR REPLACE INTO vms VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    vm.name,
+                    vm.fleet,
+                    vm.workload,
+                    vm.runtime.value,
+                    vm.target.value,
+                    vm.artifact_digest,
+                    json.dumps(dict(vm.artifact_inputs), sort_keys=True),
+                    json.dumps(dict(vm.settings), sort_keys=True),
+                    vm.state.value,
+                    None if vm.healthy is None else int(vm.healthy),
+                    vm.pid,
+                    vm.address,
+                    vm.detail,
+                    time.time(),
+                ),
+            )
+
+    def remove_vm(self, name: str) -> None:
+        with self._write():
+            self._db.execute("DELETE FROM vms WHERE name = ?", (name,))
+
+    def record_revision(self, revision: str, *, outcome: str, message: str = "") -> None:
+        if outcome not in ("applied", "failed"):
+            raise ValueError(f"outcome must be 'applied' or 'failed', not {outcome!r}")
+        with self._write():
+            self._db.execute(
+                "INSERT INTO revisions (revision, outcome, message, at) VALUES (?,?,?,?)",
+                (revision, outcome, message, time.time()),
+            )
+
+    def _last_revision(self, where: str) -> RevisionRecord | None:
+        row = self._db.execute(
+            f"SELECT revision, outcome, message, at FROM revisions {where} ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        return RevisionRecord(row[0], row[1], row[2], row[3]) if row else None
+
+    def applied_revision(self) -> RevisionRecord | None:
+        return self._last_revision("WHERE outcome = 'applied'")
+
+    def attempted_revision(self) -> RevisionRecord | None:
+        return self._last_revision("")
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _vm_from_row(row: tuple[object, ...]) -> ObservedVM:
+    (name, fleet, workload, runtime, target, digest, inputs, settings) = row[:8]
+    state, healthy, pid, address, detail = row[8:]
+    return ObservedVM(
+        name=str(name),
+        workload=str(workload),
+        fleet=str(fleet),
+        runtime=RuntimeKind(str(runtime)),
+        target=Target(str(target)),
+        artifact_digest=str(digest),
+        artifact_inputs=json.loads(str(inputs)),
+        settings=json.loads(str(settings)),
+        state=VMState(str(state)),
+        healthy=None if healthy is None else bool(healthy),
+        pid=None if pid is None else int(str(pid)),
+        address=None if address is None else str(address),
+        detail=str(detail),
+    )
+
+
+def open_state_store(state_dir: Path) -> SQLiteStateStore:
+    return SQLiteStateStore(state_dir / "state.db")

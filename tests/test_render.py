@@ -1,0 +1,64 @@
+"""Golden tests of the plan renderers: the same plan as text, JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from reconciler.planning import diff
+from reconciler.render import RENDERERS
+from reconciler.testing import fleet, running, workload
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _sample_plan():  # type: ignore[no-untyped-def]
+    before = fleet(
+        workload("web", replicas=2, env={"GREETING": "hello"}, depends_on=["db"]),
+        workload("db"),
+        workload("old"),
+        revision="a" * 40,
+    )
+    after = fleet(
+        workload("web", replicas=3, env={"GREETING": "hi | there"}, depends_on=["db"]),
+        workload("db", source="v2"),
+        revision="b" * 40,
+    )
+    return diff(after, running(before), base=before)
+
+
+@pytest.mark.parametrize(("fmt", "suffix"), [("text", "txt"), ("markdown", "md"), ("json", "json")])
+def test_rendering_matches_golden_file(fmt: str, suffix: str) -> None:
+    rendered = RENDERERS[fmt](_sample_plan())
+    golden = GOLDEN / f"plan.{suffix}"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(rendered)
+    assert rendered == golden.read_text(), f"run UPDATE_GOLDEN=1 pytest {__file__} to refresh"
+
+
+def test_json_has_the_documented_shape() -> None:
+    data = json.loads(RENDERERS["json"](_sample_plan()))
+    assert data["base"] == "a" * 40 and data["head"] == "b" * 40
+    assert data["summary"] == {"create": 1, "update": 0, "restart": 2, "replace": 1, "delete": 1}
+    first = data["actions"][0]
+    assert {"action", "vm", "workload", "disruption", "reason"} <= first.keys()
+    assert all(a["action"] != "no-op" for a in data["actions"])
+
+
+def test_text_reads_like_terraform() -> None:
+    text = RENDERERS["text"](_sample_plan())
+    assert "-/+ vm 'db-0'" in text
+    assert "  + vm 'web-2'" in text
+    assert "  - vm 'old-0'" in text
+    assert text.rstrip().endswith(
+        "Plan: 1 to create, 0 to update in place, 2 to restart, 1 to replace, 1 to delete."
+    )
+
+
+def test_markdown_escapes_pipes_in_cells() -> None:
+    md = RENDERERS["markdown"](_sample_plan())
+    assert "| create | update | restart | replace | delete |" in md
+    assert "hi \\| there" not in md.split("```diff")[0] or "\\|" in md
