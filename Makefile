@@ -1,0 +1,45 @@
+# The README's two commands: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: help deps venv lint typecheck unit test demo clean
+
+help:
+	@echo "make demo   install what is missing, build and plan fleet-example"
+	@echo "make test   lint, type-check and run the whole test suite (what CI runs)"
+
+deps:
+	@missing=$$(for p in $$(grep -v '^#' deploy/apt-packages.txt); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(BIN)/reconciler: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,build]'
+	@touch $@
+
+venv: $(BIN)/reconciler
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+typecheck: lint
+
+unit: venv
+	$(BIN)/pytest -m "not qemu and not root and not postgres"
+
+test: venv lint
+	$(BIN)/pytest
+
+demo: deps venv
+	bash deploy/demo.sh
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

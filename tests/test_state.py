@@ -1,0 +1,62 @@
+"""The SQLite state store: what it records survives reopening, and its version moves."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from reconciler.errors import StateError
+from reconciler.model import VMState
+from reconciler.state import default_state_dir, open_state_store
+from reconciler.testing import fleet, running, workload
+
+
+def test_empty_store_means_nothing_runs(tmp_path: Path) -> None:
+    store = open_state_store(tmp_path)
+    observed = store.observed()
+    assert observed.vms == {}
+    assert observed.applied_revision is None
+    store.close()
+
+
+def test_vms_and_revisions_survive_reopening(tmp_path: Path) -> None:
+    vm = running(fleet(workload("web"))).vms["web-0"]
+    store = open_state_store(tmp_path)
+    before = store.version()
+    store.put_vm(replace(vm, state=VMState.RUNNING, pid=1234, address="10.88.0.2"))
+    store.record_revision("a" * 40, outcome="applied")
+    store.record_revision("b" * 40, outcome="failed", message="build failed")
+    assert store.version() == before + 3
+    store.close()
+
+    reopened = open_state_store(tmp_path)
+    observed = reopened.observed()
+    assert observed.vms["web-0"] == replace(vm, pid=1234, address="10.88.0.2")
+    assert observed.applied_revision == "a" * 40
+    attempted = reopened.attempted_revision()
+    assert attempted is not None and attempted.outcome == "failed"
+    reopened.remove_vm("web-0")
+    assert reopened.observed().vms == {}
+    reopened.close()
+
+
+def test_store_uses_wal_and_full_sync(tmp_path: Path) -> None:
+    store = open_state_store(tmp_path)
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    store.close()
+
+
+def test_unwritable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StateError, match="cannot open the state store"):
+        open_state_store(blocker / "state")
+
+
+def test_state_dir_comes_from_the_environment() -> None:
+    assert default_state_dir({"RECONCILER_STATE_DIR": "/srv/rc"}) == Path("/srv/rc")
+    assert default_state_dir({"HOME": "/home/op"}) == Path("/home/op/.local/state/reconciler")
+    assert default_state_dir({"XDG_STATE_HOME": "/x"}) == Path("/x/reconciler")
