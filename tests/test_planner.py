@@ -48,15 +48,23 @@ def test_same_fleet_has_no_changes_and_says_why() -> None:
     desired = fleet(WEB)
     plan = diff(desired, running(desired))
     assert not plan.has_changes
-    assert [(a.vm, a.reason) for a in plan.noops] == [("web-0", "up to date"), ("web-1", "up to date")]
+    assert [(a.vm, a.reason) for a in plan.noops] == [
+        ("web-0", "up to date"),
+        ("web-1", "up to date"),
+    ]
     assert plan.builds == ()
 
 
 def test_label_and_health_changes_are_in_place() -> None:
     before = fleet(WEB)
     after = fleet(
-        workload("web", replicas=2, env={"GREETING": "hello"}, labels={"tier": "front"},
-                 health=HealthCheck(kind="tcp", port=8080))
+        workload(
+            "web",
+            replicas=2,
+            env={"GREETING": "hello"},
+            labels={"tier": "front"},
+            health=HealthCheck(kind="tcp", port=8080),
+        )
     )
     plan = diff(after, running(before))
     assert actions(plan) == [("update", "web-0", "in-place"), ("update", "web-1", "in-place")]
@@ -130,7 +138,9 @@ def test_vms_of_another_fleet_are_never_touched() -> None:
     theirs = fleet(DB, name="theirs")
     plan = diff(fleet(WEB), running(theirs))
     assert [a.action for a in plan.actions] == [ActionType.CREATE, ActionType.CREATE]
-    assert [(a.vm, a.reason) for a in plan.noops] == [("db-0", "owned by fleet 'theirs', not 'test'")]
+    assert [(a.vm, a.reason) for a in plan.noops] == [
+        ("db-0", "owned by fleet 'theirs', not 'test'")
+    ]
 
 
 def test_empty_revision_refuses_to_delete_the_fleet() -> None:

@@ -41,7 +41,8 @@ def test_rendering_matches_golden_file(fmt: str, suffix: str) -> None:
 
 def test_json_has_the_documented_shape() -> None:
     data = json.loads(RENDERERS["json"](_sample_plan()))
-    assert data["base"] == "a" * 40 and data["head"] == "b" * 40
+    assert data["base"] == "a" * 40
+    assert data["head"] == "b" * 40
     assert data["summary"] == {"create": 1, "update": 0, "restart": 2, "replace": 1, "delete": 1}
     first = data["actions"][0]
     assert {"action", "vm", "workload", "disruption", "reason"} <= first.keys()

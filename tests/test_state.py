@@ -36,7 +36,8 @@ def test_vms_and_revisions_survive_reopening(tmp_path: Path) -> None:
     assert observed.vms["web-0"] == replace(vm, pid=1234, address="10.88.0.2")
     assert observed.applied_revision == "a" * 40
     attempted = reopened.attempted_revision()
-    assert attempted is not None and attempted.outcome == "failed"
+    assert attempted is not None
+    assert attempted.outcome == "failed"
     reopened.remove_vm("web-0")
     assert reopened.observed().vms == {}
     reopened.close()
