@@ -1,0 +1,62 @@
+"""Shared fixtures: scratch fleet repositories built with the real git CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+FLEET_EXAMPLE = PROJECT / "fleet-example"
+
+
+class FleetRepo:
+    """A git repository in a temporary directory, with helpers to edit and commit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.git("init", "-q", "-b", "main")
+        self.git("config", "user.email", "operator@example.invalid")
+        self.git("config", "user.name", "Operator")
+        self.git("config", "commit.gpgsign", "false")
+
+    def git(self, *args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(self.path), *args], check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    def write(self, relative: str, text: str) -> Path:
+        path = self.path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    def read(self, relative: str) -> str:
+        return (self.path / relative).read_text()
+
+    def edit(self, relative: str, old: str, new: str) -> None:
+        text = self.read(relative)
+        assert old in text, f"{old!r} not in {relative}"
+        self.write(relative, text.replace(old, new, 1))
+
+    def commit(self, message: str) -> str:
+        self.git("add", "-A")
+        self.git("commit", "-q", "--allow-empty", "-m", message)
+        return self.git("rev-parse", "HEAD")
+
+
+@pytest.fixture
+def fleet_repo(tmp_path: Path) -> FleetRepo:
+    """A scratch repository holding a copy of fleet-example/ at its root, committed once."""
+    repo_dir = tmp_path / "fleet"
+    shutil.copytree(FLEET_EXAMPLE, repo_dir)
+    repo = FleetRepo(repo_dir)
+    repo.commit("fleet-example")
+    return repo
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"

@@ -1,0 +1,267 @@
+"""``reconciler validate``, ``diff`` and ``plan`` as a user runs them, on a scratch repository
+holding a copy of fleet-example (the issue's "must show" list)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FleetRepo
+
+from reconciler.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def ab(fleet_repo: FleetRepo) -> tuple[FleetRepo, str, str]:
+    """Commit A is fleet-example; commit B adds a replica to web and changes echo's env."""
+    a = fleet_repo.git("rev-parse", "HEAD")
+    fleet_repo.edit("workloads/web.yaml", "replicas: 2", "replicas: 3")
+    fleet_repo.edit("workloads/echo.yaml", "env:\n", "env:\n      ECHO_BANNER: changed\n")
+    b = fleet_repo.commit("B: scale web, change echo env")
+    return fleet_repo, a, b
+
+
+def test_validate_fleet_example(
+    fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(
+        capsys, "validate", "--repo", str(fleet_repo.path), "--state-dir", str(state_dir)
+    )
+    assert (code, err) == (0, "")
+    assert "fleet 'example'" in out
+    assert "4 VMs" in out
+
+
+def test_diff_between_two_commits(
+    ab: tuple[FleetRepo, str, str], state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo, a, b = ab
+    common = ("--repo", str(repo.path), "--state-dir", str(state_dir), "--base", a, "--head", b)
+    code, text, err = run(capsys, "diff", *common)
+    assert code == 2, err
+    assert "  + vm 'web-2'" in text
+    assert "vm 'echo-0'" in text
+    assert (
+        "Plan: 1 to create, 0 to update in place, 1 to restart, 0 to replace, 0 to delete." in text
+    )
+
+    code, out, _ = run(capsys, "diff", *common, "--format", "json")
+    assert code == 2
+    data = json.loads(out)
+    assert (data["base"], data["head"]) == (a, b)
+    assert [(x["action"], x["vm"]) for x in data["actions"]] == [
+        ("create", "web-2"),
+        ("restart", "echo-0"),
+    ] or sorted((x["action"], x["vm"]) for x in data["actions"]) == [
+        ("create", "web-2"),
+        ("restart", "echo-0"),
+    ]
+    assert data["summary"] == {"create": 1, "update": 0, "restart": 1, "replace": 0, "delete": 0}
+    assert data["actions"][0].keys() >= {"action", "vm", "workload", "disruption", "reason"}
+
+    code, md, _ = run(capsys, "diff", *common, "--format", "markdown")
+    assert code == 2
+    assert "| create | update | restart | replace | delete |" in md
+    assert "| 1 | 0 | 1 | 0 | 0 |" in md
+
+
+def test_same_revision_has_no_changes(
+    ab: tuple[FleetRepo, str, str], state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo, a, _ = ab
+    code, out, _ = run(
+        capsys,
+        "diff",
+        "--repo",
+        str(repo.path),
+        "--state-dir",
+        str(state_dir),
+        "--base",
+        a,
+        "--head",
+        a,
+    )
+    assert code == 0
+    assert "No changes." in out
+
+
+def test_moving_a_document_to_another_file_changes_nothing(
+    ab: tuple[FleetRepo, str, str], state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo, _, b = ab
+    (repo.path / "moved").mkdir()
+    (repo.path / "workloads" / "web.yaml").rename(repo.path / "moved" / "frontend.yaml")
+    c = repo.commit("C: move web to another file")
+    code, out, _ = run(
+        capsys,
+        "diff",
+        "--repo",
+        str(repo.path),
+        "--state-dir",
+        str(state_dir),
+        "--base",
+        b,
+        "--head",
+        c,
+    )
+    assert code == 0, out
+
+
+def test_diff_against_an_empty_live_fleet_creates_everything(
+    fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(
+        capsys,
+        "diff",
+        "--repo",
+        str(fleet_repo.path),
+        "--state-dir",
+        str(state_dir),
+        "--format",
+        "json",
+    )
+    assert code == 2
+    data = json.loads(out)
+    assert data["summary"]["create"] == 4
+    assert data["base"] is None
+    # Dependencies first: report depends on web.
+    vms = [a["vm"] for a in data["actions"]]
+    assert vms.index("web-0") < vms.index("report-0")
+
+
+def test_plan_is_saved_with_revision_and_observed_version(
+    fleet_repo: FleetRepo, state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "plan.json"
+    code, _, err = run(
+        capsys,
+        "plan",
+        "--repo",
+        str(fleet_repo.path),
+        "--state-dir",
+        str(state_dir),
+        "-o",
+        str(out_file),
+    )
+    assert code == 2
+    saved = json.loads(out_file.read_text())
+    assert saved["head"] == fleet_repo.git("rev-parse", "HEAD")
+    assert saved["observed_version"] >= 0
+    assert "plan saved" in err
+
+
+HOSTILE = {
+    "schema error": ("workloads/web.yaml", "replicas: 2", "replicas: three", "replicas"),
+    "source path leaving the repo": (
+        "workloads/web.yaml",
+        "path: ../services/web",
+        "path: ../../etc",
+        "../../etc",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_revisions_exit_1_with_one_line_per_problem(
+    case: str, fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file, old, new, needle = HOSTILE[case]
+    fleet_repo.edit(file, old, new)
+    fleet_repo.commit(case)
+    for command in ("validate", "diff"):
+        code, out, err = run(
+            capsys, command, "--repo", str(fleet_repo.path), "--state-dir", str(state_dir)
+        )
+        assert code == 1, out
+        assert "Traceback" not in err
+        assert file in err
+        assert needle in err
+
+
+def test_alias_bomb_symlink_duplicates_and_cycles_are_all_reported(
+    fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bomb = "\n".join(
+        [
+            "apiVersion: reconciler/v1alpha1",
+            "kind: Workload",
+            "metadata: {name: bomb}",
+            'a: &a ["x","x","x","x","x","x","x","x","x","x"]',
+        ]
+        + [
+            f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},"
+            f"*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},"
+            f"*{chr(97 + i)},*{chr(97 + i)}]"
+            for i in range(8)
+        ]
+    )
+    fleet_repo.write("workloads/bomb.yaml", bomb + "\n")
+    os.symlink("../../../../etc", fleet_repo.path / "services" / "escape")
+    fleet_repo.write("workloads/dup.yaml", fleet_repo.read("workloads/echo.yaml"))
+    fleet_repo.commit("everything hostile at once")
+    code, _, err = run(
+        capsys, "validate", "--repo", str(fleet_repo.path), "--state-dir", str(state_dir)
+    )
+    assert code == 1
+    assert "Traceback" not in err
+    assert "workloads/bomb.yaml" in err
+    assert "workloads/dup.yaml" in err
+    assert "escape" in err
+    assert len(err.strip().splitlines()) >= 4
+
+
+def test_dependency_cycle_is_refused(
+    fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet_repo.edit("workloads/web.yaml", "deploy:\n", "deploy:\n    dependsOn: [report]\n")
+    fleet_repo.commit("cycle")
+    code, _, err = run(
+        capsys, "diff", "--repo", str(fleet_repo.path), "--state-dir", str(state_dir)
+    )
+    assert code == 1
+    assert "cycle" in err
+
+
+def test_unknown_revision_and_bad_flags_are_one_line_errors(
+    fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(
+        capsys,
+        "diff",
+        "--repo",
+        str(fleet_repo.path),
+        "--state-dir",
+        str(state_dir),
+        "--base",
+        "no-such-branch",
+    )
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1
+    assert "no-such-branch" in err
+    code, _, err = run(capsys, "diff", "--format", "yaml")
+    assert code == 1
+    assert err.startswith("error:")
+
+
+def test_console_script_and_module_entry_points(fleet_repo: FleetRepo, state_dir: Path) -> None:
+    for argv in (
+        [str(Path(sys.executable).parent / "reconciler")],
+        [sys.executable, "-m", "reconciler"],
+    ):
+        result = subprocess.run(
+            [*argv, "validate", "--repo", str(fleet_repo.path), "--state-dir", str(state_dir)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
