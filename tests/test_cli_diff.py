@@ -164,7 +164,7 @@ HOSTILE = {
     "schema error": ("workloads/web.yaml", "replicas: 2", "replicas: three", "replicas"),
     "source path leaving the repo": (
         "workloads/web.yaml",
-        "path: ../services/web",
+        "path: services/web",
         "path: ../../etc",
         "../../etc",
     ),

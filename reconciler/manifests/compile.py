@@ -1,0 +1,260 @@
+"""Compile schema-valid documents into the model: ``FleetSettings`` and ``Workload`` objects.
+
+Input: documents that passed their JSON Schema (``schema.py``). Output: the arguments of
+``model.assemble_fleet``, plus the problems that a schema cannot express: a deploy target that is
+not built, a runtime that cannot run that target, a source path leaving the repository,
+``dependsOn`` naming an unknown workload or forming a cycle.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reconciler.manifests.paths import SourceTrees, relative
+from reconciler.model import (
+    BuildSpec,
+    DeploySpec,
+    FleetSettings,
+    HealthCheck,
+    Language,
+    NetworkPool,
+    PortSpec,
+    RolloutPolicy,
+    RuntimeKind,
+    SourceSpec,
+    Target,
+    Workload,
+)
+
+BUILT_IN_DEPLOY: Mapping[str, Any] = {"replicas": 1, "vcpus": 1, "memoryMiB": 256}
+VM_TARGETS = {Target.UNIKERNEL, Target.MICROVM}
+
+
+@dataclass(frozen=True)
+class Document:
+    """One schema-valid document and where it came from."""
+
+    file: str  # relative to the revision root
+    index: int  # position in its file
+    kind: str
+    name: str
+    content: Mapping[str, Any]
+
+
+# (document, JSON path inside it, message)
+Report = Callable[[Document, Sequence[Hashable], str], None]
+
+
+def compile_fleet(document: Document | None) -> FleetSettings:
+    if document is None:
+        return FleetSettings(name="default", declared=False)
+    spec = document.content.get("spec") or {}
+    network = spec.get("network") or {}
+    rollout = spec.get("rollout") or {}
+    return FleetSettings(
+        name=document.name,
+        rollout=RolloutPolicy(
+            max_unavailable=rollout.get("maxUnavailable", 1),
+            max_surge=rollout.get("maxSurge", 0),
+        ),
+        prune=spec.get("prune", True),
+        allow_empty=spec.get("allowEmpty", False),
+        network=NetworkPool(
+            cidr=network.get("cidr", NetworkPool.cidr),
+            bridge=network.get("bridge", NetworkPool.bridge),
+            nat=network.get("nat", False),
+        ),
+        kernel=spec.get("kernel"),
+        variables=spec.get("variables") or {},
+    )
+
+
+def check_fleet(document: Document, report: Report) -> None:
+    cidr = ((document.content.get("spec") or {}).get("network") or {}).get("cidr")
+    if cidr is None:
+        return
+    try:
+        network = ipaddress.IPv4Network(cidr, strict=True)
+    except ValueError as exc:
+        report(document, ("spec", "network", "cidr"), f"invalid network: {exc}")
+        return
+    if network.num_addresses < 4:
+        report(document, ("spec", "network", "cidr"), "the pool needs at least a /30")
+
+
+def fleet_defaults(document: Document | None) -> Mapping[str, Any]:
+    if document is None:
+        return {}
+    spec = document.content.get("spec") or {}
+    return (spec.get("defaults") or {}).get("deploy") or {}
+
+
+def merge_deploy(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+    merged = {**BUILT_IN_DEPLOY, **defaults, **own}
+    if "env" in defaults or "env" in own:
+        merged["env"] = {**(defaults.get("env") or {}), **(own.get("env") or {})}
+    return merged
+
+
+def compile_workload(
+    document: Document,
+    *,
+    defaults: Mapping[str, Any],
+    root: Path,
+    fleet_dir: Path,
+    trees: SourceTrees,
+    report: Report,
+) -> Workload | None:
+    spec = document.content["spec"]
+    source = spec["source"]
+    targets = tuple(Target(t) for t in spec["build"]["targets"])
+    deploy = merge_deploy(defaults, spec["deploy"])
+    ok = True
+
+    if "target" not in deploy:
+        if len(targets) == 1:
+            deploy["target"] = targets[0].value
+        else:
+            report(
+                document,
+                ("spec", "deploy"),
+                "spec.deploy.target is required when several targets are built",
+            )
+            ok = False
+    target = Target(deploy.get("target", targets[0].value))
+    if target not in targets:
+        report(
+            document,
+            ("spec", "deploy", "target"),
+            f"deploy target {target.value!r} is not in spec.build.targets "
+            f"{[t.value for t in targets]}",
+        )
+        ok = False
+    runtime = RuntimeKind(
+        deploy.get("runtime", "process" if target is Target.EXECUTABLE else "qemu")
+    )
+    if runtime is RuntimeKind.PROCESS and target is not Target.EXECUTABLE:
+        report(
+            document,
+            ("spec", "deploy", "runtime"),
+            f"runtime 'process' runs the executable target, not {target.value!r}",
+        )
+        ok = False
+    if runtime is not RuntimeKind.PROCESS and target not in VM_TARGETS:
+        report(
+            document,
+            ("spec", "deploy", "runtime"),
+            f"runtime {runtime.value!r} boots a unikernel or microvm target, not "
+            f"{target.value!r}; use runtime 'process' for executables",
+        )
+        ok = False
+    if document.name in deploy.get("dependsOn", []):
+        report(document, ("spec", "deploy", "dependsOn"), "a workload cannot depend on itself")
+        ok = False
+
+    resolved = trees.resolve(fleet_dir, source["path"])
+    if isinstance(resolved, str):
+        report(document, ("spec", "source", "path"), resolved)
+        return None
+    digest, escapes = trees.digest(resolved)
+    for message in escapes:
+        report(document, ("spec", "source", "path"), message)
+    entry = resolved / source["entrypoint"]
+    if not entry.resolve().is_relative_to(resolved) or not entry.is_file():
+        report(
+            document,
+            ("spec", "source", "entrypoint"),
+            f"entrypoint {source['entrypoint']!r} is not a file in {source['path']!r}",
+        )
+        ok = False
+    if escapes or not ok:
+        return None
+
+    health = deploy.get("health")
+    return Workload(
+        name=document.name,
+        labels=dict(document.content["metadata"].get("labels") or {}),
+        source=SourceSpec(
+            path=relative(resolved, root),
+            language=Language(source["language"]),
+            entrypoint=source["entrypoint"],
+        ),
+        build=BuildSpec(targets=targets, options=dict(spec["build"].get("options") or {})),
+        deploy=DeploySpec(
+            target=target,
+            runtime=runtime,
+            replicas=deploy["replicas"],
+            vcpus=deploy["vcpus"],
+            memory_mib=deploy["memoryMiB"],
+            env=dict(deploy.get("env") or {}),
+            ports=tuple(
+                PortSpec(p["name"], p["port"], p.get("protocol", "tcp"))
+                for p in deploy.get("ports", [])
+            ),
+            health=None
+            if health is None
+            else HealthCheck(
+                kind=health["type"],
+                port=health.get("port"),
+                path=health.get("path"),
+                timeout_seconds=float(health.get("timeoutSeconds", 5)),
+                interval_seconds=float(health.get("intervalSeconds", 2)),
+                start_period_seconds=float(health.get("startPeriodSeconds", 60)),
+            ),
+            depends_on=tuple(deploy.get("dependsOn", [])),
+            kernel=deploy.get("kernel"),
+            args=tuple(deploy.get("args", [])),
+            kernel_args=deploy.get("kernelArgs", ""),
+            restart_policy=deploy.get("restartPolicy", "always"),
+        ),
+        source_digest=digest,
+        declared_in=document.file,
+        suspended=bool(spec.get("suspend", False)),
+    )
+
+
+def check_dependencies(workloads: Mapping[str, Document], known: set[str], report: Report) -> None:
+    """Unknown names and cycles in ``dependsOn``, each reported once. ``known`` holds every
+    declared workload name, including those whose documents have problems of their own."""
+    graph: dict[str, list[str]] = {}
+    for name, document in workloads.items():
+        deps = list(document.content["spec"]["deploy"].get("dependsOn", []))
+        for position, dependency in enumerate(deps):
+            if dependency not in known:
+                report(
+                    document,
+                    ("spec", "deploy", "dependsOn", position),
+                    f"dependsOn names unknown workload {dependency!r}",
+                )
+        graph[name] = [d for d in deps if d in workloads and d != name]
+
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    reported: set[frozenset[str]] = set()
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        stack.append(name)
+        for dependency in graph[name]:
+            if state.get(dependency) == 1:
+                cycle = [*stack[stack.index(dependency) :], dependency]
+                key = frozenset(cycle)
+                if key not in reported:
+                    reported.add(key)
+                    report(
+                        workloads[name],
+                        ("spec", "deploy", "dependsOn"),
+                        "dependsOn forms a cycle: " + " -> ".join(cycle),
+                    )
+            elif not state.get(dependency):
+                visit(dependency)
+        stack.pop()
+        state[name] = 2
+
+    for name in sorted(graph):
+        if not state.get(name):
+            visit(name)

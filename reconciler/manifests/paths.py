@@ -1,0 +1,144 @@
+"""Finding manifest files and source trees inside one revision, and never leaving it.
+
+Every path a manifest names, and every symlink met on the way, is resolved and refused when it
+leaves the revision's root. Nothing outside the root is ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler.errors import Problem
+from reconciler.manifests.limits import Limits
+
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".yaml.j2")
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+@dataclass
+class ManifestFiles:
+    files: list[Path] = field(default_factory=list)  # resolved, inside the root
+    problems: list[Problem] = field(default_factory=list)
+
+
+def find_manifests(root: Path, fleet_dir: Path, limits: Limits) -> ManifestFiles:
+    """Manifest files under ``fleet_dir`` in a stable order, plus escaping-symlink problems."""
+    found = ManifestFiles()
+    total = 0
+    for directory, dirnames, filenames in os.walk(fleet_dir, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(directory)
+        for name in [*dirnames, *sorted(filenames)]:
+            path = here / name
+            if not path.is_symlink():
+                continue
+            target = path.resolve()
+            if not is_inside(target, root):
+                found.problems.append(
+                    Problem(
+                        relative(path, root),
+                        0,
+                        "",
+                        f"symlink to {os.readlink(path)} leaves the repository; refusing it",
+                    )
+                )
+        for name in sorted(filenames):
+            if not name.endswith(MANIFEST_SUFFIXES) or name.startswith("."):
+                continue
+            path = (here / name).resolve()
+            if not is_inside(path, root) or not path.is_file():
+                continue  # reported above, or a dangling link
+            size = path.stat().st_size
+            rel = relative(here / name, root)
+            if size > limits.max_file_bytes:
+                found.problems.append(
+                    Problem(
+                        rel,
+                        0,
+                        "",
+                        f"file is {size} bytes, over the limit of {limits.max_file_bytes}",
+                    )
+                )
+                continue
+            total += size
+            found.files.append(here / name)
+    if len(found.files) > limits.max_files:
+        found.problems.append(
+            Problem(
+                relative(fleet_dir, root) or ".",
+                0,
+                "",
+                f"{len(found.files)} manifest files, over the limit of {limits.max_files}",
+            )
+        )
+    if total > limits.max_total_bytes:
+        found.problems.append(
+            Problem(
+                relative(fleet_dir, root) or ".",
+                0,
+                "",
+                f"manifests total {total} bytes, over the limit of {limits.max_total_bytes}",
+            )
+        )
+    return found
+
+
+class SourceTrees:
+    """Resolves workload source directories and digests their content, once per directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._digests: dict[Path, tuple[str, list[str]]] = {}
+
+    def resolve(self, fleet_dir: Path, declared: str) -> Path | str:
+        """The resolved directory, or a message saying why it is refused."""
+        if os.path.isabs(declared):
+            return f"source path {declared!r} must be relative to the fleet directory"
+        path = (fleet_dir / declared).resolve()
+        if not is_inside(path, self.root):
+            return f"source path {declared!r} leaves the repository; refusing it"
+        if not path.is_dir():
+            return f"source path {declared!r} is not a directory in this revision"
+        return path
+
+    def digest(self, directory: Path) -> tuple[str, list[str]]:
+        """``sha256:`` of the tree (relative paths, kinds, exec bits, contents) and the
+        messages of symlinks inside it that leave the repository."""
+        known = self._digests.get(directory)
+        if known is not None:
+            return known
+        hasher = hashlib.sha256()
+        escapes: list[str] = []
+        for current, dirnames, filenames in os.walk(directory, followlinks=False):
+            dirnames.sort()
+            here = Path(current)
+            for name in sorted([*dirnames, *filenames]):
+                path = here / name
+                rel = path.relative_to(directory).as_posix()
+                if path.is_symlink():
+                    link = os.readlink(path)
+                    if not is_inside(path.resolve(), self.root):
+                        escapes.append(f"symlink {rel} -> {link} leaves the repository")
+                    hasher.update(f"L {rel}\0{link}\0".encode())
+                elif path.is_file():
+                    executable = "x" if os.access(path, os.X_OK) else "-"
+                    hasher.update(f"F {rel} {executable}\0".encode())
+                    hasher.update(hashlib.sha256(path.read_bytes()).digest())
+                elif path.is_dir():
+                    hasher.update(f"D {rel}\0".encode())
+        result = ("sha256:" + hasher.hexdigest(), escapes)
+        self._digests[directory] = result
+        return result

@@ -1,0 +1,106 @@
+"""JSON Schema validation of manifest documents against ``schemas/`` (draft 2020-12).
+
+The schemas are the single source of truth for the manifest shape: editors use them, this
+module validates with them, ``reference.py`` documents them. One validator per kind is built
+once per process.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+from referencing import Registry, Resource
+
+from reconciler.errors import ConfigError
+
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+KIND_FILES = {"Fleet": "fleet.schema.json", "Workload": "workload.schema.json"}
+
+
+@dataclass(frozen=True)
+class SchemaProblem:
+    path: tuple[Hashable, ...]
+    message: str
+
+    @property
+    def json_path(self) -> str:
+        return json_path(self.path)
+
+
+def json_path(path: tuple[Hashable, ...]) -> str:
+    out = "$"
+    for step in path:
+        out += f"[{step}]" if isinstance(step, int) else f".{step}"
+    return out
+
+
+@cache
+def load_schemas() -> dict[str, dict[str, Any]]:
+    """The schema of each kind, keyed by kind."""
+    schemas = {}
+    for kind, name in KIND_FILES.items():
+        path = SCHEMA_DIR / name
+        try:
+            schemas[kind] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot read the manifest schema {path}: {exc}; reinstall reconciler"
+            ) from exc
+    return schemas
+
+
+@cache
+def _validators() -> dict[str, Draft202012Validator]:
+    schemas = load_schemas()
+    registry: Registry[Any] = Registry().with_resources(
+        (schema["$id"], Resource.from_contents(schema)) for schema in schemas.values()
+    )
+    return {
+        kind: Draft202012Validator(schema, registry=registry) for kind, schema in schemas.items()
+    }
+
+
+def validate(kind: str, document: Mapping[str, Any]) -> list[SchemaProblem]:
+    validator = _validators()[kind]
+    if validator.is_valid(document):  # the common case, and cheaper than collecting errors
+        return []
+    return sorted(
+        (_problem(error) for error in validator.iter_errors(document)),
+        key=lambda p: (str(p.path), p.message),
+    )
+
+
+def _problem(error: ValidationError) -> SchemaProblem:
+    leaf = error
+    # "oneOf/anyOf/allOf failed": the deepest, most specific cause reads best.
+    while leaf.context:
+        leaf = min(leaf.context, key=lambda e: (-len(e.absolute_path), str(e.message)))
+    message = leaf.message
+    if leaf.validator == "type":
+        expected = leaf.validator_value
+        expected_text = " or ".join(expected) if isinstance(expected, list) else str(expected)
+        message = f"expected {expected_text}, got {_type_name(leaf.instance)} {leaf.instance!r}"
+    elif leaf.validator == "additionalProperties":
+        message = message.replace("Additional properties are not allowed", "unknown field")
+    elif leaf.validator == "pattern" and isinstance(leaf.instance, str):
+        message = f"{leaf.instance!r} does not match {leaf.validator_value!r}"
+    return SchemaProblem(tuple(leaf.absolute_path), message)
+
+
+def _type_name(value: Any) -> str:
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
