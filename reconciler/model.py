@@ -29,9 +29,13 @@ API_VERSION = "reconciler/v1alpha1"
 PLAN_FORMAT_VERSION = 1
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace: the one encoding that digests are taken of."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # One shared encoder: json.dumps builds a new one per call when given options.
+    return _CANONICAL.encode(value)
 
 
 def digest_of(value: Any) -> str:

@@ -6,7 +6,6 @@ Exit codes follow Terraform's ``-detailed-exitcode``: 0 no changes, 2 changes, 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from reconciler.cli.options import add_repo_options, add_state_option, revision_
 from reconciler.errors import EXIT_CHANGES, EXIT_OK, ConfigError
 from reconciler.model import Plan
 from reconciler.pipeline import plan_against_store, plan_between
-from reconciler.render import RENDERERS
+from reconciler.render import RENDERERS, render_json
 from reconciler.state import open_state_store
 
 
@@ -88,7 +87,7 @@ def run_diff(args: argparse.Namespace) -> int:
 def _write_plan(path: Path, plan: Plan) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        tmp.write_text(render_json(plan))
         os.replace(tmp, path)
     except OSError as exc:
         raise ConfigError(f"cannot write the plan to {path}: {exc.strerror}") from exc

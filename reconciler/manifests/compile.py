@@ -9,6 +9,7 @@ not built, a runtime that cannot run that target, a source path leaving the repo
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,8 +164,8 @@ def compile_workload(
     digest, escapes = trees.digest(resolved)
     for message in escapes:
         report(document, ("spec", "source", "path"), message)
-    entry = resolved / source["entrypoint"]
-    if not entry.resolve().is_relative_to(resolved) or not entry.is_file():
+    entry = os.path.realpath(os.path.join(resolved, source["entrypoint"]))
+    if not entry.startswith(str(resolved) + os.sep) or not os.path.isfile(entry):
         report(
             document,
             ("spec", "source", "entrypoint"),

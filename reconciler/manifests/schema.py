@@ -14,6 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
@@ -67,10 +68,23 @@ def _validators() -> dict[str, Draft202012Validator]:
     }
 
 
+@cache
+def _fast_validators() -> dict[str, Any]:
+    """The same schemas compiled by jsonschema-rs: about 300 times faster at saying "valid",
+    which is the answer for almost every document. Its verdict is trusted only when it says
+    valid; the messages of an invalid document come from ``jsonschema``."""
+    schemas = load_schemas()
+    registry = jsonschema_rs.Registry([(s["$id"], s) for s in schemas.values()])
+    return {
+        kind: jsonschema_rs.validator_for(schema, registry=registry)
+        for kind, schema in schemas.items()
+    }
+
+
 def validate(kind: str, document: Mapping[str, Any]) -> list[SchemaProblem]:
-    validator = _validators()[kind]
-    if validator.is_valid(document):  # the common case, and cheaper than collecting errors
+    if _fast_validators()[kind].is_valid(document):
         return []
+    validator = _validators()[kind]
     return sorted(
         (_problem(error) for error in validator.iter_errors(document)),
         key=lambda p: (str(p.path), p.message),

@@ -109,12 +109,17 @@ def diff(
                     f"{foreign.fleet!r}; it is left alone"
                 )
 
+    desired_by_workload: dict[str, list[DesiredVM]] = {}
+    for desired_vm in desired.vms.values():
+        desired_by_workload.setdefault(desired_vm.workload, []).append(desired_vm)
+    extra_by_workload: dict[str, list[ObservedVM]] = {}
+    for observed_vm in owned.values():
+        if observed_vm.name not in desired.vms:
+            extra_by_workload.setdefault(observed_vm.workload, []).append(observed_vm)
+
     for workload_name in order:
         workload = desired.workloads.get(workload_name)
-        desired_vms = sorted(
-            (vm for vm in desired.vms.values() if vm.workload == workload_name),
-            key=lambda vm: vm.ordinal,
-        )
+        desired_vms = sorted(desired_by_workload.get(workload_name, []), key=lambda vm: vm.ordinal)
         for vm in desired_vms:
             current = observed.vms.get(vm.name)
             if current is not None and current.fleet != fleet:
@@ -126,9 +131,9 @@ def diff(
             action = _plan_vm(vm, current, restart_policy)
             (noops if action.action is ActionType.NOOP else actions).append(action)
 
-        for vm_name, current in sorted(owned.items(), key=lambda item: _ordinal_key(item[0])):
-            if current.workload != workload_name or vm_name in desired.vms:
-                continue
+        extra = sorted(extra_by_workload.get(workload_name, []), key=lambda v: _ordinal_key(v.name))
+        for current in extra:
+            vm_name = current.name
             if workload is not None and workload.suspended:
                 noops.append(_noop(vm_name, current.workload, "workload is suspended"))
                 continue
