@@ -1,0 +1,552 @@
+/*
+ * reconciler-init: PID 1 inside every reconciler microVM and unikernel.
+ *
+ * Where it sits: the builders put this static binary at /init of the initramfs (and at
+ * /sbin/reconciler-init of a microVM's root disk). The runtime boots the kernel; the kernel runs
+ * this; this runs the workload and reports on the console with machine-readable markers that the
+ * host reads (see guest/README.md):
+ *
+ *   @@reconciler {"event":"booted","t":0.912}
+ *   @@reconciler {"event":"workload-started","pid":57,"t":0.950}
+ *   @@reconciler {"event":"workload-exited","code":0,"t":3.001}
+ *   @@reconciler {"event":"poweroff","t":3.010}
+ *
+ * Configuration: key=value lines in /etc/reconciler/init.conf (baked into the artifact: what to
+ * run, which modules to load, which disk is the root), overridden or extended by rc.<key>=<value>
+ * tokens on the kernel command line (per-VM data the runtime passes at boot: address, hostname,
+ * env, args). Values with spaces are double-quoted on the command line.
+ *
+ * Run as an ordinary process (not PID 1) it is in host mode: no mounts, modules, network or
+ * power-off, just the workload, the markers, signal forwarding and the exit code. The tests drive
+ * that mode: `reconciler-init --config FILE [--cmdline FILE]`.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_ITEMS 256
+#define MAX_LINE 4096
+#define DEFAULT_CONFIG "/etc/reconciler/init.conf"
+
+struct config {
+    char *exec;
+    char *workdir;
+    char *hostname;
+    char *ip;
+    char *gateway;
+    char *iface;
+    char *root;
+    char *rootfstype;
+    char *restart;
+    int grace;
+    int poweroff;
+    char *args[MAX_ITEMS];
+    int nargs;
+    char *env[MAX_ITEMS];
+    int nenv;
+    char *modules[MAX_ITEMS];
+    int nmodules;
+};
+
+static int pid1;
+static volatile sig_atomic_t stop_requested;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* JSON string escaping for marker messages. */
+static void put_json_string(const char *s) {
+    putchar('"');
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') printf("\\%c", c);
+        else if (c < 0x20) printf("\\u%04x", c);
+        else putchar(c);
+    }
+    putchar('"');
+}
+
+static void marker(const char *event, const char *extra_fmt, ...) {
+    printf("@@reconciler {\"event\":\"%s\"", event);
+    if (extra_fmt) {
+        va_list ap;
+        putchar(',');
+        va_start(ap, extra_fmt);
+        vprintf(extra_fmt, ap);
+        va_end(ap);
+    }
+    printf(",\"t\":%.3f}\n", now());
+    fflush(stdout);
+}
+
+static void error_marker(const char *fmt, ...) {
+    char message[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(message, sizeof message, fmt, ap);
+    va_end(ap);
+    printf("@@reconciler {\"event\":\"error\",\"message\":");
+    put_json_string(message);
+    printf(",\"t\":%.3f}\n", now());
+    fflush(stdout);
+}
+
+static void set_scalar(char **slot, const char *value) {
+    free(*slot);
+    *slot = strdup(value);
+}
+
+static void add_item(char **items, int *count, const char *value, const char *what) {
+    if (*count >= MAX_ITEMS) {
+        error_marker("too many %s entries (max %d); ignoring %s", what, MAX_ITEMS, value);
+        return;
+    }
+    items[(*count)++] = strdup(value);
+}
+
+/* Apply one key=value; repeatable keys append, scalar keys replace. */
+static void apply(struct config *c, const char *key, const char *value) {
+    if (!strcmp(key, "exec")) set_scalar(&c->exec, value);
+    else if (!strcmp(key, "workdir")) set_scalar(&c->workdir, value);
+    else if (!strcmp(key, "hostname")) set_scalar(&c->hostname, value);
+    else if (!strcmp(key, "ip")) set_scalar(&c->ip, value);
+    else if (!strcmp(key, "gateway")) set_scalar(&c->gateway, value);
+    else if (!strcmp(key, "iface")) set_scalar(&c->iface, value);
+    else if (!strcmp(key, "root")) set_scalar(&c->root, value);
+    else if (!strcmp(key, "rootfstype")) set_scalar(&c->rootfstype, value);
+    else if (!strcmp(key, "restart")) set_scalar(&c->restart, value);
+    else if (!strcmp(key, "grace")) c->grace = atoi(value);
+    else if (!strcmp(key, "poweroff")) c->poweroff = atoi(value);
+    else if (!strcmp(key, "arg")) add_item(c->args, &c->nargs, value, "arg");
+    else if (!strcmp(key, "env")) add_item(c->env, &c->nenv, value, "env");
+    else if (!strcmp(key, "module")) add_item(c->modules, &c->nmodules, value, "module");
+    else if (!strcmp(key, "conf")) { /* handled before the file is read */ }
+    else error_marker("unknown config key %s", key);
+}
+
+static int read_config_file(struct config *c, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    char line[MAX_LINE];
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        char *start = line;
+        while (*start == ' ' || *start == '\t') start++;
+        if (!*start || *start == '#') continue;
+        char *eq = strchr(start, '=');
+        if (!eq) {
+            error_marker("%s: line without '=': %s", path, start);
+            continue;
+        }
+        *eq = 0;
+        apply(c, start, eq + 1);
+    }
+    fclose(f);
+    return 0;
+}
+
+/* Split a kernel command line into tokens, honouring double quotes as the kernel does. */
+static int cmdline_tokens(char *text, char **tokens, int max) {
+    int n = 0;
+    char *p = text;
+    while (*p && n < max) {
+        while (*p == ' ' || *p == '\n' || *p == '\t') p++;
+        if (!*p) break;
+        char *out = p;
+        tokens[n++] = out;
+        int quoted = 0;
+        while (*p && (quoted || (*p != ' ' && *p != '\n' && *p != '\t'))) {
+            if (*p == '"') { quoted = !quoted; p++; continue; }
+            *out++ = *p++;
+        }
+        if (*p) p++;
+        *out = 0;
+    }
+    return n;
+}
+
+static char cmdline_buffer[MAX_LINE];
+static char *cmdline[MAX_ITEMS];
+static int ncmdline;
+
+static void load_cmdline(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    ssize_t n = read(fd, cmdline_buffer, sizeof cmdline_buffer - 1);
+    close(fd);
+    if (n <= 0) return;
+    cmdline_buffer[n] = 0;
+    ncmdline = cmdline_tokens(cmdline_buffer, cmdline, MAX_ITEMS);
+}
+
+static const char *cmdline_conf(void) {
+    for (int i = 0; i < ncmdline; i++)
+        if (!strncmp(cmdline[i], "rc.conf=", 8)) return cmdline[i] + 8;
+    return NULL;
+}
+
+static void apply_cmdline(struct config *c) {
+    for (int i = 0; i < ncmdline; i++) {
+        if (strncmp(cmdline[i], "rc.", 3)) continue;
+        char *key = strdup(cmdline[i] + 3);
+        char *eq = strchr(key, '=');
+        if (eq) {
+            *eq = 0;
+            apply(c, key, eq + 1);
+        }
+        free(key);
+    }
+}
+
+static void load_config(struct config *c, const char *file) {
+    memset(c, 0, sizeof *c);
+    c->grace = 10;
+    c->poweroff = 1;
+    const char *path = cmdline_conf();
+    if (!path) path = file;
+    if (read_config_file(c, path) < 0)
+        error_marker("cannot read %s: %s", path, strerror(errno));
+    apply_cmdline(c);
+    if (!c->iface) c->iface = strdup("eth0");
+    if (!c->restart) c->restart = strdup("never");
+    if (!c->rootfstype) c->rootfstype = strdup("ext4");
+}
+
+/* ------------------------------------------------------------------ PID 1 duties -- */
+
+static void mount_or_report(const char *src, const char *dst, const char *type, unsigned long flags,
+                            const char *data) {
+    mkdir(dst, 0755);
+    if (mount(src, dst, type, flags, data) < 0 && errno != EBUSY)
+        error_marker("mount %s on %s: %s", type, dst, strerror(errno));
+}
+
+static void mount_basics(void) {
+    mount_or_report("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+    mount_or_report("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount_or_report("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount_or_report("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    mkdir("/dev/pts", 0755);
+    mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, NULL);
+}
+
+/* The kernel may start us without a console when the initramfs has no /dev/console. */
+static void ensure_console(void) {
+    if (fcntl(1, F_GETFD) != -1) return;
+    int fd = open("/dev/console", O_RDWR | O_NOCTTY);
+    if (fd < 0) return;
+    dup2(fd, 0);
+    dup2(fd, 1);
+    dup2(fd, 2);
+    if (fd > 2) close(fd);
+}
+
+static void load_modules(struct config *c) {
+    for (int i = 0; i < c->nmodules; i++) {
+        int fd = open(c->modules[i], O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            error_marker("module %s: %s", c->modules[i], strerror(errno));
+            continue;
+        }
+        if (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST)
+            error_marker("loading module %s: %s", c->modules[i], strerror(errno));
+        close(fd);
+    }
+}
+
+/* Mount the root disk and make it / (what switch_root does, without deleting the initramfs:
+ * it is small and freed memory is not worth the code). */
+static int switch_root(struct config *c) {
+    const char *target = "/newroot";
+    mkdir(target, 0755);
+    int mounted = -1;
+    /* The disk may appear a moment after its driver loaded. */
+    for (int attempt = 0; attempt < 100 && mounted < 0; attempt++) {
+        mounted = mount(c->root, target, c->rootfstype, 0, NULL);
+        if (mounted < 0) usleep(20000);
+    }
+    if (mounted < 0) {
+        error_marker("mount root %s (%s): %s", c->root, c->rootfstype, strerror(errno));
+        return -1;
+    }
+    const char *moves[] = {"/dev", "/proc", "/sys", "/tmp"};
+    for (size_t i = 0; i < sizeof moves / sizeof *moves; i++) {
+        char dst[64];
+        snprintf(dst, sizeof dst, "%s%s", target, moves[i]);
+        mkdir(dst, 0755);
+        if (mount(moves[i], dst, NULL, MS_MOVE, NULL) < 0)
+            error_marker("move %s: %s", moves[i], strerror(errno));
+    }
+    if (chdir(target) < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 ||
+        chdir("/") < 0) {
+        error_marker("switch to root %s: %s", c->root, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+static int ifreq_socket(void) {
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) error_marker("socket: %s", strerror(errno));
+    return fd;
+}
+
+static int link_up(int fd, const char *name) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    if (ioctl(fd, SIOCGIFFLAGS, &ifr) < 0) return -1;
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    return ioctl(fd, SIOCSIFFLAGS, &ifr);
+}
+
+static void set_inet(struct sockaddr *sa, in_addr_t address) {
+    struct sockaddr_in *sin = (struct sockaddr_in *)sa;
+    memset(sin, 0, sizeof *sin);
+    sin->sin_family = AF_INET;
+    sin->sin_addr.s_addr = address;
+}
+
+static void configure_network(struct config *c) {
+    int fd = ifreq_socket();
+    if (fd < 0) return;
+    if (link_up(fd, "lo") < 0) error_marker("lo up: %s", strerror(errno));
+    if (c->ip) {
+        char address[64];
+        strncpy(address, c->ip, sizeof address - 1);
+        address[sizeof address - 1] = 0;
+        int prefix = 24;
+        char *slash = strchr(address, '/');
+        if (slash) {
+            *slash = 0;
+            prefix = atoi(slash + 1);
+        }
+        struct in_addr in;
+        if (inet_pton(AF_INET, address, &in) != 1) {
+            error_marker("bad address %s", c->ip);
+        } else {
+            struct ifreq ifr;
+            memset(&ifr, 0, sizeof ifr);
+            strncpy(ifr.ifr_name, c->iface, IFNAMSIZ - 1);
+            set_inet(&ifr.ifr_addr, in.s_addr);
+            /* The interface may take a moment to appear after virtio_net loads. */
+            int ok = -1;
+            for (int attempt = 0; attempt < 100 && ok < 0; attempt++) {
+                ok = ioctl(fd, SIOCSIFADDR, &ifr);
+                if (ok < 0) usleep(20000);
+            }
+            if (ok < 0) error_marker("address %s on %s: %s", c->ip, c->iface, strerror(errno));
+            in_addr_t mask = prefix <= 0 ? 0 : htonl(0xffffffffu << (32 - prefix));
+            set_inet(&ifr.ifr_netmask, mask);
+            if (ioctl(fd, SIOCSIFNETMASK, &ifr) < 0)
+                error_marker("netmask on %s: %s", c->iface, strerror(errno));
+            if (link_up(fd, c->iface) < 0)
+                error_marker("%s up: %s", c->iface, strerror(errno));
+        }
+    }
+    if (c->gateway) {
+        struct in_addr gw;
+        if (inet_pton(AF_INET, c->gateway, &gw) != 1) {
+            error_marker("bad gateway %s", c->gateway);
+        } else {
+            struct rtentry route;
+            memset(&route, 0, sizeof route);
+            set_inet(&route.rt_dst, INADDR_ANY);
+            set_inet(&route.rt_genmask, INADDR_ANY);
+            set_inet(&route.rt_gateway, gw.s_addr);
+            route.rt_flags = RTF_UP | RTF_GATEWAY;
+            route.rt_dev = c->iface;
+            if (ioctl(fd, SIOCADDRT, &route) < 0 && errno != EEXIST)
+                error_marker("default route via %s: %s", c->gateway, strerror(errno));
+        }
+    }
+    close(fd);
+    if (c->hostname && sethostname(c->hostname, strlen(c->hostname)) < 0)
+        error_marker("hostname %s: %s", c->hostname, strerror(errno));
+}
+
+static void power_off(void) {
+    marker("poweroff", NULL);
+    sync();
+    reboot(RB_POWER_OFF);
+    for (;;) pause();
+}
+
+/* ------------------------------------------------------------------- the workload -- */
+
+static void on_stop(int sig) {
+    (void)sig;
+    stop_requested = 1;
+}
+
+static void on_alarm(int sig) { (void)sig; }
+
+static pid_t start_workload(struct config *c) {
+    char *argv[MAX_ITEMS + 2];
+    int n = 0;
+    argv[n++] = c->exec;
+    for (int i = 0; i < c->nargs && n < MAX_ITEMS + 1; i++) argv[n++] = c->args[i];
+    argv[n] = NULL;
+
+    int ready[2];
+    if (pipe2(ready, O_CLOEXEC) < 0) return -1;
+    pid_t pid = fork();
+    if (pid < 0) {
+        error_marker("fork: %s", strerror(errno));
+        return -1;
+    }
+    if (pid == 0) {
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        signal(SIGTERM, SIG_DFL);
+        signal(SIGINT, SIG_DFL);
+        setsid();
+        for (int i = 0; i < c->nenv; i++) putenv(c->env[i]);
+        if (c->workdir && chdir(c->workdir) < 0) {
+            int err = errno;
+            (void)!write(ready[1], &err, sizeof err);
+            _exit(126);
+        }
+        execv(c->exec, argv);
+        int err = errno;
+        (void)!write(ready[1], &err, sizeof err);
+        _exit(127);
+    }
+    close(ready[1]);
+    int err = 0;
+    ssize_t got = read(ready[0], &err, sizeof err);
+    close(ready[0]);
+    if (got == sizeof err) {
+        int status;
+        waitpid(pid, &status, 0);
+        error_marker("cannot start %s%s%s: %s", c->exec, c->workdir ? " in " : "",
+                     c->workdir ? c->workdir : "", strerror(err));
+        return -1;
+    }
+    marker("workload-started", "\"pid\":%d", (int)pid);
+    return pid;
+}
+
+static int exit_code(int status) {
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+    return 255;
+}
+
+/* Wait for the workload while reaping every other child (orphans are re-parented to PID 1).
+ * On a stop request: SIGTERM to the workload's process group, SIGKILL after the grace period. */
+static int supervise(pid_t workload, int grace) {
+    int killed = 0;
+    double deadline = 0;
+    for (;;) {
+        if (stop_requested && !deadline) {
+            kill(-workload, SIGTERM);
+            kill(workload, SIGTERM);
+            deadline = now() + grace;
+        }
+        if (deadline && !killed && now() >= deadline) {
+            kill(-workload, SIGKILL);
+            kill(workload, SIGKILL);
+            killed = 1;
+        }
+        alarm(1); /* wake up for the deadline even if no child changes state */
+        int status;
+        pid_t pid = waitpid(-1, &status, 0);
+        alarm(0);
+        if (pid == workload) return exit_code(status);
+        if (pid < 0 && errno == ECHILD) return 255;
+    }
+}
+
+int main(int argc, char **argv) {
+    const char *config_path = DEFAULT_CONFIG;
+    const char *cmdline_path = "/proc/cmdline";
+    pid1 = getpid() == 1;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--config") && i + 1 < argc) config_path = argv[++i];
+        else if (!strcmp(argv[i], "--cmdline") && i + 1 < argc) cmdline_path = argv[++i];
+        else if (!pid1 && !strcmp(argv[i], "--help")) {
+            printf("usage: reconciler-init [--config FILE] [--cmdline FILE]\n");
+            return 0;
+        }
+    }
+    if (!pid1 && !strcmp(cmdline_path, "/proc/cmdline")) cmdline_path = "/dev/null";
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sa.sa_handler = on_alarm;
+    sigaction(SIGALRM, &sa, NULL);
+
+    struct config c;
+    if (pid1) {
+        mount_basics();
+        ensure_console();
+        /* Ctrl-Alt-Del (Firecracker's SendCtrlAltDel) becomes SIGINT: a graceful stop. */
+        reboot(RB_DISABLE_CAD);
+    }
+    load_cmdline(cmdline_path);
+    load_config(&c, config_path);
+    if (pid1) {
+        load_modules(&c);
+        if (c.root) {
+            if (switch_root(&c) < 0) power_off();
+            /* The root disk carries the workload's own config; the command line still wins. */
+            load_config(&c, config_path);
+        }
+        configure_network(&c);
+    }
+    marker("booted", NULL);
+
+    int code = 0;
+    if (!c.exec) {
+        error_marker("no exec= in %s; nothing to run", config_path);
+        code = 127;
+    } else {
+        for (;;) {
+            pid_t workload = start_workload(&c);
+            if (workload < 0) {
+                code = 127;
+                break;
+            }
+            code = supervise(workload, c.grace);
+            marker("workload-exited", "\"code\":%d", code);
+            int again = !stop_requested && (!strcmp(c.restart, "always") ||
+                                             (!strcmp(c.restart, "on-failure") && code != 0));
+            if (!again) break;
+            sleep(1);
+        }
+    }
+    if (pid1) {
+        if (c.poweroff) power_off();
+        for (;;) {
+            int status;
+            if (waitpid(-1, &status, 0) < 0) pause();
+        }
+    }
+    return code;
+}
