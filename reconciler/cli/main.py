@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from reconciler import __version__
-from reconciler.cli import fleet_commands
+from reconciler.cli import build_commands, fleet_commands
 from reconciler.errors import EXIT_INTERRUPTED, ConfigError, ReconcilerError
 
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     fleet_commands.register(commands)
+    build_commands.register(commands)
     return parser
 
 

@@ -1,0 +1,227 @@
+"""The build matrix: every listed target of every workload of a desired fleet, through the cache.
+
+    DesiredFleet + checkout ──▶ for each (workload, target): cache hit, or build ──▶ BuildResult
+
+The executable of a workload is built first and reused by its unikernel and microvm images.
+One artifact failing does not stop the others; each result says built, cached or failed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from builders.cache import ArtifactCache, CacheEntry, file_digest
+from builders.executable import build_executable
+from builders.images import build_microvm, build_unikernel, guest_init
+from builders.kernels import Kernel, KernelRegistry
+from builders.toolchain import pyinstaller_version, python_version, version_of
+from reconciler.errors import BuildError, ReconcilerError
+from reconciler.model import (
+    ArtifactRef,
+    DesiredFleet,
+    Language,
+    Target,
+    Workload,
+    artifact_ref_for,
+)
+
+EXECUTABLE_NAME = "workload"
+
+
+@dataclass(frozen=True)
+class BuildEvent:
+    workload: str
+    target: Target
+    phase: str  # "start" | "built" | "cached" | "failed"
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One artifact being built: where, with which kernel and init."""
+
+    workload: Workload
+    ref: ArtifactRef
+    key: str
+    staging: Path
+    log: Path
+    kernel: Kernel | None
+    init: Path | None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    workload: str
+    target: Target
+    digest: str  # the plan's input digest
+    status: str  # "built" | "cached" | "failed"
+    seconds: float
+    cache_key: str | None = None
+    path: Path | None = None
+    error: str = ""
+
+
+def _toolchain(language: Language) -> dict[str, str]:
+    if language is Language.C:
+        return {"cc": version_of("musl-gcc") if shutil.which("musl-gcc") else version_of("gcc")}
+    if language is Language.PYTHON:
+        return {"pyinstaller": pyinstaller_version(), "python": python_version()}
+    return {}
+
+
+class MatrixBuilder:
+    """Builds artifacts of one checkout into one cache (see the module docstring)."""
+
+    def __init__(
+        self,
+        checkout_root: Path,
+        cache: ArtifactCache,
+        kernels: KernelRegistry,
+        progress: Callable[[BuildEvent], None] | None = None,
+    ) -> None:
+        self.checkout_root = checkout_root
+        self.cache = cache
+        self.kernels = kernels
+        self.progress = progress or (lambda event: None)
+
+    def machine_inputs(
+        self, workload: Workload, target: Target, kernel: Kernel | None, init: Path | None
+    ) -> dict[str, str]:
+        machine = _toolchain(workload.source.language)
+        if target is not Target.EXECUTABLE:
+            assert kernel is not None
+            assert init is not None
+            machine["kernel"] = kernel.digest
+            machine["init"] = file_digest(init)
+        if target is Target.MICROVM:
+            machine["mkfs.ext4"] = version_of("mkfs.ext4")
+            machine["busybox"] = version_of("busybox")
+        return machine
+
+    def build(
+        self,
+        desired: DesiredFleet,
+        *,
+        targets: set[Target] | None = None,
+        workloads: set[str] | None = None,
+    ) -> list[BuildResult]:
+        unknown = (workloads or set()) - set(desired.workloads)
+        if unknown:
+            raise BuildError(f"no such workload in this revision: {', '.join(sorted(unknown))}")
+        results = []
+        for name, workload in sorted(desired.workloads.items()):
+            if workloads and name not in workloads:
+                continue
+            wanted = [t for t in workload.build.targets if not targets or t in targets]
+            executable: CacheEntry | None = None
+            order = sorted(wanted, key=lambda t: t is not Target.EXECUTABLE)
+            for target in order:
+                ref = desired.artifacts[(name, target)]
+                result, entry = self._one(desired, workload, ref, executable)
+                if target is Target.EXECUTABLE:
+                    executable = entry
+                results.append(result)
+        return results
+
+    def _one(
+        self,
+        desired: DesiredFleet,
+        workload: Workload,
+        ref: ArtifactRef,
+        executable: CacheEntry | None,
+    ) -> tuple[BuildResult, CacheEntry | None]:
+        started = time.monotonic()
+        target = ref.target
+        self.progress(BuildEvent(workload.name, target, "start"))
+        staging: Path | None = None
+        try:
+            kernel = init = None
+            staging = self.cache.new_staging()
+            log = staging / "build.log"
+            if target is not Target.EXECUTABLE:
+                kernel = self.kernels.get(workload.deploy.kernel or desired.fleet.kernel)
+                init = guest_init(log)
+            key = self.cache.key_for(ref, self.machine_inputs(workload, target, kernel, init))
+            entry = self.cache.get(key)
+            if entry is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+                seconds = time.monotonic() - started
+                self.progress(BuildEvent(workload.name, target, "cached"))
+                return BuildResult(
+                    workload.name, target, ref.input_digest, "cached", seconds, key, entry.path
+                ), entry
+            job = _Job(workload, ref, key, staging, log, kernel, init)
+            entry = self._build(desired, job, executable)
+            seconds = time.monotonic() - started
+            self.progress(BuildEvent(workload.name, target, "built", f"{seconds:.1f} s"))
+            return BuildResult(
+                workload.name, target, ref.input_digest, "built", seconds, key, entry.path
+            ), entry
+        except ReconcilerError as err:
+            message = str(err)
+            if staging is not None and staging.exists():
+                kept = self.cache.discard(
+                    staging, staging / "build.log", f"{workload.name}-{target.value}"
+                )
+                message += f"\n(full log: {kept})"
+            self.progress(BuildEvent(workload.name, target, "failed", message))
+            return BuildResult(
+                workload.name,
+                target,
+                ref.input_digest,
+                "failed",
+                time.monotonic() - started,
+                error=message,
+            ), None
+
+    def _build(self, desired: DesiredFleet, job: _Job, executable: CacheEntry | None) -> CacheEntry:
+        workload, ref, staging, log = job.workload, job.ref, job.staging, job.log
+        kernel, init = job.kernel, job.init
+        started = time.monotonic()
+        source_dir = self.checkout_root / workload.source.path
+        if ref.target is Target.EXECUTABLE:
+            build_executable(
+                workload.source.language,
+                source_dir,
+                entrypoint=workload.source.entrypoint,
+                options=workload.build.options,
+                output=staging / EXECUTABLE_NAME,
+                log=log,
+            )
+        else:
+            assert kernel is not None
+            assert init is not None
+            if executable is None:
+                # The image needs the executable even when only the image was asked for.
+                exe_ref = desired.artifacts.get((workload.name, Target.EXECUTABLE))
+                if exe_ref is None:
+                    exe_ref = artifact_ref_for(workload, Target.EXECUTABLE, None)
+                result, executable = self._one(desired, workload, exe_ref, None)
+                if executable is None:
+                    raise BuildError(f"the executable of {workload.name} failed: {result.error}")
+            program = executable.file(EXECUTABLE_NAME)
+            if ref.target is Target.UNIKERNEL:
+                build_unikernel(program, kernel, init, staging)
+            else:
+                scratch = self.cache.new_staging()
+                try:
+                    build_microvm(program, kernel, init, staging, staging=scratch, log=log)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+        machine = self.machine_inputs(workload, ref.target, kernel, init)
+        manifest: Mapping[str, object] = {
+            "workload": workload.name,
+            "target": ref.target.value,
+            "input_digest": ref.input_digest,
+            "inputs": dict(ref.inputs),
+            "toolchain": machine,
+            "kernel": {"name": kernel.name, "version": kernel.version} if kernel else None,
+            "seconds": round(time.monotonic() - started, 3),
+            "built_at": time.time(),
+            "log": "build.log",
+        }
+        return self.cache.commit(staging, job.key, manifest)
