@@ -118,12 +118,22 @@ class MatrixBuilder:
                 continue
             wanted = [t for t in workload.build.targets if not targets or t in targets]
             executable: CacheEntry | None = None
+            executable_failed = ""
             order = sorted(wanted, key=lambda t: t is not Target.EXECUTABLE)
             for target in order:
                 ref = desired.artifacts[(name, target)]
+                if executable_failed:
+                    # The images wrap the executable: without it there is nothing to build.
+                    message = f"not built: the executable of {name} failed"
+                    self.progress(BuildEvent(name, target, "failed", message))
+                    results.append(
+                        BuildResult(name, target, ref.input_digest, "failed", 0.0, error=message)
+                    )
+                    continue
                 result, entry = self._one(desired, workload, ref, executable)
                 if target is Target.EXECUTABLE:
                     executable = entry
+                    executable_failed = result.error
                 results.append(result)
         return results
 

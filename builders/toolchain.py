@@ -79,8 +79,7 @@ def run(
             raise BuildError(f"{what}: cannot run {argv[0]}: {exc.strerror}") from exc
     if result.returncode != 0:
         raise BuildError(
-            f"{what} failed (exit {result.returncode}); log {log}:\n"
-            + tail(log.read_text(errors="replace"))
+            f"{what} failed (exit {result.returncode}):\n" + tail(log.read_text(errors="replace"))
         )
 
 

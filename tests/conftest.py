@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -60,3 +61,32 @@ def fleet_repo(tmp_path: Path) -> FleetRepo:
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
+
+
+TEST_CACHE = Path(
+    os.environ.get("RECONCILER_TEST_CACHE", Path.home() / ".cache" / "reconciler-tests")
+)
+
+
+@pytest.fixture(scope="session")
+def kernel_deb() -> Path:
+    """Debian's cloud kernel package, downloaded once into a cache shared across runs."""
+    script = PROJECT / "deploy" / "fetch-debian-kernel.sh"
+    result = subprocess.run(
+        ["bash", str(script), str(TEST_CACHE / "kernels")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, f"cannot fetch the Debian kernel: {result.stderr}"
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def session_state(tmp_path_factory: pytest.TempPathFactory, kernel_deb: Path) -> Path:
+    """A state directory with the Debian kernel registered, shared by the build tests."""
+    from builders.kernels import KernelRegistry
+
+    state = tmp_path_factory.mktemp("session-state")
+    KernelRegistry(state / "kernels").import_path(kernel_deb)
+    return state

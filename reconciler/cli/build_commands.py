@@ -89,7 +89,7 @@ def kernel_registry(args: argparse.Namespace) -> KernelRegistry:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     loader = revision_loader(args)
     revision = loader.resolve(args.rev)
     desired = loader.load(revision)
