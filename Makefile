@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help deps venv lint typecheck unit test demo clean
+.PHONY: help deps venv kernel lint typecheck unit test demo clean
 
 help:
-	@echo "make demo   install what is missing, build and plan fleet-example"
+	@echo "make demo   install what is missing, validate, plan and build fleet-example, boot its web VM"
 	@echo "make test   lint, type-check and run the whole test suite (what CI runs)"
 
 deps:
@@ -25,6 +25,11 @@ $(BIN)/reconciler: pyproject.toml
 
 venv: $(BIN)/reconciler
 
+kernel: deps venv
+	@if ! $(BIN)/reconciler kernel ls 2>/dev/null | grep -q .; then \
+		$(BIN)/reconciler kernel import "$$(bash deploy/fetch-debian-kernel.sh .demo/kernels)"; \
+	else $(BIN)/reconciler kernel ls; fi
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -42,4 +47,4 @@ demo: deps venv
 	bash deploy/demo.sh
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .demo guest/build

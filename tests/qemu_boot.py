@@ -113,7 +113,8 @@ def boot(
             "virtio-net-device,netdev=n0",
         ]
         append = f"rc.ip=10.0.2.15/24 rc.gateway=10.0.2.2 {append}"
-    argv += ["-append", f"{cmdline} {append}".strip()]
+    # loglevel=6 after the artifact's "quiet": a test that fails shows where the guest stopped.
+    argv += ["-append", f"{cmdline} loglevel=6 {append}".strip()]
     with (work / "qemu.err").open("w") as errors:
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, text=True
