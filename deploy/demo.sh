@@ -48,7 +48,7 @@ qemu-system-x86_64 -M microvm -accel tcg -m 512 -nodefaults -no-user-config -nog
     -kernel "$artifact/kernel" -initrd "$artifact/initramfs.cpio.gz" \
     -drive "id=root,file=$work/rootfs.ext4,format=raw,if=none" -device virtio-blk-device,drive=root \
     -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:8080" -device virtio-net-device,netdev=n0 \
-    -append "$(cat "$artifact/cmdline") rc.ip=10.0.2.15/24 rc.gateway=10.0.2.2 rc.hostname=web-0 rc.env=\"GREETING=hello from the demo\"" \
+    -append "$(cat "$artifact/cmdline") $($bin/python -c 'from runtime.qemu.machine import tcg_kernel_args; print(tcg_kernel_args())') rc.ip=10.0.2.15/24 rc.gateway=10.0.2.2 rc.hostname=web-0 rc.env=\"GREETING=hello from the demo\"" \
     </dev/null >/dev/null 2>"$work/qemu.err" &
 qemu=$!
 trap 'kill $qemu 2>/dev/null || true' EXIT

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.qemu.machine import tcg_kernel_args
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -114,7 +116,7 @@ def boot(
         ]
         append = f"rc.ip=10.0.2.15/24 rc.gateway=10.0.2.2 {append}"
     # loglevel=6 after the artifact's "quiet": a test that fails shows where the guest stopped.
-    argv += ["-append", f"{cmdline} loglevel=6 {append}".strip()]
+    argv += ["-append", f"{cmdline} loglevel=6 {tcg_kernel_args()} {append}".strip()]
     with (work / "qemu.err").open("w") as errors:
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, text=True
