@@ -10,7 +10,6 @@ order, before it can see its disk or network.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from builders.cache import file_digest
 from builders.toolchain import require, run
 from reconciler.errors import BuildError
 
@@ -134,14 +134,6 @@ def features_from_config(config: str) -> dict[str, str]:
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
 class KernelRegistry:
     """Kernels stored under ``root`` (``<state dir>/kernels``), one directory per digest."""
 
@@ -202,7 +194,7 @@ class KernelRegistry:
                 image, modules, config = staging / "vmlinuz", None, None
                 shutil.copyfile(path, image)
             kind, version = inspect_image(image)
-            digest = _sha256(image)
+            digest = file_digest(image)
             destination = self.root / digest.removeprefix("sha256:")
             if destination.is_dir():
                 shutil.rmtree(staging)
