@@ -152,6 +152,7 @@ class MatrixBuilder:
             kernel = init = None
             staging = self.cache.new_staging()
             log = staging / "build.log"
+            log.write_text(f"# {workload.name}/{target.value} from inputs {ref.input_digest}\n")
             if target is not Target.EXECUTABLE:
                 kernel = self.kernels.get(workload.deploy.kernel or desired.fleet.kernel)
                 init = guest_init(log)

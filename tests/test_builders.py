@@ -223,6 +223,57 @@ def test_executables_run_on_the_host(example: dict[str, Path], tmp_path: Path) -
             echo.stdout.close()
     assert is_static_elf((example["echo/executable"] / "workload").read_bytes())
 
+    web_port = port + 1
+    web = subprocess.Popen(
+        [str(example["web/executable"] / "workload")],
+        stdout=subprocess.DEVNULL,
+        env={"PORT": str(web_port), "GREETING": "on the host"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=5) as r:
+                    assert r.read() == b"ok\n"
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    finally:
+        web.kill()
+        web.wait()
+
+
+def test_every_cache_entry_keeps_its_log_and_gc_keeps_what_runs(
+    example: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(example["cache"], cache)
+    entries = ArtifactCache(cache).entries()
+    assert all((e.path / "build.log").is_file() for e in entries)
+    # One VM in the state store runs the echo unikernel: gc keeps that artifact only.
+    from dataclasses import replace
+
+    from reconciler.state import open_state_store
+    from reconciler.testing import fleet, running, workload
+
+    keep = next(
+        e
+        for e in entries
+        if e.manifest["target"] == "unikernel" and e.manifest["workload"] == "echo"
+    )
+    vm = running(fleet(workload("echo"))).vms["echo-0"]
+    store = open_state_store(tmp_path / "state")
+    store.put_vm(replace(vm, artifact_digest=keep.input_digest))
+    store.close()
+    assert (
+        main(["artifacts", "gc", "--state-dir", str(tmp_path / "state"), "--cache-dir", str(cache)])
+        == 0
+    )
+    assert f"removed {len(entries) - 1} artifacts" in capsys.readouterr().out
+    assert [e.key for e in ArtifactCache(cache).entries()] == [keep.key]
+
 
 @pytest.mark.qemu
 def test_report_microvm_prints_its_output_and_exit_code(
