@@ -1,0 +1,84 @@
+"""Choosing the accelerator: KVM only when a canary boot proves it usable, else TCG.
+
+``/dev/kvm`` existing is not enough (on these machines it is nested PVM, where stock kernels
+hang). The canary boots the given kernel and initramfs under KVM with a short deadline and waits
+for the guest init's "booted" marker; the verdict is cached per kernel and QEMU version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from runtime.console import read_markers
+
+CANARY_SECONDS = 15.0
+
+
+def kvm_usable(
+    kernel: Path,
+    initrd: Path,
+    *,
+    cache: Path,
+    qemu_version: str,
+    binary: str = "qemu-system-x86_64",
+) -> bool:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    key = f"{kernel.stat().st_size}:{kernel.stat().st_mtime_ns}:{qemu_version}"
+    try:
+        known = json.loads(cache.read_text())
+        if known.get("key") == key:
+            return bool(known["kvm"])
+    except (OSError, ValueError, KeyError):
+        pass
+    verdict = _canary(kernel, initrd, binary)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"key": key, "kvm": verdict, "at": time.time()}))
+    return verdict
+
+
+def _canary(kernel: Path, initrd: Path, binary: str) -> bool:
+    with tempfile.TemporaryDirectory(prefix="reconciler-kvm-canary-") as tmp:
+        console = Path(tmp) / "console.log"
+        argv = [
+            binary,
+            "-M",
+            "microvm",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "128M",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            f"file:{console}",
+            "-kernel",
+            str(kernel),
+            "-initrd",
+            str(initrd),
+            "-append",
+            "console=ttyS0 panic=-1 quiet rc.exec=/no-workload",
+        ]
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + CANARY_SECONDS
+            while time.monotonic() < deadline and process.poll() is None:
+                if any(m["event"] == "booted" for m in read_markers(console)):
+                    return True
+                time.sleep(0.1)
+            return any(m["event"] == "booted" for m in read_markers(console))
+        finally:
+            process.kill()
+            process.wait()

@@ -1,0 +1,177 @@
+"""``QemuRuntime``: start, inspect and stop one VM under ``qemu-system-x86_64 -M microvm``.
+
+The VM is daemonized by QEMU itself and found again from its directory (pid file, QMP socket,
+console log), so a reconciler that exits or restarts adopts running VMs instead of killing or
+duplicating them. Health comes from the guest init's console markers, state from QMP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from reconciler.errors import ToolMissingError, VMRuntimeError
+from reconciler.model import RuntimeKind, VMState
+from runtime.console import last_event, read_markers
+from runtime.protocol import VMSpec, VMStatus
+from runtime.qemu.accel import kvm_usable
+from runtime.qemu.argv import CONSOLE_LOG, PID_FILE, QMP_SOCKET, qemu_argv
+from runtime.qemu.machine import tcg_kernel_args
+
+START_SECONDS = 30.0
+
+
+def _pid_alive(pid: int, vm_dir: Path) -> bool:
+    """True when ``pid`` is a live QEMU of this VM (a recycled pid belongs to someone else)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(vm_dir).encode() in cmdline and b"qemu" in cmdline
+
+
+class QemuRuntime:
+    kind = RuntimeKind.QEMU
+
+    def __init__(
+        self, *, state_dir: Path, binary: str = "qemu-system-x86_64", accel: str = "auto"
+    ) -> None:
+        self.state_dir = state_dir
+        self.binary = binary
+        self.accel = accel
+
+    def _binary(self) -> str:
+        found = shutil.which(self.binary)
+        if found is None:
+            raise ToolMissingError(self.binary, "install it with `apt-get install qemu-system-x86`")
+        return found
+
+    def choose_accel(self, spec: VMSpec) -> str:
+        if self.accel != "auto":
+            return self.accel
+        if spec.kernel is None or spec.initrd is None:
+            return "tcg"
+        version = subprocess.run(
+            [self._binary(), "--version"], capture_output=True, text=True, check=False
+        ).stdout.split("\n", 1)[0]
+        usable = kvm_usable(
+            spec.kernel,
+            spec.initrd,
+            cache=self.state_dir / "kvm-probe.json",
+            qemu_version=version,
+            binary=self._binary(),
+        )
+        return "kvm" if usable else "tcg"
+
+    def _pid(self, spec: VMSpec) -> int | None:
+        try:
+            pid = int((spec.vm_dir / PID_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_alive(pid, spec.vm_dir) else None
+
+    def start(self, spec: VMSpec) -> VMStatus:
+        current = self.status(spec)
+        if current.state is VMState.RUNNING:
+            return current  # adopt: never a second QEMU for the same VM
+        spec.vm_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (PID_FILE, QMP_SOCKET, "console.sock"):
+            (spec.vm_dir / stale).unlink(missing_ok=True)
+        accel = self.choose_accel(spec)
+        argv = qemu_argv(
+            spec,
+            accel=accel,
+            binary=self._binary(),
+            extra_kernel_args=tcg_kernel_args() if accel == "tcg" else "",
+        )
+        # -daemonize: the parent returns once the VM is set up; the VM is then a child of
+        # init, not of this process, and survives the reconciler.
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=START_SECONDS,
+            check=False,
+            start_new_session=True,
+        )
+        if result.returncode != 0:
+            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise VMRuntimeError(f"QEMU could not start VM {spec.name}: {reason}")
+        status = self.status(spec)
+        if status.state is not VMState.RUNNING:
+            raise VMRuntimeError(f"VM {spec.name} exited right after starting: {status.detail}")
+        return status
+
+    @contextlib.contextmanager
+    def _qmp(self, spec: VMSpec) -> Iterator[QEMUMonitorProtocol]:
+        monitor = QEMUMonitorProtocol(str(spec.vm_dir / QMP_SOCKET))
+        monitor.settimeout(5.0)
+        monitor.connect(negotiate=True)
+        try:
+            yield monitor
+        finally:
+            # After "quit" QEMU hangs up first; closing then reports the end of the stream.
+            with contextlib.suppress(EOFError, OSError, QMPError):
+                monitor.close()
+
+    def status(self, spec: VMSpec) -> VMStatus:
+        console = spec.vm_dir / CONSOLE_LOG
+        markers = read_markers(console)
+        pid = self._pid(spec)
+        if pid is None:
+            ended = last_event(markers, "workload-exited")
+            if last_event(markers, "poweroff") and ended is not None:
+                code = int(ended["code"])
+                state = VMState.STOPPED if code == 0 else VMState.FAILED
+                return VMStatus(
+                    spec.name, state, None, f"workload exited with code {code}", console
+                )
+            detail = "QEMU is not running" if markers else "never started"
+            return VMStatus(
+                spec.name, VMState.MISSING if markers else VMState.PENDING, None, detail, console
+            )
+        state, detail = VMState.RUNNING, ""
+        try:
+            with self._qmp(spec) as monitor:
+                reply = monitor.cmd("query-status")
+            answer = reply if isinstance(reply, dict) else {}
+            run_state = str(answer.get("status", "unknown"))
+            if run_state not in ("running", "prelaunch"):
+                state, detail = VMState.FAILED, f"QEMU reports {run_state}"
+        except (OSError, EOFError, QMPError) as exc:
+            detail = f"QMP not answering: {exc}"
+        error = last_event(markers, "error")
+        if error is not None and not detail:
+            detail = str(error.get("message", ""))
+        return VMStatus(spec.name, state, pid, detail, console)
+
+    def stop(self, spec: VMSpec, *, grace_seconds: float = 10.0) -> VMStatus:
+        pid = self._pid(spec)
+        if pid is None:
+            return self.status(spec)
+        with contextlib.suppress(OSError, EOFError, QMPError), self._qmp(spec) as monitor:
+            monitor.cmd("system_powerdown")  # ACPI power button, for guests that listen
+            if not self._wait_gone(spec, pid, grace_seconds):
+                monitor.cmd("quit")
+        if not self._wait_gone(spec, pid, 5.0):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._wait_gone(spec, pid, 5.0)
+        return self.status(spec)
+
+    def _wait_gone(self, spec: VMSpec, pid: int, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid, spec.vm_dir):
+                return True
+            time.sleep(0.1)
+        return not _pid_alive(pid, spec.vm_dir)
