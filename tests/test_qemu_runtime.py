@@ -135,3 +135,24 @@ def test_vm_is_detached_adopted_and_stopped(echo_unikernel: Path, tmp_path: Path
     stat = Path(f"/proc/{started.pid}/stat")
     # Gone, or a zombie waiting for the host's init to reap it: either way no VM runs.
     assert not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z"
+
+
+def test_check_reports_every_prerequisite_and_probes_kvm(
+    session_state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["check", "--state-dir", str(session_state)])
+    out = capsys.readouterr().out
+    assert code == 0, out  # CI installs everything the embedded default needs
+    for name in (
+        "QEMU",
+        "mkfs.ext4",
+        "kernel registered",
+        "KVM usable",
+        "Firecracker",
+        "TAP devices",
+        "nftables",
+    ):
+        assert name in out
+    kvm_line = next(line for line in out.splitlines() if "KVM usable" in line)
+    # Usable or not, the verdict comes from a canary boot, never from /dev/kvm alone.
+    assert "canary" in kvm_line or "QEMU failed under KVM" in kvm_line or "/dev/kvm" in kvm_line

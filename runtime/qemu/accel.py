@@ -1,8 +1,9 @@
 """Choosing the accelerator: KVM only when a canary boot proves it usable, else TCG.
 
 ``/dev/kvm`` existing is not enough (on these machines it is nested PVM, where stock kernels
-hang). The canary boots the given kernel and initramfs under KVM with a short deadline and waits
-for the guest init's "booted" marker; the verdict is cached per kernel and QEMU version.
+hang or QEMU fails to set up the vCPU). The canary boots the given kernel and initramfs under KVM
+with a short deadline and waits for the guest init's "booted" marker; the verdict is cached per
+kernel and QEMU version.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from runtime.console import read_markers
 
 CANARY_SECONDS = 15.0
+BOOTED = "a canary guest booted under KVM"
 
 
 def kvm_usable(
@@ -27,24 +29,37 @@ def kvm_usable(
     qemu_version: str,
     binary: str = "qemu-system-x86_64",
 ) -> bool:
+    return kvm_probe(kernel, initrd, cache=cache, qemu_version=qemu_version, binary=binary)[0]
+
+
+def kvm_probe(
+    kernel: Path,
+    initrd: Path,
+    *,
+    cache: Path,
+    qemu_version: str,
+    binary: str = "qemu-system-x86_64",
+) -> tuple[bool, str]:
+    """``(usable, why)``; the verdict is cached per kernel and QEMU version."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False
+        return False, "no usable /dev/kvm"
     key = f"{kernel.stat().st_size}:{kernel.stat().st_mtime_ns}:{qemu_version}"
     try:
         known = json.loads(cache.read_text())
         if known.get("key") == key:
-            return bool(known["kvm"])
+            return bool(known["kvm"]), str(known.get("why", ""))
     except (OSError, ValueError, KeyError):
         pass
-    verdict = _canary(kernel, initrd, binary)
+    verdict, why = _canary(kernel, initrd, binary)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "kvm": verdict, "at": time.time()}))
-    return verdict
+    cache.write_text(json.dumps({"key": key, "kvm": verdict, "why": why, "at": time.time()}))
+    return verdict, why
 
 
-def _canary(kernel: Path, initrd: Path, binary: str) -> bool:
+def _canary(kernel: Path, initrd: Path, binary: str) -> tuple[bool, str]:
     with tempfile.TemporaryDirectory(prefix="reconciler-kvm-canary-") as tmp:
         console = Path(tmp) / "console.log"
+        errors = Path(tmp) / "qemu.err"
         argv = [
             binary,
             "-M",
@@ -69,16 +84,22 @@ def _canary(kernel: Path, initrd: Path, binary: str) -> bool:
             "-append",
             "console=ttyS0 panic=-1 quiet rc.exec=/no-workload",
         ]
-        process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        with errors.open("w") as err:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+            )
         try:
             deadline = time.monotonic() + CANARY_SECONDS
             while time.monotonic() < deadline and process.poll() is None:
                 if any(m["event"] == "booted" for m in read_markers(console)):
-                    return True
+                    return True, BOOTED
                 time.sleep(0.1)
-            return any(m["event"] == "booted" for m in read_markers(console))
+            if any(m["event"] == "booted" for m in read_markers(console)):
+                return True, BOOTED
+            if process.poll() is not None:
+                lines = errors.read_text(errors="replace").strip().splitlines()
+                return False, "QEMU failed under KVM: " + (lines[0] if lines else "no output")
+            return False, f"the canary guest did not boot under KVM in {CANARY_SECONDS:g} s"
         finally:
             process.kill()
             process.wait()
