@@ -43,11 +43,17 @@ class QemuRuntime:
     kind = RuntimeKind.QEMU
 
     def __init__(
-        self, *, state_dir: Path, binary: str = "qemu-system-x86_64", accel: str = "auto"
+        self,
+        *,
+        state_dir: Path,
+        binary: str = "qemu-system-x86_64",
+        accel: str = "auto",
+        netns: str | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.binary = binary
         self.accel = accel
+        self.netns = netns  # run VMs inside this network namespace (where their TAPs are)
 
     def _binary(self) -> str:
         found = shutil.which(self.binary)
@@ -93,6 +99,8 @@ class QemuRuntime:
             binary=self._binary(),
             extra_kernel_args=tcg_kernel_args() if accel == "tcg" else "",
         )
+        if self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
         # -daemonize: the parent returns once the VM is set up; the VM is then a child of
         # init, not of this process, and survives the reconciler.
         result = subprocess.run(

@@ -1,0 +1,55 @@
+"""VM networking: one bridge per host, one TAP per VM, addresses from the fleet's pool.
+
+    Network.attach(vm) ──▶ allocate address (state db) ──▶ ensure bridge ──▶ ensure TAP
+                      ──▶ NetworkAttachment (TAP, MAC, address, gateway) for the runtime
+
+The guest's address reaches its init on the kernel command line (``rc.ip``, ``rc.gateway``).
+``detach`` removes the TAP and returns the address; ``cleanup_orphans`` removes TAPs no known VM
+owns (left by a crash between creating a TAP and recording the VM).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reconciler.model import NetworkPool
+from runtime.network.allocator import AddressAllocator, Lease
+from runtime.network.links import Links, tap_name
+from runtime.protocol import NetworkAttachment
+
+__all__ = ["AddressAllocator", "Lease", "Links", "Network", "tap_name"]
+
+
+class Network:
+    def __init__(self, pool: NetworkPool, db_path: Path, *, netns: str | None = None) -> None:
+        self.pool = pool
+        self.allocator = AddressAllocator(db_path, pool.cidr)
+        self.links = Links(netns)
+
+    def attach(self, vm: str, workload: str) -> NetworkAttachment:
+        lease = self.allocator.allocate(vm, workload)
+        prefixlen = self.allocator.network.prefixlen
+        self.links.ensure_bridge(self.pool.bridge, lease.gateway, prefixlen)
+        tap = tap_name(vm)
+        self.links.ensure_tap(tap, self.pool.bridge)
+        return NetworkAttachment(
+            tap=tap, mac=lease.mac, address=lease.address, gateway=lease.gateway
+        )
+
+    def detach(self, vm: str) -> None:
+        self.links.delete(tap_name(vm))
+        self.allocator.release(vm)
+
+    def cleanup_orphans(self, known_vms: set[str]) -> list[str]:
+        """Remove TAPs and addresses of VMs that are not in ``known_vms``; returns their names."""
+        known_taps = {tap_name(vm) for vm in known_vms}
+        removed = [tap for tap in self.links.names() if tap not in known_taps]
+        for tap in removed:
+            self.links.delete(tap)
+        for lease in self.allocator.leases():
+            if lease.vm not in known_vms:
+                self.allocator.release(lease.vm)
+        return removed
+
+    def close(self) -> None:
+        self.allocator.close()

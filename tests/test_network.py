@@ -1,0 +1,174 @@
+"""VM networking: the address pool (no privileges), and bridges, TAP devices and a real VM on
+its own address inside a network namespace (root; CI runs as root)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import FLEET_EXAMPLE, FleetRepo
+
+from builders.cache import ArtifactCache
+from reconciler.cli import main
+from reconciler.errors import NetworkError
+from reconciler.model import NetworkPool, RuntimeKind, VMState
+from runtime.network import AddressAllocator, Links, Network, tap_name
+from runtime.protocol import VMSpec
+from runtime.qemu.driver import QemuRuntime
+
+
+def test_addresses_are_stable_unique_and_persisted(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    pool = AddressAllocator(db, "10.88.0.0/29")
+    web0 = pool.allocate("web-0", "web")
+    assert web0.gateway == "10.88.0.1"
+    assert web0.address == "10.88.0.2/29"
+    assert pool.allocate("web-0", "web") == web0
+    web1 = pool.allocate("web-1", "web")
+    assert web1.address != web0.address
+    assert web1.mac != web0.mac
+    pool.close()
+    again = AddressAllocator(db, "10.88.0.0/29")
+    assert again.allocate("web-1", "web") == web1  # survives a restart
+    for n in range(2, 5):
+        again.allocate(f"web-{n}", "web")
+    with pytest.raises(NetworkError, match="exhausted"):
+        again.allocate("web-9", "web")
+    again.release("web-0")
+    assert again.allocate("web-9", "web").address == "10.88.0.2/29"
+
+
+def test_tap_names_fit_the_kernel_limit_and_are_stable() -> None:
+    assert tap_name("web-0") == "rc-web-0"
+    long = tap_name("a-very-long-workload-name-12")
+    assert len(long) <= 15
+    assert long == tap_name("a-very-long-workload-name-12")
+    assert long != tap_name("a-very-long-workload-name-13")
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"rc-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.mark.root
+def test_attach_is_idempotent_and_detach_removes_everything(netns: str, tmp_path: Path) -> None:
+    network = Network(
+        NetworkPool(cidr="10.99.0.0/24", bridge="rcbr-test"), tmp_path / "s.db", netns=netns
+    )
+    first = network.attach("web-0", "web")
+    assert network.attach("web-0", "web") == first
+    links = Links(netns)
+    assert links.master_of(first.tap) == "rcbr-test"
+    shown = subprocess.run(
+        ["ip", "-n", netns, "-br", "addr", "show", "rcbr-test"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "10.99.0.1/24" in shown
+    network.attach("web-1", "web")
+    network.detach("web-0")
+    assert links.names() == [tap_name("web-1")]
+    assert [lease.vm for lease in network.allocator.leases()] == ["web-1"]
+    # A TAP left behind by a crash is removed when no known VM owns it.
+    links.ensure_tap(tap_name("ghost-0"), "rcbr-test")
+    assert network.cleanup_orphans({"web-1"}) == [tap_name("ghost-0")]
+    assert links.names() == [tap_name("web-1")]
+    network.close()
+
+
+@pytest.fixture(scope="module")
+def echo_unikernel(tmp_path_factory: pytest.TempPathFactory, session_state: Path) -> Path:
+    root = tmp_path_factory.mktemp("echo-net")
+    shutil.copytree(FLEET_EXAMPLE, root / "fleet")
+    repo = FleetRepo(root / "fleet")
+    repo.commit("fleet")
+    assert (
+        main(
+            [
+                "build",
+                "--repo",
+                str(repo.path),
+                "--state-dir",
+                str(session_state),
+                "--cache-dir",
+                str(root / "cache"),
+                "--target",
+                "unikernel",
+                "echo",
+            ]
+        )
+        == 0
+    )
+    return next(
+        e.path
+        for e in ArtifactCache(root / "cache").entries()
+        if e.manifest["target"] == "unikernel"
+    )
+
+
+@pytest.mark.root
+@pytest.mark.qemu
+def test_vm_answers_on_its_own_address_over_its_tap(
+    netns: str, tmp_path: Path, echo_unikernel: Path
+) -> None:
+    network = Network(
+        NetworkPool(cidr="10.99.1.0/24", bridge="rcbr-test"), tmp_path / "s.db", netns=netns
+    )
+    attachment = network.attach("echo-0", "echo")
+    address = attachment.address.split("/")[0]
+    spec = VMSpec(
+        name="echo-0",
+        workload="echo",
+        fleet="example",
+        runtime=RuntimeKind.QEMU,
+        vcpus=1,
+        memory_mib=128,
+        vm_dir=tmp_path / "echo-0",
+        kernel=echo_unikernel / "kernel",
+        initrd=echo_unikernel / "initramfs.cpio.gz",
+        network=attachment,
+        kernel_cmdline=f"{(echo_unikernel / 'cmdline').read_text().strip()} "
+        f"rc.ip={attachment.address} rc.gateway={attachment.gateway} rc.hostname=echo-0",
+    )
+    runtime = QemuRuntime(state_dir=tmp_path, accel="tcg", netns=netns)
+    assert runtime.start(spec).state is VMState.RUNNING
+    try:
+        deadline = time.monotonic() + 120
+        reply = ""
+        while time.monotonic() < deadline and reply != "hello":
+            probe = subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    netns,
+                    "bash",
+                    "-c",
+                    f"exec 3<>/dev/tcp/{address}/7007 && echo hello >&3 && head -c5 <&3",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+            )
+            reply = probe.stdout.strip()
+            if reply != "hello":
+                time.sleep(1)
+        assert reply == "hello", (spec.vm_dir / "console.log").read_text()
+    finally:
+        runtime.stop(spec, grace_seconds=1)
+        network.detach("echo-0")
+        network.close()
