@@ -28,7 +28,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from builders.cache import ArtifactCache  # noqa: E402
-from builders.images import _stage_rootfs, guest_init, make_ext4  # noqa: E402
+from builders.images import guest_init, make_ext4, stage_rootfs  # noqa: E402
 from builders.kernels import KernelRegistry  # noqa: E402
 from reconciler.cli import main as reconciler  # noqa: E402
 from runtime.qemu.machine import tcg_kernel_args  # noqa: E402
@@ -151,7 +151,7 @@ def main() -> int:
         # The rootfs step against raw mkfs.ext4 -d on the same staging tree.
         web_exe = entries[("web", "executable")].file("workload")
         staging = root / "staging"
-        _stage_rootfs(staging, web_exe, guest_init(root / "init.log"))
+        stage_rootfs(staging, web_exe, guest_init(root / "init.log"))
         ours, raw = [], []
         for i in range(5):
             image = root / f"ours{i}.ext4"

@@ -102,13 +102,13 @@ def build_microvm(
     write_initramfs([*_base_entries(init, boot_config), *modules], out_dir / "initramfs.cpio.gz")
 
     root = staging / "rootfs"
-    _stage_rootfs(root, executable, init)
+    stage_rootfs(root, executable, init)
     image = out_dir / "rootfs.ext4"
     make_ext4(root, image, log)
     _write_common(kernel, out_dir)
 
 
-def _stage_rootfs(root: Path, executable: Path, init: Path) -> None:
+def stage_rootfs(root: Path, executable: Path, init: Path) -> None:
     busybox = require("busybox")
     for name in (
         "bin",

@@ -59,12 +59,10 @@ def test_diff_between_two_commits(
     assert code == 2
     data = json.loads(out)
     assert (data["base"], data["head"]) == (a, b)
-    assert [(x["action"], x["vm"]) for x in data["actions"]] == [
-        ("create", "web-2"),
-        ("restart", "echo-0"),
-    ] or sorted((x["action"], x["vm"]) for x in data["actions"]) == [
-        ("create", "web-2"),
-        ("restart", "echo-0"),
+    # Workloads in dependency order (echo, web, report), each in its own wave.
+    assert [(x["action"], x["vm"], x["wave"]) for x in data["actions"]] == [
+        ("restart", "echo-0", 1),
+        ("create", "web-2", 2),
     ]
     assert data["summary"] == {"create": 1, "update": 0, "restart": 1, "replace": 0, "delete": 0}
     assert data["actions"][0].keys() >= {"action", "vm", "workload", "disruption", "reason"}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,11 @@ def test_text_reads_like_terraform() -> None:
 
 
 def test_markdown_escapes_pipes_in_cells() -> None:
-    md = RENDERERS["markdown"](_sample_plan())
-    assert "| create | update | restart | replace | delete |" in md
-    assert "hi \\| there" not in md.split("```diff")[0] or "\\|" in md
+    plan = _sample_plan()
+    odd = replace(plan.actions[0], reason="a | b")
+    md = RENDERERS["markdown"](replace(plan, actions=(odd, *plan.actions[1:])))
+    rows = [line for line in md.splitlines() if line.startswith("| `")]
+    assert rows
+    # Every row of the actions table has exactly the header's 8 cell borders.
+    assert all(len(re.findall(r"(?<!\\)\|", row)) == 8 for row in rows), rows
+    assert "a \\| b" in md
