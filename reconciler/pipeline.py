@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from reconciler.manifests import ParseCache, load_fleet
-from reconciler.model import DesiredFleet, Plan
+from reconciler.model import DesiredFleet, ObservedFleet, Plan
 from reconciler.planning import diff, observed_from_desired
 from reconciler.source import Source
-from reconciler.state import StateStore
 
 
 @dataclass
@@ -35,10 +34,12 @@ class RevisionLoader:
         return load_fleet(root, subpath=self.subpath, revision=revision, cache=self.cache)
 
 
-def plan_against_store(loader: RevisionLoader, rev: str | None, store: StateStore) -> Plan:
-    """Desired at ``rev`` against what the state store says runs now."""
+def plan_against_observed(
+    loader: RevisionLoader, rev: str | None, observed: ObservedFleet
+) -> tuple[DesiredFleet, Plan]:
+    """Desired at ``rev`` against what runs now (the state store refreshed from the runtimes)."""
     desired = loader.load(rev)
-    return diff(desired, store.observed())
+    return desired, diff(desired, observed)
 
 
 def plan_between(loader: RevisionLoader, base: str, head: str | None) -> Plan:

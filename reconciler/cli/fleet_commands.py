@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reconciler.cli.options import add_repo_options, add_state_option, revision_loader, state_dir
+from reconciler.cli.host import open_host
+from reconciler.cli.options import add_repo_options, add_state_option, revision_loader
 from reconciler.errors import EXIT_CHANGES, EXIT_OK, ConfigError
 from reconciler.model import Plan
-from reconciler.pipeline import plan_against_store, plan_between
+from reconciler.pipeline import plan_against_observed, plan_between
 from reconciler.render import RENDERERS, render_json
-from reconciler.state import open_state_store
 
 
 def register(commands: Any) -> None:
@@ -67,11 +67,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     loader = revision_loader(args)
     if args.base is not None:
         return plan_between(loader, args.base, args.head)
-    store = open_state_store(state_dir(args))
+    host = open_host(args)
     try:
-        return plan_against_store(loader, args.rev, store)
+        return plan_against_observed(loader, args.rev, host.observe())[1]
     finally:
-        store.close()
+        host.close()
 
 
 def run_diff(args: argparse.Namespace) -> int:
