@@ -45,6 +45,8 @@ def test_addresses_are_stable_unique_and_persisted(tmp_path: Path) -> None:
 
 def test_tap_names_fit_the_kernel_limit_and_are_stable() -> None:
     assert tap_name("web-0") == "rc-web-0"
+    assert tap_name("web-0", "ab12") == "rcab12-web-0"
+    assert len(tap_name("report-worker-10", "ab12")) <= 15
     long = tap_name("a-very-long-workload-name-12")
     assert len(long) <= 15
     assert long == tap_name("a-very-long-workload-name-12")

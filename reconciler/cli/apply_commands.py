@@ -24,7 +24,7 @@ from reconciler.execution.executor import Executor
 from reconciler.model import Plan, short_digest
 from reconciler.pipeline import plan_against_observed
 from reconciler.render import render_text
-from runtime.network import Network
+from runtime.network import Network, scope_for
 
 
 def register(commands: Any) -> None:
@@ -69,7 +69,11 @@ def run_apply(args: argparse.Namespace) -> int:
         if not plan.has_changes:
             host.store.record_revision(revision, outcome="applied")
             return EXIT_OK
-        network = Network(desired.fleet.network, host.state_dir / "state.db")
+        network = Network(
+            desired.fleet.network,
+            host.state_dir / "state.db",
+            scope=scope_for(str(host.state_dir.resolve())),
+        )
         builder = MatrixBuilder(
             loader.source.checkout(revision),
             ArtifactCache(cache_dir(args)),

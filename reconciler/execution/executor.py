@@ -151,7 +151,11 @@ class Executor:
             address=attachment.address.split("/")[0] if attachment else None,
         )
         self.store.put_vm(record)  # before the VMM starts: a crash leaves a record to adopt
-        status = runtime_for(self.runtimes, wanted.runtime).start(spec)
+        try:
+            status = runtime_for(self.runtimes, wanted.runtime).start(spec)
+        except VMRuntimeError as err:
+            self.store.put_vm(replace(record, state=VMState.FAILED, healthy=False, detail=str(err)))
+            raise
         self.store.put_vm(replace(record, state=status.state, pid=status.pid, detail=status.detail))
         return spec
 

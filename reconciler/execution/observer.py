@@ -29,7 +29,9 @@ def observe(
             continue  # recorded by a newer reconciler; leave it as recorded
         status = runtime.status(spec_of(vm, state_dir))
         if status.state is VMState.PENDING:
-            continue  # being started right now
+            # Recorded but never started: the reconciler that recorded it stopped before the
+            # VMM ran (one acts at a time), so the VM must be started again.
+            status = replace(status, state=VMState.MISSING, detail="its start never completed")
         if (status.state, status.pid) != (vm.state, vm.pid):
             # A job that exited 0 is done, and that is healthy; anything else that ended is not.
             healthy = (

@@ -14,15 +14,18 @@ from pathlib import Path
 
 from reconciler.model import NetworkPool
 from runtime.network.allocator import AddressAllocator, Lease
-from runtime.network.links import Links, tap_name
+from runtime.network.links import Links, scope_for, tap_name
 from runtime.protocol import NetworkAttachment
 
-__all__ = ["AddressAllocator", "Lease", "Links", "Network", "tap_name"]
+__all__ = ["AddressAllocator", "Lease", "Links", "Network", "scope_for", "tap_name"]
 
 
 class Network:
-    def __init__(self, pool: NetworkPool, db_path: Path, *, netns: str | None = None) -> None:
+    def __init__(
+        self, pool: NetworkPool, db_path: Path, *, netns: str | None = None, scope: str = ""
+    ) -> None:
         self.pool = pool
+        self.scope = scope
         self.allocator = AddressAllocator(db_path, pool.cidr)
         self.links = Links(netns)
 
@@ -30,20 +33,21 @@ class Network:
         lease = self.allocator.allocate(vm, workload)
         prefixlen = self.allocator.network.prefixlen
         self.links.ensure_bridge(self.pool.bridge, lease.gateway, prefixlen)
-        tap = tap_name(vm)
+        tap = tap_name(vm, self.scope)
         self.links.ensure_tap(tap, self.pool.bridge)
         return NetworkAttachment(
             tap=tap, mac=lease.mac, address=lease.address, gateway=lease.gateway
         )
 
     def detach(self, vm: str) -> None:
-        self.links.delete(tap_name(vm))
+        self.links.delete(tap_name(vm, self.scope))
         self.allocator.release(vm)
 
     def cleanup_orphans(self, known_vms: set[str]) -> list[str]:
         """Remove TAPs and addresses of VMs that are not in ``known_vms``; returns their names."""
-        known_taps = {tap_name(vm) for vm in known_vms}
-        removed = [tap for tap in self.links.names() if tap not in known_taps]
+        known_taps = {tap_name(vm, self.scope) for vm in known_vms}
+        mine = self.links.names(f"rc{self.scope}-")
+        removed = [tap for tap in mine if tap not in known_taps]
         for tap in removed:
             self.links.delete(tap)
         for lease in self.allocator.leases():

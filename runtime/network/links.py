@@ -19,12 +19,19 @@ TAP_PREFIX = "rc"
 IFNAMSIZ = 15
 
 
-def tap_name(vm: str) -> str:
+def scope_for(owner: str) -> str:
+    """A 4-character tag of whoever owns the TAP devices (a state directory), so that two
+    deployments on one host never fight over ``web-0``'s device."""
+    return hashlib.sha256(owner.encode()).hexdigest()[:4]
+
+
+def tap_name(vm: str, scope: str = "") -> str:
     """A stable interface name of at most 15 characters for ``vm``'s TAP device."""
-    if len(TAP_PREFIX) + 1 + len(vm) <= IFNAMSIZ:
-        return f"{TAP_PREFIX}-{vm}"
-    digest = hashlib.sha256(vm.encode()).hexdigest()[:6]
-    return f"{TAP_PREFIX}-{vm[: IFNAMSIZ - len(TAP_PREFIX) - 8]}-{digest}"
+    prefix = f"{TAP_PREFIX}{scope}-"
+    if len(prefix) + len(vm) <= IFNAMSIZ:
+        return f"{prefix}{vm}"
+    digest = hashlib.sha256(vm.encode()).hexdigest()[:4]
+    return f"{prefix}{vm[: IFNAMSIZ - len(prefix) - 5]}-{digest}"
 
 
 class Links:

@@ -1,0 +1,119 @@
+"""``reconciler apply`` and ``status`` on the embedded defaults, as an operator uses them:
+real QEMU VMs on a real bridge and TAP devices, health judged from the guest and over HTTP/TCP.
+
+Runs as root (CI does). The fleet gets its own bridge and address pool so that it cannot clash
+with anything else on the host, and every VM, TAP and the bridge are removed at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import FLEET_EXAMPLE, FleetRepo
+
+from reconciler.cli import main
+from runtime.network import scope_for
+
+pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.slow]
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, session_state: Path) -> Iterator[dict[str, object]]:
+    tag = uuid.uuid4().hex[:4]
+    bridge, subnet = f"rcbr{tag}", f"10.{100 + int(tag[:2], 16) % 100}.{int(tag[2:], 16)}"
+    shutil.copytree(FLEET_EXAMPLE, tmp_path / "fleet")
+    repo = FleetRepo(tmp_path / "fleet")
+    repo.edit("fleet.yaml", "bridge: rcbr0", f"bridge: {bridge}")
+    repo.edit("fleet.yaml", "cidr: 10.88.0.0/24", f"cidr: {subnet}.0/24")
+    repo.commit("fleet-example on a test bridge")
+    state = tmp_path / "state"
+    shutil.copytree(session_state / "kernels", state / "kernels")
+    common = ["--repo", str(repo.path), "--state-dir", str(state)]
+    yield {"repo": repo, "state": state, "common": common, "subnet": subnet}
+    for pidfile in (state / "vms").glob("*/qemu.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True).stdout
+    for line in links.splitlines():
+        name = line.split()[0].split("@")[0]
+        if name.startswith(f"rc{scope_for(str(state.resolve()))}-") or name == bridge:
+            subprocess.run(["ip", "link", "del", name], check=False)
+
+
+def status(capsys: pytest.CaptureFixture[str], state: Path) -> dict[str, object]:
+    code, out = cli(capsys, "status", "--state-dir", str(state), "--format", "json")
+    assert code == 0
+    return json.loads(out)
+
+
+def test_apply_converges_scales_heals_and_prunes(
+    deployment: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = deployment["repo"]
+    state = deployment["state"]
+    common = deployment["common"]
+    assert isinstance(repo, FleetRepo)
+    assert isinstance(state, Path)
+    assert isinstance(common, list)
+
+    code, out = cli(capsys, "apply", *common)
+    assert code == 0, out
+    fleet = status(capsys, state)
+    vms = {vm["name"]: vm for vm in fleet["vms"]}  # type: ignore[attr-defined]
+    assert set(vms) == {"web-0", "web-1", "echo-0", "report-0"}
+    assert all(vm["healthy"] for vm in vms.values()), vms
+    assert fleet["applied_revision"] == repo.git("rev-parse", "HEAD")
+    with urllib.request.urlopen(f"http://{vms['web-0']['address']}:8080/", timeout=10) as r:
+        assert json.loads(r.read())["host"] == "web-0"
+    code, out = cli(capsys, "apply", *common)
+    assert code == 0
+    assert "No changes." in out  # a second apply straight after is a no-op
+
+    # Scale web 2 -> 3: one create in the diff, then three healthy replicas.
+    repo.edit("workloads/web.yaml", "replicas: 2", "replicas: 3")
+    repo.commit("web: 3 replicas")
+    code, out = cli(capsys, "diff", *common, "--format", "json")
+    assert code == 2
+    plan = json.loads(out)
+    assert [(a["action"], a["vm"]) for a in plan["actions"]] == [("create", "web-2")]
+    assert cli(capsys, "apply", *common)[0] == 0
+    vms = {vm["name"]: vm for vm in status(capsys, state)["vms"]}  # type: ignore[attr-defined]
+    assert all(vms[f"web-{i}"]["healthy"] for i in range(3))
+    assert cli(capsys, "diff", *common)[0] == 0
+
+    # A VM killed by hand is recreated, at the same address.
+    address = vms["web-1"]["address"]
+    os.kill(int(vms["web-1"]["pid"]), signal.SIGKILL)
+    code, out = cli(capsys, "diff", *common)
+    assert code == 2
+    assert "web-1 must be replaced" in out
+    assert cli(capsys, "apply", *common)[0] == 0
+    vms = {vm["name"]: vm for vm in status(capsys, state)["vms"]}  # type: ignore[attr-defined]
+    assert vms["web-1"]["healthy"]
+    assert vms["web-1"]["address"] == address
+
+    # Removing a workload removes its VM, TAP device and address.
+    (repo.path / "workloads" / "echo.yaml").unlink()
+    repo.commit("remove echo")
+    assert cli(capsys, "apply", *common)[0] == 0
+    vms = {vm["name"]: vm for vm in status(capsys, state)["vms"]}  # type: ignore[attr-defined]
+    assert "echo-0" not in vms
+    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True).stdout
+    assert f"rc{scope_for(str(state.resolve()))}-echo-0" not in links
+    assert not (state / "vms" / "echo-0").exists()
