@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help deps venv kernel lint typecheck unit test demo clean
+.PHONY: help deps venv kernel lint typecheck unit test demo demo-clean clean
 
 help:
-	@echo "make demo   install what is missing, validate, plan and build fleet-example, boot its web VM"
+	@echo "make demo   install what is missing, deploy fleet-example with reconciler apply, show it"
+	@echo "make demo-clean   stop the demo's VMs"
 	@echo "make test   lint, type-check and run the whole test suite (what CI runs)"
 
 deps:
@@ -45,6 +46,9 @@ test: venv lint
 
 demo: deps venv
 	bash deploy/demo.sh
+
+demo-clean: venv
+	bash deploy/demo-clean.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .demo guest/build
