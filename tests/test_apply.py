@@ -97,6 +97,30 @@ def test_apply_converges_scales_heals_and_prunes(
     assert all(vms[f"web-{i}"]["healthy"] for i in range(3))
     assert cli(capsys, "diff", *common)[0] == 0
 
+    # A change that makes the service fail: the first VM of the rollout goes back to its last
+    # healthy artifact, the others are never touched, and status says why.
+    before = {name: vm["artifact"] for name, vm in vms.items()}
+    good = repo.git("rev-parse", "HEAD")
+    repo.write(
+        "services/web/app.py",
+        repo.read("services/web/app.py").replace(
+            "def main() -> None:\n", "def main() -> None:\n    raise SystemExit(3)\n"
+        ),
+    )
+    repo.commit("web: broken")
+    code, out = cli(capsys, "apply", *common)
+    assert code == 1, out
+    assert "workload exited with code 3" in out
+    assert "rolled back to the last healthy artifact: web-0" in out
+    fleet = status(capsys, state)
+    vms = {vm["name"]: vm for vm in fleet["vms"]}  # type: ignore[attr-defined]
+    assert {name: vm["artifact"] for name, vm in vms.items()} == before
+    assert all(vms[f"web-{i}"]["healthy"] for i in range(3))
+    assert fleet["applied_revision"] == good
+    assert "workload exited with code 3" in str(fleet["last_error"])
+    repo.git("revert", "--no-edit", "HEAD")
+    assert cli(capsys, "diff", *common)[0] == 0
+
     # A VM killed by hand is recreated, at the same address.
     address = vms["web-1"]["address"]
     os.kill(int(vms["web-1"]["pid"]), signal.SIGKILL)

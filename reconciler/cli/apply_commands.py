@@ -85,6 +85,8 @@ def run_apply(args: argparse.Namespace) -> int:
         if not report.ok:
             for vm, why in sorted(report.unhealthy.items()):
                 print(f"unhealthy {vm}: {why}")
+            if report.rolled_back:
+                print(f"rolled back to the last healthy artifact: {', '.join(report.rolled_back)}")
             return EXIT_ERROR
         print(f"applied {revision[:12]}: {len(report.applied)} actions, all VMs healthy")
         return EXIT_OK

@@ -40,6 +40,7 @@ from runtime.protocol import Runtime, VMSpec
 class ApplyReport:
     applied: list[VMAction] = field(default_factory=list)
     unhealthy: dict[str, str] = field(default_factory=dict)
+    rolled_back: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -54,6 +55,7 @@ class Executor:
     runtimes: Mapping[RuntimeKind, Runtime]
     network: Network | None
     say: Callable[[str], None] = print
+    _last_healthy: dict[str, ObservedVM] = field(default_factory=dict, init=False)
 
     def apply(self, plan: Plan, desired: DesiredFleet) -> ApplyReport:
         revision = plan.head or "unknown"
@@ -69,7 +71,10 @@ class Executor:
                     if not healthy:
                         report.unhealthy[spec.name] = why
                 if report.unhealthy:
-                    break  # later waves would spread a change that does not work
+                    # Later waves would spread a change that does not work; the VMs of this
+                    # wave go back to what they ran, and the untouched ones keep serving.
+                    report.rolled_back = self._roll_back(sorted(report.unhealthy))
+                    break
         except (BuildError, VMRuntimeError) as err:
             self.store.record_revision(revision, outcome="failed", message=str(err))
             raise
@@ -77,6 +82,8 @@ class Executor:
             self.store.record_revision(revision, outcome="applied")
         else:
             problems = "; ".join(f"{vm}: {why}" for vm, why in sorted(report.unhealthy.items()))
+            if report.rolled_back:
+                problems += "; rolled back " + ", ".join(report.rolled_back)
             self.store.record_revision(revision, outcome="failed", message=problems)
         return report
 
@@ -118,25 +125,8 @@ class Executor:
             return None
         if current is not None:
             runtime_for(self.runtimes, current.runtime).stop(spec_of(current, self.state_dir))
-        directory = vm_dir(self.state_dir, wanted.name)
-        artifact = artifacts[wanted.name]
-        fresh_disk = action.action is not ActionType.RESTART
-        if fresh_disk and (directory / "rootfs.ext4").exists():
-            (directory / "rootfs.ext4").unlink()
-        directory.mkdir(parents=True, exist_ok=True)
-        if (artifact / "rootfs.ext4").exists() and not (directory / "rootfs.ext4").exists():
-            shutil.copyfile(artifact / "rootfs.ext4", directory / "rootfs.ext4")
-        attachment = self.network.attach(wanted.name, wanted.workload) if self.network else None
-        spec = vm_spec(
-            name=wanted.name,
-            workload=wanted.workload,
-            fleet=desired.fleet.name,
-            runtime=wanted.runtime,
-            directory=directory,
-            config=launch_config(wanted.settings),
-            artifact=artifact,
-            network=attachment,
-        )
+            if current.healthy:
+                self._last_healthy[current.name] = current
         record = ObservedVM(
             name=wanted.name,
             workload=wanted.workload,
@@ -147,17 +137,64 @@ class Executor:
             artifact_inputs=wanted.artifact.inputs,
             settings=wanted.settings,
             state=VMState.PENDING,
+        )
+        fresh_disk = action.action is not ActionType.RESTART
+        return self._launch(record, artifacts[wanted.name], fresh_disk=fresh_disk)
+
+    def _launch(self, record: ObservedVM, artifact: Path, *, fresh_disk: bool) -> VMSpec:
+        """Start ``record``'s VM from ``artifact`` (the caller stopped any previous one)."""
+        directory = vm_dir(self.state_dir, record.name)
+        if fresh_disk and (directory / "rootfs.ext4").exists():
+            (directory / "rootfs.ext4").unlink()
+        directory.mkdir(parents=True, exist_ok=True)
+        if (artifact / "rootfs.ext4").exists() and not (directory / "rootfs.ext4").exists():
+            shutil.copyfile(artifact / "rootfs.ext4", directory / "rootfs.ext4")
+        attachment = self.network.attach(record.name, record.workload) if self.network else None
+        spec = vm_spec(
+            name=record.name,
+            workload=record.workload,
+            fleet=record.fleet,
+            runtime=record.runtime,
+            directory=directory,
+            config=launch_config(record.settings),
+            artifact=artifact,
+            network=attachment,
+        )
+        record = replace(
+            record,
+            state=VMState.PENDING,
             healthy=None,
+            pid=None,
             address=attachment.address.split("/")[0] if attachment else None,
         )
         self.store.put_vm(record)  # before the VMM starts: a crash leaves a record to adopt
         try:
-            status = runtime_for(self.runtimes, wanted.runtime).start(spec)
+            status = runtime_for(self.runtimes, record.runtime).start(spec)
         except VMRuntimeError as err:
             self.store.put_vm(replace(record, state=VMState.FAILED, healthy=False, detail=str(err)))
             raise
         self.store.put_vm(replace(record, state=status.state, pid=status.pid, detail=status.detail))
         return spec
+
+    def _roll_back(self, names: list[str]) -> list[str]:
+        """Put the VMs of a failed wave back on what they ran, healthy, before the change;
+        returns the VMs rolled back."""
+        done = []
+        for name in names:
+            previous = self._last_healthy.get(name)
+            if previous is None:
+                continue  # a new VM: nothing to go back to; it stays recorded as failed
+            entry = self.builder.cache.find(previous.artifact_digest)
+            if entry is None:
+                self.say(f"cannot roll back {name}: its previous artifact is no longer cached")
+                continue
+            current = self.store.observed().vms[name]
+            runtime_for(self.runtimes, current.runtime).stop(spec_of(current, self.state_dir))
+            self.say(f"rollback {name}: back to artifact {previous.artifact_digest[7:19]}")
+            spec = self._launch(previous, entry.path, fresh_disk=True)
+            if self._health(spec)[0]:
+                done.append(name)
+        return done
 
     def _health(self, spec: VMSpec) -> tuple[bool, str]:
         vm = self.store.observed().vms[spec.name]

@@ -64,9 +64,12 @@ def wait_healthy(
         exited = last_event(markers, "workload-exited")
         started = last_event(markers, "workload-started")
         error = last_event(markers, "error")
+        crashed = [m for m in markers if m["event"] == "workload-exited" and m.get("code")]
+        if crashed:
+            # Even when the init restarted it, a workload that crashed once is not healthy.
+            return False, f"workload exited with code {crashed[-1]['code']}"
         if exited is not None and (started is None or exited["t"] >= started["t"]):
-            code = int(exited["code"])
-            return code == 0, f"workload exited with code {code}"
+            return True, "workload exited with code 0"
         if started is None:
             if error is not None and not alive():
                 return False, f"guest failed: {error.get('message')}"

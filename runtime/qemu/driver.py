@@ -92,6 +92,10 @@ class QemuRuntime:
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         for stale in (PID_FILE, QMP_SOCKET, "console.sock"):
             (spec.vm_dir / stale).unlink(missing_ok=True)
+        # Each boot gets a fresh console log (health is read from it); the last one is kept.
+        log = spec.vm_dir / CONSOLE_LOG
+        if log.exists():
+            log.replace(spec.vm_dir / f"previous-{CONSOLE_LOG}")
         accel = self.choose_accel(spec)
         argv = qemu_argv(
             spec,
