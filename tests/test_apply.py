@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -141,3 +142,94 @@ def test_apply_converges_scales_heals_and_prunes(
     links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True).stdout
     assert f"rc{scope_for(str(state.resolve()))}-echo-0" not in links
     assert not (state / "vms" / "echo-0").exists()
+
+
+def _qemu_processes(state: Path) -> dict[str, int]:
+    """VM name -> number of QEMU processes running it under this state directory."""
+    counts: dict[str, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not cmdline or b"qemu-system" not in cmdline[0]:
+            continue
+        for arg in cmdline:
+            if arg.startswith(str(state / "vms").encode()) and arg.endswith(b"qemu.pid"):
+                name = Path(arg.decode()).parent.name
+                counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_apply_killed_midway_resumes_without_duplicates_or_orphans(
+    deployment: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = deployment["state"]
+    common = deployment["common"]
+    assert isinstance(state, Path)
+    assert isinstance(common, list)
+    # Build first, so that the kill lands while VMs are being created.
+    assert cli(capsys, "build", *common)[0] == 0
+    apply = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "apply", *common],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert apply.stdout is not None
+    for line in apply.stdout:
+        if line.startswith("create   web-0"):
+            break
+    apply.kill()  # SIGKILL in the middle of creating VMs
+    apply.wait()
+    apply.stdout.close()
+
+    code, out = cli(capsys, "apply", *common)
+    assert code == 0, out
+    fleet = status(capsys, state)
+    vms = {vm["name"]: vm for vm in fleet["vms"]}  # type: ignore[attr-defined]
+    assert set(vms) == {"web-0", "web-1", "echo-0", "report-0"}
+    assert all(vm["healthy"] for vm in vms.values()), vms
+    running = _qemu_processes(state)
+    assert all(count == 1 for count in running.values()), running  # no duplicate VM
+    scope = scope_for(str(state.resolve()))
+    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True)
+    taps = sorted(
+        line.split()[0] for line in links.stdout.splitlines() if line.startswith(f"rc{scope}-")
+    )
+    assert taps == sorted(f"rc{scope}-{name}" for name in vms)  # no orphaned TAP
+    assert cli(capsys, "diff", *common)[0] == 0
+
+
+def test_saved_plan_is_refused_once_the_fleet_moved(
+    deployment: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = deployment["repo"]
+    common = deployment["common"]
+    assert isinstance(repo, FleetRepo)
+    assert isinstance(common, list)
+    plan = tmp_path / "plan.json"
+    assert cli(capsys, "plan", *common, "-o", str(plan))[0] == 2
+    repo.edit("workloads/echo.yaml", "replicas: 1", "replicas: 0")
+    repo.edit("workloads/web.yaml", "replicas: 2", "replicas: 0")
+    repo.edit("workloads/report.yaml.j2", "replicas: 1", "replicas: 0")
+    repo.commit("scale everything to zero")
+    # The saved plan names its revision, so a new commit does not change what it applies, but a
+    # change of what runs does: apply one VM behind its back, and the plan is refused.
+    store_plan = json.loads(plan.read_text())
+    assert store_plan["head"] != repo.git("rev-parse", "HEAD")
+    state = deployment["state"]
+    assert isinstance(state, Path)
+    from reconciler.state import open_state_store
+    from reconciler.testing import fleet as make_fleet
+    from reconciler.testing import running, workload
+
+    store = open_state_store(state)
+    store.put_vm(running(make_fleet(workload("intruder"), name="other")).vms["intruder-0"])
+    store.close()
+    code, out = cli(capsys, "apply", *common, str(plan))
+    assert code == 1
+    assert "changed since" in out
+    assert "make a new plan" in out
