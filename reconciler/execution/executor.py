@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from builders.matrix import MatrixBuilder
-from reconciler.errors import BuildError, VMRuntimeError
+from reconciler.errors import BuildError, NotImplementedFeatureError, VMRuntimeError
 from reconciler.execution.health import wait_healthy
 from reconciler.execution.launch import launch_config
 from reconciler.execution.vms import runtime_for, spec_of, vm_dir, vm_spec
@@ -60,6 +60,9 @@ class Executor:
     def apply(self, plan: Plan, desired: DesiredFleet) -> ApplyReport:
         revision = plan.head or "unknown"
         try:
+            for action in plan.actions:  # a runtime that does not exist fails before any change
+                if action.vm in desired.vms:
+                    runtime_for(self.runtimes, desired.vms[action.vm].runtime)
             artifacts = self._build(plan, desired)
             report = ApplyReport()
             for wave in sorted({a.wave for a in plan.actions}):
@@ -75,7 +78,7 @@ class Executor:
                     # wave go back to what they ran, and the untouched ones keep serving.
                     report.rolled_back = self._roll_back(sorted(report.unhealthy))
                     break
-        except (BuildError, VMRuntimeError) as err:
+        except (BuildError, VMRuntimeError, NotImplementedFeatureError) as err:
             self.store.record_revision(revision, outcome="failed", message=str(err))
             raise
         if report.ok:

@@ -1,0 +1,107 @@
+"""Fast tests of the execution layer at its own seams: kernel command lines, guest-judged
+health from console logs, and refusing a plan whose runtime does not exist before any change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from builders.cache import ArtifactCache
+from builders.kernels import KernelRegistry
+from builders.matrix import MatrixBuilder
+from reconciler.errors import NotImplementedFeatureError, VMRuntimeError
+from reconciler.execution.executor import Executor
+from reconciler.execution.health import wait_healthy
+from reconciler.execution.launch import guest_cmdline, launch_config
+from reconciler.model import RuntimeKind, Target
+from reconciler.planning import diff
+from reconciler.testing import MemoryStateStore, fleet, workload
+
+
+def test_cmdline_carries_per_vm_data_for_the_init() -> None:
+    desired = fleet(workload("web", env={"GREETING": "hello there", "MODE": "x"}))
+    config = launch_config(desired.vms["web-0"].settings)
+    line = guest_cmdline(
+        "console=ttyS0", config, hostname="web-0", address="10.88.0.2/24", gateway="10.88.0.1"
+    )
+    assert line == (
+        "console=ttyS0 rc.hostname=web-0 rc.ip=10.88.0.2/24 rc.gateway=10.88.0.1 "
+        'rc.env="GREETING=hello there" rc.env=MODE=x rc.restart=always'
+    )
+    bad = fleet(workload("web", env={"Q": 'say "hi"'}))
+    with pytest.raises(VMRuntimeError, match="cannot be passed on the kernel command line"):
+        guest_cmdline(
+            "",
+            launch_config(bad.vms["web-0"].settings),
+            hostname="web-0",
+            address=None,
+            gateway=None,
+        )
+
+
+def _console(tmp_path: Path, *events: dict[str, object]) -> Path:
+    log = tmp_path / "console.log"
+    log.write_text("".join(f"@@reconciler {json.dumps(e)}\n" for e in events))
+    return log
+
+
+def test_health_comes_from_the_guest(tmp_path: Path) -> None:
+    started = {"event": "workload-started", "pid": 5, "t": 1.0}
+    crashed = {"event": "workload-exited", "code": 3, "t": 2.0}
+    restarted = {"event": "workload-started", "pid": 6, "t": 3.0}
+    log = _console(tmp_path, {"event": "booted", "t": 0.9}, started, crashed, restarted)
+    # A service that crashed once is unhealthy even though the init restarted it.
+    assert wait_healthy(log, None, None, alive=lambda: True) == (
+        False,
+        "workload exited with code 3",
+    )
+    log = _console(tmp_path, started, {"event": "workload-exited", "code": 0, "t": 2.0})
+    assert wait_healthy(log, None, None, alive=lambda: False) == (
+        True,
+        "workload exited with code 0",
+    )
+    log = _console(tmp_path, {"event": "booted", "t": 0.9})
+    assert wait_healthy(log, None, None, alive=lambda: False) == (
+        False,
+        "the VM stopped before its workload started",
+    )
+
+
+def test_probe_failure_times_out_with_the_reason(tmp_path: Path) -> None:
+    log = _console(tmp_path, {"event": "workload-started", "pid": 5, "t": 1.0})
+    clock = iter(float(t) for t in range(0, 1000, 10))
+    healthy, why = wait_healthy(
+        log,
+        {"kind": "tcp", "port": 9, "timeoutSeconds": 0.2, "startPeriodSeconds": 1},
+        "127.0.0.1",
+        alive=lambda: True,
+        sleep=lambda s: None,
+        now=lambda: next(clock),
+    )
+    assert not healthy
+    assert "tcp probe of 127.0.0.1:9 failed" in why
+
+
+def test_a_missing_runtime_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    desired = fleet(
+        workload(
+            "tool",
+            target=Target.EXECUTABLE,
+            targets=[Target.EXECUTABLE],
+            runtime=RuntimeKind.PROCESS,
+        )
+    )
+    store = MemoryStateStore()
+    plan = diff(desired, store.observed())
+    builder = MatrixBuilder(
+        tmp_path, ArtifactCache(tmp_path / "cache"), KernelRegistry(tmp_path / "kernels")
+    )
+    executor = Executor(store, tmp_path, builder, runtimes={}, network=None, say=lambda s: None)
+    with pytest.raises(NotImplementedFeatureError, match="the process runtime"):
+        executor.apply(plan, desired)
+    assert store.observed().vms == {}
+    attempted = store.attempted_revision()
+    assert attempted is not None
+    assert attempted.outcome == "failed"
