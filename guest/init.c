@@ -485,10 +485,15 @@ int main(int argc, char **argv) {
     const char *cmdline_path = "/proc/cmdline";
     pid1 = getpid() == 1;
     for (int i = 1; i < argc; i++) {
+        /* PID 1 of a process sandbox on the host, not of a VM: supervise only. */
+        if (!strcmp(argv[i], "--supervisor")) pid1 = 0;
+    }
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--supervisor")) continue;
         if (!strcmp(argv[i], "--config") && i + 1 < argc) config_path = argv[++i];
         else if (!strcmp(argv[i], "--cmdline") && i + 1 < argc) cmdline_path = argv[++i];
         else if (!pid1 && !strcmp(argv[i], "--help")) {
-            printf("usage: reconciler-init [--config FILE] [--cmdline FILE]\n");
+            printf("usage: reconciler-init [--config FILE] [--cmdline FILE] [--supervisor]\n");
             return 0;
         }
     }

@@ -7,10 +7,12 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from builders.images import guest_init
 from reconciler.cli.options import state_dir
 from reconciler.execution.observer import observe
 from reconciler.model import ObservedFleet, RuntimeKind
 from reconciler.state import SQLiteStateStore, open_state_store
+from runtime.process.driver import ProcessRuntime
 from runtime.protocol import Runtime
 from runtime.qemu.driver import QemuRuntime
 
@@ -30,5 +32,10 @@ class Host:
 
 def open_host(args: argparse.Namespace) -> Host:
     directory = state_dir(args)
-    runtimes: dict[RuntimeKind, Runtime] = {RuntimeKind.QEMU: QemuRuntime(state_dir=directory)}
+    runtimes: dict[RuntimeKind, Runtime] = {
+        RuntimeKind.QEMU: QemuRuntime(state_dir=directory),
+        RuntimeKind.PROCESS: ProcessRuntime(
+            init_binary=lambda: guest_init(directory / "guest-init.log")
+        ),
+    }
     return Host(directory, open_state_store(directory), runtimes)

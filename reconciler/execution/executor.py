@@ -152,7 +152,12 @@ class Executor:
         directory.mkdir(parents=True, exist_ok=True)
         if (artifact / "rootfs.ext4").exists() and not (directory / "rootfs.ext4").exists():
             shutil.copyfile(artifact / "rootfs.ext4", directory / "rootfs.ext4")
-        attachment = self.network.attach(record.name, record.workload) if self.network else None
+        # Host processes share the host's network; VMs get a TAP and an address of the pool.
+        attachment = (
+            self.network.attach(record.name, record.workload)
+            if self.network is not None and record.runtime is not RuntimeKind.PROCESS
+            else None
+        )
         spec = vm_spec(
             name=record.name,
             workload=record.workload,
@@ -168,7 +173,9 @@ class Executor:
             state=VMState.PENDING,
             healthy=None,
             pid=None,
-            address=attachment.address.split("/")[0] if attachment else None,
+            address=attachment.address.split("/")[0]
+            if attachment
+            else ("127.0.0.1" if record.runtime is RuntimeKind.PROCESS else None),
         )
         self.store.put_vm(record)  # before the VMM starts: a crash leaves a record to adopt
         try:
@@ -218,7 +225,7 @@ class Executor:
 
     def _remove(self, vm: ObservedVM) -> None:
         runtime_for(self.runtimes, vm.runtime).stop(spec_of(vm, self.state_dir), grace_seconds=5.0)
-        if self.network is not None:
+        if self.network is not None and vm.runtime is not RuntimeKind.PROCESS:
             self.network.detach(vm.name)
         shutil.rmtree(vm_dir(self.state_dir, vm.name), ignore_errors=True)
         self.store.remove_vm(vm.name)  # last: until here a crash leaves the record to retry

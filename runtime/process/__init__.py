@@ -1,0 +1,1 @@
+"""The process runtime: the ``executable`` target as a supervised host process."""
