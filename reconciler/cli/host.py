@@ -12,6 +12,7 @@ from reconciler.cli.options import state_dir
 from reconciler.execution.observer import observe
 from reconciler.model import ObservedFleet, RuntimeKind
 from reconciler.state import SQLiteStateStore, open_state_store
+from runtime.firecracker.driver import FirecrackerRuntime
 from runtime.process.driver import ProcessRuntime
 from runtime.protocol import Runtime
 from runtime.qemu.driver import QemuRuntime
@@ -34,6 +35,7 @@ def open_host(args: argparse.Namespace) -> Host:
     directory = state_dir(args)
     runtimes: dict[RuntimeKind, Runtime] = {
         RuntimeKind.QEMU: QemuRuntime(state_dir=directory),
+        RuntimeKind.FIRECRACKER: FirecrackerRuntime(),
         RuntimeKind.PROCESS: ProcessRuntime(
             init_binary=lambda: guest_init(directory / "guest-init.log")
         ),

@@ -1,0 +1,237 @@
+"""The Firecracker runtime: generated configs checked against Firecracker's own OpenAPI spec,
+the API sequence against a Firecracker-shaped fake at our seam (its HTTP API), the jailer command
+line, and honest errors where no Firecracker can run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socketserver
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jsonschema import Draft4Validator
+
+from reconciler.errors import ToolMissingError, VMRuntimeError
+from reconciler.model import RuntimeKind
+from runtime.firecracker.api import FirecrackerAPI
+from runtime.firecracker.config import JailerOptions, firecracker_config, jailer_argv
+from runtime.firecracker.driver import FirecrackerRuntime
+from runtime.protocol import NetworkAttachment, VMSpec
+
+GOLDEN = Path(__file__).parent / "golden" / "firecracker"
+SWAGGER = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "reference"
+    / ("firecracker-swagger-v1.16.1.yaml")
+)
+
+
+def spec(**extra: Any) -> VMSpec:
+    return VMSpec(
+        name="web-0",
+        workload="web",
+        fleet="example",
+        runtime=RuntimeKind.FIRECRACKER,
+        vcpus=2,
+        memory_mib=256,
+        vm_dir=Path("/vms/web-0"),
+        kernel=Path("/kernels/vmlinux"),
+        initrd=Path("/artifacts/web/initramfs.cpio.gz"),
+        kernel_cmdline="console=ttyS0 rc.hostname=web-0",
+        **extra,
+    )
+
+
+CASES = {
+    "unikernel": {},
+    "microvm-tap": {
+        "rootfs": Path("/vms/web-0/rootfs.ext4"),
+        "network": NetworkAttachment("rc-web-0", "52:54:00:12:34:56", "10.88.0.2/24", "10.88.0.1"),
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def full_vm_configuration() -> Draft4Validator:
+    assert SWAGGER.exists(), f"Firecracker's OpenAPI spec is missing: {SWAGGER}"
+    definitions = copy.deepcopy(yaml.safe_load(SWAGGER.read_text())["definitions"])
+    for definition in definitions.values():
+        # Firecracker deserialises with deny_unknown_fields: so does this validator.
+        if definition.get("type") == "object" and "properties" in definition:
+            definition.setdefault("additionalProperties", False)
+    return Draft4Validator(
+        {"$ref": "#/definitions/FullVmConfiguration", "definitions": definitions}
+    )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_config_matches_golden_and_firecrackers_spec(
+    case: str, full_vm_configuration: Draft4Validator
+) -> None:
+    config = firecracker_config(spec(**CASES[case]))
+    rendered = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    golden = GOLDEN / f"{case}.json"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(rendered)
+    assert rendered == golden.read_text()
+    errors = [e.message for e in full_vm_configuration.iter_errors(config)]
+    assert errors == []
+
+
+def test_the_spec_validator_can_fail(full_vm_configuration: Draft4Validator) -> None:
+    config = firecracker_config(spec())
+    config["machine-config"]["vcpus"] = 2  # a misspelt key Firecracker would refuse
+    assert not full_vm_configuration.is_valid(config)
+    config = firecracker_config(spec())
+    config["machine-config"]["mem_size_mib"] = "256"
+    assert not full_vm_configuration.is_valid(config)
+
+
+def test_jailer_command_line() -> None:
+    argv = jailer_argv(spec(), JailerOptions(uid=1234, gid=1234), "/firecracker.json")
+    assert argv == [
+        "/usr/local/bin/jailer",
+        "--id",
+        "web-0",
+        "--exec-file",
+        "/usr/local/bin/firecracker",
+        "--uid",
+        "1234",
+        "--gid",
+        "1234",
+        "--chroot-base-dir",
+        "/srv/jailer",
+        "--new-pid-ns",
+        "--",
+        "--api-sock",
+        "/firecracker.sock",
+        "--config-file",
+        "/firecracker.json",
+    ]
+
+
+class _FakeFirecracker(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str) -> None:
+        self.calls: list[tuple[str, str, Any]] = []
+        self.vm_config: dict[str, Any] = {}
+        super().__init__(path, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _FakeFirecracker
+
+    def address_string(self) -> str:
+        return "fake"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _reply(self, status: int, body: Any = None) -> None:
+        data = json.dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(length)) if length else None
+
+    def do_PUT(self) -> None:
+        body = self._body()
+        self.server.calls.append(("PUT", self.path, body))
+        if self.path == "/machine-config" and body.get("vcpu_count", 0) > 32:
+            self._reply(400, {"fault_message": "Invalid vCPU count"})
+            return
+        section = self.path.strip("/").split("/")[0]
+        if section in {"drives", "network-interfaces"}:
+            self.server.vm_config.setdefault(section, []).append(body)
+        elif section != "actions":
+            self.server.vm_config[section] = body
+        self._reply(204)
+
+    def do_PATCH(self) -> None:
+        self.server.calls.append(("PATCH", self.path, self._body()))
+        self._reply(204)
+
+    def do_GET(self) -> None:
+        self.server.calls.append(("GET", self.path, None))
+        if self.path == "/vm/config":
+            self._reply(200, self.server.vm_config)
+        else:
+            self._reply(200, {"id": "web-0", "state": "Running", "vmm_version": "1.16.1"})
+
+
+@pytest.fixture
+def fake_api(tmp_path: Path) -> Iterator[tuple[_FakeFirecracker, FirecrackerAPI]]:
+    path = tmp_path / "firecracker.sock"
+    server = _FakeFirecracker(str(path))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server, FirecrackerAPI(path)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_api_sequence_and_drift_check(
+    fake_api: tuple[_FakeFirecracker, FirecrackerAPI],
+) -> None:
+    server, api = fake_api
+    config = firecracker_config(spec(**CASES["microvm-tap"]))
+    api.configure(config)
+    assert [(m, p) for m, p, _ in server.calls] == [
+        ("PUT", "/machine-config"),
+        ("PUT", "/boot-source"),
+        ("PUT", "/drives/root"),
+        ("PUT", "/network-interfaces/eth0"),
+        ("PUT", "/actions"),
+    ]
+    assert server.calls[-1][2] == {"action_type": "InstanceStart"}
+    assert api.get_vm_config()["machine-config"] == config["machine-config"]
+    api.pause()
+    api.resume()
+    api.send_ctrl_alt_del()
+    assert [c[2] for c in server.calls[-3:]] == [
+        {"state": "Paused"},
+        {"state": "Resumed"},
+        {"action_type": "SendCtrlAltDel"},
+    ]
+    assert api.describe_instance()["state"] == "Running"
+
+
+def test_api_errors_carry_firecrackers_message(
+    fake_api: tuple[_FakeFirecracker, FirecrackerAPI],
+) -> None:
+    _, api = fake_api
+    with pytest.raises(VMRuntimeError, match="Invalid vCPU count"):
+        api.put_machine_config({"vcpu_count": 64, "mem_size_mib": 128})
+
+
+def test_without_a_firecracker_binary_the_error_says_so(tmp_path: Path) -> None:
+    runtime = FirecrackerRuntime(binary="no-such-firecracker")
+    with pytest.raises(ToolMissingError, match="firecracker release binary"):
+        runtime.start(
+            VMSpec(
+                name="web-0",
+                workload="web",
+                fleet="f",
+                runtime=RuntimeKind.FIRECRACKER,
+                vcpus=1,
+                memory_mib=128,
+                vm_dir=tmp_path / "vm",
+                kernel=tmp_path / "vmlinux",
+            )
+        )
