@@ -50,6 +50,9 @@ def deployment(tmp_path: Path, session_state: Path) -> Iterator[dict[str, object
     for pidfile in (state / "vms").glob("*/qemu.pid"):
         with contextlib.suppress(OSError, ValueError):
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    scope = scope_for(str(state.resolve()))
+    for family, table in (("bridge", f"reconciler{scope}"), ("ip", f"reconciler{scope}-nat")):
+        subprocess.run(["nft", "delete", "table", family, table], check=False, capture_output=True)
     links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True).stdout
     for line in links.splitlines():
         name = line.split()[0].split("@")[0]
@@ -82,6 +85,22 @@ def test_apply_converges_scales_heals_and_prunes(
     assert fleet["applied_revision"] == repo.git("rev-parse", "HEAD")
     with urllib.request.urlopen(f"http://{vms['web-0']['address']}:8080/", timeout=10) as r:
         assert json.loads(r.read())["host"] == "web-0"
+    # Workloads are kept apart on the bridge: report may reach web (dependsOn), echo nothing.
+    scope = scope_for(str(state.resolve()))
+    table = subprocess.run(
+        ["nft", "list", "table", "bridge", f"reconciler{scope}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    report_ip, web_ips = (
+        vms["report-0"]["address"],
+        sorted([vms["web-0"]["address"], vms["web-1"]["address"]]),
+    )
+    assert f"ip saddr {report_ip} ip daddr {{ {', '.join(web_ips)} }} accept" in table
+    assert (
+        f"ip saddr {deployment['subnet']}.0/24 ip daddr {deployment['subnet']}.0/24 drop" in table
+    )
     code, out = cli(capsys, "apply", *common)
     assert code == 0
     assert "No changes." in out  # a second apply straight after is a no-op

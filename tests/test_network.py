@@ -18,6 +18,7 @@ from reconciler.cli import main
 from reconciler.errors import NetworkError
 from reconciler.model import NetworkPool, RuntimeKind, VMState
 from runtime.network import AddressAllocator, Links, Network, tap_name
+from runtime.network.firewall import firewall_rules, load_rules
 from runtime.protocol import VMSpec
 from runtime.qemu.driver import QemuRuntime
 
@@ -174,3 +175,88 @@ def test_vm_answers_on_its_own_address_over_its_tap(
         runtime.stop(spec, grace_seconds=1)
         network.detach("echo-0")
         network.close()
+
+
+def test_firewall_rules_text() -> None:
+    rules = firewall_rules(
+        "rcab12-",
+        "10.88.0.0/24",
+        {"web": ["10.88.0.3", "10.88.0.2"], "db": ["10.88.0.4"]},
+        {"web": ["db"]},
+        nat=True,
+    )
+    assert 'iifname != "rcab12-*" accept' in rules
+    assert "table bridge reconciler {" in rules
+    assert "ip saddr { 10.88.0.2, 10.88.0.3 } ip daddr { 10.88.0.4 } accept" in rules
+    assert rules.index("ip saddr 10.88.0.0/24 ip daddr 10.88.0.0/24 drop") > rules.index(
+        "ip daddr { 10.88.0.4 } accept"
+    )
+    assert "ip saddr 10.88.0.0/24 ip daddr != 10.88.0.0/24 masquerade" in rules
+    assert "masquerade" not in firewall_rules("rc-", "10.88.0.0/24", {}, {}, nat=False)
+
+
+@pytest.mark.root
+def test_vms_of_different_workloads_only_talk_when_declared(netns: str) -> None:
+    """Three "VMs" (network namespaces on veth pairs, whose host ends are bridge ports named like
+    TAP devices): web depends on db; other depends on nothing."""
+    run = lambda *argv: subprocess.run(argv, check=True, capture_output=True)  # noqa: E731
+    run("ip", "-n", netns, "link", "add", "rcbr-fw", "type", "bridge")
+    run("ip", "-n", netns, "addr", "add", "10.99.2.1/24", "dev", "rcbr-fw")
+    run("ip", "-n", netns, "link", "set", "rcbr-fw", "up")
+    vms = {"web": "10.99.2.2", "db": "10.99.2.3", "other": "10.99.2.4"}
+    guests = []
+    try:
+        for name, address in vms.items():
+            guest = f"{netns}-{name}"
+            guests.append(guest)
+            run("ip", "netns", "add", guest)
+            run(
+                "ip",
+                "-n",
+                netns,
+                "link",
+                "add",
+                f"rcfw-{name}",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                guest,
+            )
+            run("ip", "-n", netns, "link", "set", f"rcfw-{name}", "master", "rcbr-fw", "up")
+            run("ip", "-n", guest, "addr", "add", f"{address}/24", "dev", "eth0")
+            run("ip", "-n", guest, "link", "set", "eth0", "up")
+
+        def reaches(source: str, target: str) -> bool:
+            ping = subprocess.run(
+                ["ip", "netns", "exec", f"{netns}-{source}", "ping", "-c1", "-W1", vms[target]],
+                capture_output=True,
+                check=False,
+            )
+            return ping.returncode == 0
+
+        assert reaches("web", "other")  # no rules yet: a plain bridge
+        load_rules(
+            firewall_rules(
+                "rcfw-",
+                "10.99.2.0/24",
+                {k: [v] for k, v in vms.items()},
+                {"web": ["db"]},
+                nat=False,
+            ),
+            netns=netns,
+        )
+        assert reaches("web", "db")
+        assert not reaches("web", "other")
+        assert not reaches("other", "db")
+        host = subprocess.run(
+            ["ip", "netns", "exec", netns, "ping", "-c1", "-W1", vms["other"]],
+            capture_output=True,
+            check=False,
+        )
+        assert host.returncode == 0  # the host still reaches every VM
+    finally:
+        for guest in guests:
+            subprocess.run(["ip", "netns", "del", guest], check=False)

@@ -69,6 +69,7 @@ class Executor:
                 actions = [a for a in plan.actions if a.wave == wave]
                 started = [self._run(action, desired, artifacts) for action in actions]
                 report.applied += actions
+                self._sync_firewall(desired)
                 for spec in (s for s in started if s is not None):
                     healthy, why = self._health(spec)
                     if not healthy:
@@ -205,6 +206,17 @@ class Executor:
             if self._health(spec)[0]:
                 done.append(name)
         return done
+
+    def _sync_firewall(self, desired: DesiredFleet) -> None:
+        """Rules for every VM on the fleet network: same workload or declared dependency."""
+        if self.network is None:
+            return
+        addresses: dict[str, list[str]] = {}
+        for vm in self.store.observed().vms.values():
+            if vm.address and vm.runtime is not RuntimeKind.PROCESS:
+                addresses.setdefault(vm.workload, []).append(vm.address)
+        depends_on = {name: list(w.deploy.depends_on) for name, w in desired.workloads.items()}
+        self.network.sync_firewall(addresses, depends_on)
 
     def _health(self, spec: VMSpec) -> tuple[bool, str]:
         vm = self.store.observed().vms[spec.name]

@@ -5,15 +5,18 @@
 
 The guest's address reaches its init on the kernel command line (``rc.ip``, ``rc.gateway``).
 ``detach`` removes the TAP and returns the address; ``cleanup_orphans`` removes TAPs no known VM
-owns (left by a crash between creating a TAP and recording the VM).
+owns (left by a crash between creating a TAP and recording the VM); ``sync_firewall`` loads the
+nftables rules that keep workloads apart unless declared (``firewall``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from reconciler.model import NetworkPool
 from runtime.network.allocator import AddressAllocator, Lease
+from runtime.network.firewall import firewall_rules, load_rules
 from runtime.network.links import Links, scope_for, tap_name
 from runtime.protocol import NetworkAttachment
 
@@ -54,6 +57,20 @@ class Network:
             if lease.vm not in known_vms:
                 self.allocator.release(lease.vm)
         return removed
+
+    def sync_firewall(
+        self, addresses: Mapping[str, Sequence[str]], depends_on: Mapping[str, Sequence[str]]
+    ) -> None:
+        """Load the rules for these VMs (workload -> addresses) and dependencies."""
+        rules = firewall_rules(
+            f"rc{self.scope}-",
+            self.pool.cidr,
+            addresses,
+            depends_on,
+            nat=self.pool.nat,
+            table=f"reconciler{self.scope}",
+        )
+        load_rules(rules, netns=self.links.netns)
 
     def close(self) -> None:
         self.allocator.close()

@@ -1,0 +1,90 @@
+"""Traffic rules between VMs, and NAT for the pool, with nftables.
+
+Rules are generated as text (pure, golden-tested) and loaded atomically with ``nft -f -``:
+
+* ``bridge <table>``: traffic between two VMs on the fleet bridge is dropped unless both run
+  the same workload, or one declares the other in ``dependsOn``. The rules are stateless (bridge
+  conntrack needs ``nf_conntrack_bridge``, which hosts may lack), so a declared dependency opens
+  both directions. Traffic between the host and its VMs does not cross the bridge's forward hook
+  and is not affected.
+* ``ip <table>-nat`` (when the fleet sets ``nat: true``): VM traffic leaving the pool is
+  masqueraded.
+
+Each load replaces the whole tables, so the rules always match the current fleet. Tables are
+named per deployment (``table``), so two fleets on one host keep their own rules.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+
+from reconciler.errors import NetworkError, ToolMissingError
+
+
+def _set(addresses: Sequence[str]) -> str:
+    return "{ " + ", ".join(sorted(addresses)) + " }"
+
+
+def firewall_rules(
+    tap_prefix: str,
+    cidr: str,
+    addresses: Mapping[str, Sequence[str]],
+    depends_on: Mapping[str, Sequence[str]],
+    *,
+    nat: bool,
+    table: str = "reconciler",
+) -> str:
+    """``addresses``: workload -> its VMs' addresses; ``depends_on``: workload -> workloads it
+    may reach (and, the rules being stateless, be reached from)."""
+    lines = [
+        f"table bridge {table}",
+        f"delete table bridge {table}",
+        f"table bridge {table} {{",
+        "    chain forward {",
+        "        type filter hook forward priority 0; policy accept;",
+        # Only frames entering from this fleet's TAP devices are judged.
+        f'        iifname != "{tap_prefix}*" accept',
+    ]
+    for workload in sorted(addresses):
+        own = addresses[workload]
+        if not own:
+            continue
+        lines.append(f"        ip saddr {_set(own)} ip daddr {_set(own)} accept")
+        reachable = [
+            a for dep in sorted(depends_on.get(workload, ())) for a in addresses.get(dep, ())
+        ]
+        if reachable:
+            lines.append(f"        ip saddr {_set(own)} ip daddr {_set(reachable)} accept")
+            lines.append(f"        ip saddr {_set(reachable)} ip daddr {_set(own)} accept")
+    lines += [
+        f"        ip saddr {cidr} ip daddr {cidr} drop",
+        "    }",
+        "}",
+        f"table ip {table}-nat",
+        f"delete table ip {table}-nat",
+    ]
+    if nat:
+        lines += [
+            f"table ip {table}-nat {{",
+            "    chain postrouting {",
+            "        type nat hook postrouting priority 100; policy accept;",
+            f"        ip saddr {cidr} ip daddr != {cidr} masquerade",
+            "    }",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def load_rules(rules: str, *, netns: str | None = None) -> None:
+    nft = shutil.which("nft")
+    if nft is None:
+        raise ToolMissingError("nft", "install it with `apt-get install nftables`")
+    argv = [nft, "-f", "-"]
+    if netns:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    result = subprocess.run(argv, input=rules, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no output"])[0]
+        raise NetworkError(f"nftables refused the fleet's rules: {reason}")
