@@ -28,7 +28,7 @@ from reconciler.model import (
     digest_of,
 )
 from reconciler.planning import observed_from_desired
-from reconciler.state.protocol import RevisionRecord
+from reconciler.state.protocol import Intent, RevisionRecord
 
 
 def workload(
@@ -111,6 +111,8 @@ class MemoryStateStore:
         self._vms = {vm.name: vm for vm in vms}
         self._version = 0
         self._revisions: list[RevisionRecord] = []
+        self._intents: list[Intent] = []
+        self._completed: set[int] = set()
 
     def observed(self) -> ObservedFleet:
         applied = self.applied_revision()
@@ -134,6 +136,18 @@ class MemoryStateStore:
     def record_revision(self, revision: str, *, outcome: str, message: str = "") -> None:
         self._revisions.append(RevisionRecord(revision, outcome, message, float(self._version)))
         self._version += 1
+
+    def begin_intent(self, vm: str, action: str) -> int:
+        self._intents.append(Intent(len(self._intents) + 1, vm, action, float(self._version)))
+        self._version += 1
+        return len(self._intents)
+
+    def complete_intent(self, intent: int, outcome: str = "done") -> None:
+        self._completed.add(intent)
+        self._version += 1
+
+    def open_intents(self) -> list[Intent]:
+        return [i for i in self._intents if i.id not in self._completed]
 
     def applied_revision(self) -> RevisionRecord | None:
         applied = [r for r in self._revisions if r.outcome == "applied"]

@@ -205,12 +205,23 @@ def test_apply_killed_midway_resumes_without_duplicates_or_orphans(
     apply.wait()
     apply.stdout.close()
 
+    from reconciler.state import open_state_store
+
+    store = open_state_store(state)
+    interrupted = [(i.vm, i.action) for i in store.open_intents()]
+    store.close()
+    assert ("web-0", "create") in interrupted  # written before the action, never completed
+
     code, out = cli(capsys, "apply", *common)
     assert code == 0, out
+    assert "resuming after an interrupted create of web-0" in out
     fleet = status(capsys, state)
     vms = {vm["name"]: vm for vm in fleet["vms"]}  # type: ignore[attr-defined]
     assert set(vms) == {"web-0", "web-1", "echo-0", "report-0"}
     assert all(vm["healthy"] for vm in vms.values()), vms
+    store = open_state_store(state)
+    assert store.open_intents() == []
+    store.close()
     running = _qemu_processes(state)
     assert all(count == 1 for count in running.values()), running  # no duplicate VM
     scope = scope_for(str(state.resolve()))

@@ -61,3 +61,14 @@ def test_state_dir_comes_from_the_environment() -> None:
     assert default_state_dir({"RECONCILER_STATE_DIR": "/srv/rc"}) == Path("/srv/rc")
     assert default_state_dir({"HOME": "/home/op"}) == Path("/home/op/.local/state/reconciler")
     assert default_state_dir({"XDG_STATE_HOME": "/x"}) == Path("/x/reconciler")
+
+
+def test_intents_survive_a_crash_until_completed(tmp_path: Path) -> None:
+    store = open_state_store(tmp_path)
+    done = store.begin_intent("web-0", "create")
+    store.complete_intent(done)
+    store.begin_intent("web-1", "create")
+    store.close()  # as if the process died here
+    reopened = open_state_store(tmp_path)
+    assert [(i.vm, i.action) for i in reopened.open_intents()] == [("web-1", "create")]
+    reopened.close()

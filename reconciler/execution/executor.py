@@ -59,6 +59,11 @@ class Executor:
 
     def apply(self, plan: Plan, desired: DesiredFleet) -> ApplyReport:
         revision = plan.head or "unknown"
+        for intent in self.store.open_intents():
+            # A reconciler was killed mid-action; the observer has already seen what it left
+            # (a recorded VM is adopted or recreated), so the plan finishes the job.
+            self.say(f"resuming after an interrupted {intent.action} of {intent.vm}")
+            self.store.complete_intent(intent.id, "interrupted")
         try:
             for action in plan.actions:  # a runtime that does not exist fails before any change
                 if action.vm in desired.vms:
@@ -67,7 +72,7 @@ class Executor:
             report = ApplyReport()
             for wave in sorted({a.wave for a in plan.actions}):
                 actions = [a for a in plan.actions if a.wave == wave]
-                started = [self._run(action, desired, artifacts) for action in actions]
+                started = [self._run_with_intent(a, desired, artifacts) for a in actions]
                 report.applied += actions
                 self._sync_firewall(desired)
                 for spec in (s for s in started if s is not None):
@@ -112,6 +117,18 @@ class Executor:
             )
         by_digest = {r.digest: r.path for r in results if r.path is not None}
         return {a.vm: by_digest[desired.vms[a.vm].artifact.input_digest] for a in starting}
+
+    def _run_with_intent(
+        self, action: VMAction, desired: DesiredFleet, artifacts: Mapping[str, Path]
+    ) -> VMSpec | None:
+        intent = self.store.begin_intent(action.vm, action.action.value)
+        try:
+            spec = self._run(action, desired, artifacts)
+        except BaseException:
+            self.store.complete_intent(intent, "failed")
+            raise
+        self.store.complete_intent(intent)
+        return spec
 
     def _run(
         self, action: VMAction, desired: DesiredFleet, artifacts: Mapping[str, Path]

@@ -6,10 +6,11 @@ default. The execution layer writes it; ``diff`` and ``status`` read it.
 """
 
 from reconciler.state.paths import default_state_dir
-from reconciler.state.protocol import RevisionRecord, StateStore
+from reconciler.state.protocol import Intent, RevisionRecord, StateStore
 from reconciler.state.sqlite import SQLiteStateStore, open_state_store
 
 __all__ = [
+    "Intent",
     "RevisionRecord",
     "SQLiteStateStore",
     "StateStore",

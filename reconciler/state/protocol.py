@@ -16,6 +16,16 @@ class RevisionRecord:
     at: float  # seconds since the epoch
 
 
+@dataclass(frozen=True)
+class Intent:
+    """An action on a VM that was begun; one without completion was interrupted."""
+
+    id: int
+    vm: str
+    action: str
+    started_at: float
+
+
 class StateStore(Protocol):
     def observed(self) -> ObservedFleet:
         """Every recorded VM and the store's current version."""
@@ -33,6 +43,16 @@ class StateStore(Protocol):
 
     def record_revision(self, revision: str, *, outcome: str, message: str = "") -> None:
         """Record an attempt at a revision; ``applied`` ones become the applied revision."""
+        ...
+
+    def begin_intent(self, vm: str, action: str) -> int:
+        """Record, durably, that ``action`` on ``vm`` starts now; returns the intent's id."""
+        ...
+
+    def complete_intent(self, intent: int, outcome: str = "done") -> None: ...
+
+    def open_intents(self) -> list[Intent]:
+        """Intents begun and never completed: what a killed reconciler was doing."""
         ...
 
     def applied_revision(self) -> RevisionRecord | None: ...

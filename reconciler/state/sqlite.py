@@ -16,7 +16,7 @@ from pathlib import Path
 
 from reconciler.errors import StateError
 from reconciler.model import ObservedFleet, ObservedVM, RuntimeKind, Target, VMState
-from reconciler.state.protocol import RevisionRecord
+from reconciler.state.protocol import Intent, RevisionRecord
 
 SCHEMA_VERSION = 1
 
@@ -37,6 +37,14 @@ CREATE TABLE IF NOT EXISTS vms (
     address TEXT,
     detail TEXT NOT NULL DEFAULT '',
     updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS intents (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm TEXT NOT NULL,
+    action TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    completed_at REAL,
+    outcome TEXT
 );
 CREATE TABLE IF NOT EXISTS revisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -161,6 +169,27 @@ class SQLiteStateStore:
             f"SELECT revision, outcome, message, at FROM revisions {where} ORDER BY id DESC LIMIT 1"
         ).fetchone()
         return RevisionRecord(row[0], row[1], row[2], row[3]) if row else None
+
+    def begin_intent(self, vm: str, action: str) -> int:
+        with self._write():
+            cursor = self._db.execute(
+                "INSERT INTO intents (vm, action, started_at) VALUES (?, ?, ?)",
+                (vm, action, time.time()),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def complete_intent(self, intent: int, outcome: str = "done") -> None:
+        with self._write():
+            self._db.execute(
+                "UPDATE intents SET completed_at = ?, outcome = ? WHERE id = ?",
+                (time.time(), outcome, intent),
+            )
+
+    def open_intents(self) -> list[Intent]:
+        rows = self._db.execute(
+            "SELECT id, vm, action, started_at FROM intents WHERE completed_at IS NULL ORDER BY id"
+        ).fetchall()
+        return [Intent(int(r[0]), str(r[1]), str(r[2]), float(r[3])) for r in rows]
 
     def applied_revision(self) -> RevisionRecord | None:
         return self._last_revision("WHERE outcome = 'applied'")
