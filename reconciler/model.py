@@ -234,6 +234,8 @@ class ObservedVM:
     pid: int | None = None
     address: str | None = None
     detail: str = ""
+    started_at: float | None = None  # when its current VMM or process started (epoch seconds)
+    restarts: int = 0  # how often the reconciler started it again after its first start
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,14 @@ def run_apply(args: argparse.Namespace) -> int:
         host.close()
 
 
+def _duration(seconds: object) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 def run_status(args: argparse.Namespace) -> int:
     host = open_host(args)
     try:
@@ -102,6 +110,7 @@ def run_status(args: argparse.Namespace) -> int:
         attempted = host.store.attempted_revision()
     finally:
         host.close()
+    now = time.time()
     vms = [
         {
             "name": vm.name,
@@ -113,6 +122,10 @@ def run_status(args: argparse.Namespace) -> int:
             "artifact": vm.artifact_digest,
             "runtime": vm.runtime.value,
             "detail": vm.detail,
+            "uptime_seconds": round(now - vm.started_at, 1)
+            if vm.started_at and vm.state.value == "running"
+            else None,
+            "restarts": vm.restarts,
         }
         for vm in observed.vms.values()
     ]
@@ -140,12 +153,13 @@ def run_status(args: argparse.Namespace) -> int:
         )
     print(
         f"{'NAME':<14} {'STATE':<8} {'HEALTHY':<8} {'ADDRESS':<15} {'PID':<8} "
-        f"{'RUNTIME':<8} {'ARTIFACT':<13} DETAIL"
+        f"{'RUNTIME':<8} {'ARTIFACT':<13} {'UPTIME':>8} {'RESTARTS':>8}  LAST HEALTH"
     )
     for vm in vms:
         print(
             f"{vm['name']:<14} {vm['state']:<8} {'yes' if vm['healthy'] else 'no':<8} "
             f"{vm['address'] or '-':<15} {vm['pid'] or '-'!s:<8} {vm['runtime']:<8} "
-            f"{short_digest(str(vm['artifact'])):<13} {vm['detail']}"
+            f"{short_digest(str(vm['artifact'])):<13} {_duration(vm['uptime_seconds']):>8} "
+            f"{vm['restarts']:>8}  {vm['detail']}"
         )
     return EXIT_OK

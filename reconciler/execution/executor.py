@@ -13,6 +13,7 @@ the next run, never starting a duplicate.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -159,6 +160,8 @@ class Executor:
             settings=wanted.settings,
             state=VMState.PENDING,
         )
+        if current is not None:
+            record = replace(record, restarts=current.restarts + 1)
         fresh_disk = action.action is not ActionType.RESTART
         return self._launch(record, artifacts[wanted.name], fresh_disk=fresh_disk)
 
@@ -201,7 +204,15 @@ class Executor:
         except VMRuntimeError as err:
             self.store.put_vm(replace(record, state=VMState.FAILED, healthy=False, detail=str(err)))
             raise
-        self.store.put_vm(replace(record, state=status.state, pid=status.pid, detail=status.detail))
+        self.store.put_vm(
+            replace(
+                record,
+                state=status.state,
+                pid=status.pid,
+                detail=status.detail,
+                started_at=time.time(),
+            )
+        )
         return spec
 
     def _roll_back(self, names: list[str]) -> list[str]:

@@ -36,7 +36,9 @@ CREATE TABLE IF NOT EXISTS vms (
     pid INTEGER,
     address TEXT,
     detail TEXT NOT NULL DEFAULT '',
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    restarts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS intents (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -69,11 +71,19 @@ class SQLiteStateStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
             self._check_schema_version()
         except (OSError, sqlite3.Error) as exc:
             raise StateError(
                 f"cannot open the state store {path}: {exc}; check --state-dir and its permissions"
             ) from exc
+
+    def _add_missing_columns(self) -> None:
+        """Columns added after a store was created (same schema version: additive only)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(vms)")}
+        for column, kind in (("started_at", "REAL"), ("restarts", "INTEGER NOT NULL DEFAULT 0")):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE vms ADD COLUMN {column} {kind}")
 
     def _check_schema_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -116,8 +126,8 @@ class SQLiteStateStore:
                 version = self.version()
                 rows = self._db.execute(
                     "SELECT name, fleet, workload, runtime, target, artifact_digest,"
-                    " artifact_inputs, settings, state, healthy, pid, address, detail"
-                    " FROM vms ORDER BY name"
+                    " artifact_inputs, settings, state, healthy, pid, address, detail,"
+                    " started_at, restarts FROM vms ORDER BY name"
                 ).fetchall()
             finally:
                 self._db.execute("COMMIT")
@@ -132,7 +142,7 @@ class SQLiteStateStore:
     def put_vm(self, vm: ObservedVM) -> None:
         with self._write():
             self._db.execute(
-                "INSERT OR REPLACE INTO vms VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO vms VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     vm.name,
                     vm.fleet,
@@ -148,6 +158,8 @@ class SQLiteStateStore:
                     vm.address,
                     vm.detail,
                     time.time(),
+                    vm.started_at,
+                    vm.restarts,
                 ),
             )
 
@@ -203,7 +215,7 @@ class SQLiteStateStore:
 
 def _vm_from_row(row: tuple[object, ...]) -> ObservedVM:
     (name, fleet, workload, runtime, target, digest, inputs, settings) = row[:8]
-    state, healthy, pid, address, detail = row[8:]
+    state, healthy, pid, address, detail, started_at, restarts = row[8:]
     return ObservedVM(
         name=str(name),
         workload=str(workload),
@@ -218,6 +230,8 @@ def _vm_from_row(row: tuple[object, ...]) -> ObservedVM:
         pid=None if pid is None else int(str(pid)),
         address=None if address is None else str(address),
         detail=str(detail),
+        started_at=None if started_at is None else float(str(started_at)),
+        restarts=int(str(restarts or 0)),
     )
 
 
