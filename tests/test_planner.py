@@ -202,3 +202,11 @@ def test_planner_is_deterministic() -> None:
     before = fleet(WEB, DB)
     after = fleet(workload("web", replicas=3), workload("db", source="v3"))
     assert diff(after, running(before)) == diff(after, running(before))
+
+
+def test_max_surge_is_reported_as_not_implemented() -> None:
+    desired = fleet(WEB, rollout=RolloutPolicy(max_unavailable=1, max_surge=1))
+    plan = diff(desired, running(desired))
+    assert plan.warnings == (
+        "spec.rollout.maxSurge is not implemented yet: replaces stop the old VM first",
+    )

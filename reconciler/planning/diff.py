@@ -94,9 +94,14 @@ def diff(
         )
 
     order = _workload_order(desired, owned.values())
+    warnings_for_fleet = (
+        ["spec.rollout.maxSurge is not implemented yet: replaces stop the old VM first"]
+        if desired.fleet.rollout.max_surge > 0
+        else []
+    )
     actions: list[VMAction] = []
     noops: list[VMAction] = []
-    warnings: list[str] = []
+    warnings: list[str] = list(warnings_for_fleet)
 
     for name, foreign in sorted(observed.vms.items()):
         if foreign.fleet != fleet:
