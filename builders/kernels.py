@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -134,6 +135,38 @@ def features_from_config(config: str) -> dict[str, str]:
     }
 
 
+# Compressed payloads inside a bzImage, as the kernel's scripts/extract-vmlinux finds them.
+PAYLOADS = (
+    (b"\x02\x21\x4c\x18", ["lz4", "-dc"]),
+    (b"\x28\xb5\x2f\xfd", ["zstd", "-dc"]),
+    (b"\xfd7zXZ\x00", ["xz", "-dc"]),
+    (b"\x1f\x8b\x08", ["gzip", "-dc"]),
+)
+
+
+def extract_vmlinux(image: Path, output: Path) -> None:
+    """Write the uncompressed ELF kernel inside bzImage ``image`` to ``output``."""
+    data = image.read_bytes()
+    for magic, command in PAYLOADS:
+        tool = shutil.which(command[0])
+        start = data.find(magic)
+        while tool is not None and start >= 0:
+            result = subprocess.run(
+                [tool, *command[1:]], input=data[start:], capture_output=True, check=False
+            )
+            # Trailing bytes after the payload make some tools complain; the ELF is still whole.
+            if result.stdout[:4] == b"\x7fELF":
+                tmp = output.with_name(output.name + ".tmp")
+                tmp.write_bytes(result.stdout)
+                os.replace(tmp, output)
+                return
+            start = data.find(magic, start + 1)
+    raise BuildError(
+        f"cannot find an ELF kernel inside {image}: install lz4, zstd, xz-utils and gzip, or "
+        "import an uncompressed vmlinux"
+    )
+
+
 class KernelRegistry:
     """Kernels stored under ``root`` (``<state dir>/kernels``), one directory per digest."""
 
@@ -180,6 +213,15 @@ class KernelRegistry:
             raise BuildError(f"kernel digest prefix {ref!r} is ambiguous; give more digits")
         names = ", ".join(k.name for k in kernels)
         raise BuildError(f"no kernel named {ref!r} is registered (have: {names})")
+
+    def vmlinux_for(self, kernel: Kernel) -> Path:
+        """The uncompressed ELF kernel (what Firecracker boots), extracted once and kept."""
+        if kernel.format == "elf-vmlinux":
+            return kernel.image
+        vmlinux = kernel.image.with_name("vmlinux")
+        if not vmlinux.exists():
+            extract_vmlinux(kernel.image, vmlinux)
+        return vmlinux
 
     def import_path(self, path: Path, *, name: str | None = None) -> Kernel:
         """Import a bzImage, an ELF vmlinux or a Debian kernel .deb; idempotent."""

@@ -422,3 +422,14 @@ def test_initramfs_bytes_depend_only_on_entries(tmp_path: Path) -> None:
     ).stdout
     assert "dev/console" in listing
     assert "etc/x" in listing
+
+
+def test_vmlinux_is_extracted_for_firecracker(session_state: Path) -> None:
+    registry = KernelRegistry(session_state / "kernels")
+    kernel = registry.get(None)
+    vmlinux = registry.vmlinux_for(kernel)
+    header = vmlinux.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF"
+    assert header[4] == 2  # ELFCLASS64
+    assert int.from_bytes(header[18:20], "little") == 62  # EM_X86_64
+    assert registry.vmlinux_for(kernel) == vmlinux  # kept, not extracted again

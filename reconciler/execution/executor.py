@@ -12,6 +12,7 @@ the next run, never starting a duplicate.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -189,6 +190,11 @@ class Executor:
             artifact=artifact,
             network=attachment,
         )
+        if record.runtime is RuntimeKind.FIRECRACKER:
+            # Firecracker boots the uncompressed ELF of the kernel the artifact was built with.
+            built_with = json.loads((artifact / "manifest.json").read_text())["toolchain"]["kernel"]
+            registry = self.builder.kernels
+            spec = replace(spec, kernel=registry.vmlinux_for(registry.get(built_with)))
         record = replace(
             record,
             state=VMState.PENDING,

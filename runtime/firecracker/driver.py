@@ -141,4 +141,20 @@ class FirecrackerRuntime:
         """Top-level sections where the running VM differs from its generated config."""
         running = FirecrackerAPI(spec.vm_dir / API_SOCKET).get_vm_config()
         wanted = firecracker_config(spec)
-        return sorted(key for key in wanted if running.get(key) != wanted[key])
+        return sorted(key for key in wanted if not _covers(running.get(key), wanted[key]))
+
+
+def _covers(running: object, wanted: object) -> bool:
+    """True when ``running`` holds every value of ``wanted``; Firecracker reports defaults
+    (``track_dirty_pages``, rate limiters ...) that the generated config leaves out."""
+    if isinstance(wanted, dict):
+        return isinstance(running, dict) and all(
+            _covers(running.get(k), v) for k, v in wanted.items()
+        )
+    if isinstance(wanted, list):
+        return (
+            isinstance(running, list)
+            and len(running) == len(wanted)
+            and all(_covers(r, w) for r, w in zip(running, wanted, strict=True))
+        )
+    return running == wanted
