@@ -90,3 +90,33 @@ def session_state(tmp_path_factory: pytest.TempPathFactory, kernel_deb: Path) ->
     state = tmp_path_factory.mktemp("session-state")
     KernelRegistry(state / "kernels").import_path(kernel_deb)
     return state
+
+
+@pytest.fixture(scope="session")
+def echo_unikernel(tmp_path_factory: pytest.TempPathFactory, session_state: Path) -> Path:
+    """fleet-example's echo server built as a unikernel (the fastest image to build and boot)."""
+    from builders.cache import ArtifactCache
+    from reconciler.cli import main
+
+    root = tmp_path_factory.mktemp("echo-unikernel")
+    shutil.copytree(FLEET_EXAMPLE, root / "fleet")
+    repo = FleetRepo(root / "fleet")
+    repo.commit("fleet")
+    argv = [
+        "build",
+        "--repo",
+        str(repo.path),
+        "--state-dir",
+        str(session_state),
+        "--cache-dir",
+        str(root / "cache"),
+        "--target",
+        "unikernel",
+        "echo",
+    ]
+    assert main(argv) == 0
+    return next(
+        e.path
+        for e in ArtifactCache(root / "cache").entries()
+        if e.manifest["target"] == "unikernel"
+    )

@@ -250,39 +250,13 @@ def test_without_a_firecracker_binary_the_error_says_so(tmp_path: Path) -> None:
     shutil.which("firecracker") is None or not os.access("/dev/kvm", os.R_OK | os.W_OK),
     reason="needs a firecracker binary and usable KVM: neither exists on this machine kind",
 )
-def test_firecracker_boots_the_echo_unikernel(tmp_path: Path, session_state: Path) -> None:
-    from conftest import FLEET_EXAMPLE, FleetRepo
-
-    from builders.cache import ArtifactCache
+def test_firecracker_boots_the_echo_unikernel(
+    tmp_path: Path, session_state: Path, echo_unikernel: Path
+) -> None:
     from builders.kernels import KernelRegistry
-    from reconciler.cli import main
     from runtime.console import read_markers
 
-    shutil.copytree(FLEET_EXAMPLE, tmp_path / "fleet")
-    repo = FleetRepo(tmp_path / "fleet")
-    repo.commit("fleet")
-    assert (
-        main(
-            [
-                "build",
-                "--repo",
-                str(repo.path),
-                "--state-dir",
-                str(session_state),
-                "--cache-dir",
-                str(tmp_path / "cache"),
-                "--target",
-                "unikernel",
-                "echo",
-            ]
-        )
-        == 0
-    )
-    artifact = next(
-        e.path
-        for e in ArtifactCache(tmp_path / "cache").entries()
-        if e.manifest["target"] == "unikernel"
-    )
+    artifact = echo_unikernel
     registry = KernelRegistry(session_state / "kernels")
     vm = VMSpec(
         name="echo-0",

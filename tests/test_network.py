@@ -3,7 +3,6 @@ its own address inside a network namespace (root; CI runs as root)."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 import uuid
@@ -11,10 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FLEET_EXAMPLE, FleetRepo
 
-from builders.cache import ArtifactCache
-from reconciler.cli import main
 from reconciler.errors import NetworkError
 from reconciler.model import NetworkPool, RuntimeKind, VMState
 from runtime.network import AddressAllocator, Links, Network, tap_name
@@ -90,36 +86,6 @@ def test_attach_is_idempotent_and_detach_removes_everything(netns: str, tmp_path
     assert network.cleanup_orphans({"web-1"}) == [tap_name("ghost-0")]
     assert links.names() == [tap_name("web-1")]
     network.close()
-
-
-@pytest.fixture(scope="module")
-def echo_unikernel(tmp_path_factory: pytest.TempPathFactory, session_state: Path) -> Path:
-    root = tmp_path_factory.mktemp("echo-net")
-    shutil.copytree(FLEET_EXAMPLE, root / "fleet")
-    repo = FleetRepo(root / "fleet")
-    repo.commit("fleet")
-    assert (
-        main(
-            [
-                "build",
-                "--repo",
-                str(repo.path),
-                "--state-dir",
-                str(session_state),
-                "--cache-dir",
-                str(root / "cache"),
-                "--target",
-                "unikernel",
-                "echo",
-            ]
-        )
-        == 0
-    )
-    return next(
-        e.path
-        for e in ArtifactCache(root / "cache").entries()
-        if e.manifest["target"] == "unikernel"
-    )
 
 
 @pytest.mark.root

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FLEET_EXAMPLE, FleetRepo
 
-from builders.cache import ArtifactCache
 from reconciler.cli import main
 from reconciler.model import RuntimeKind, VMState
 from runtime.protocol import NetworkAttachment, VMSpec
@@ -61,35 +58,6 @@ def test_argv_matches_golden(case: str, extra: dict[str, object]) -> None:
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(rendered)
     assert rendered == golden.read_text()
-
-
-@pytest.fixture(scope="module")
-def echo_unikernel(tmp_path_factory: pytest.TempPathFactory, session_state: Path) -> Path:
-    root = tmp_path_factory.mktemp("echo")
-    shutil.copytree(FLEET_EXAMPLE, root / "fleet")
-    repo = FleetRepo(root / "fleet")
-    repo.commit("fleet")
-    assert (
-        main(
-            [
-                "build",
-                "--repo",
-                str(repo.path),
-                "--state-dir",
-                str(session_state),
-                "--cache-dir",
-                str(root / "cache"),
-                "--target",
-                "unikernel",
-                "echo",
-            ]
-        )
-        == 0
-    )
-    entry = next(
-        e for e in ArtifactCache(root / "cache").entries() if e.manifest["target"] == "unikernel"
-    )
-    return entry.path
 
 
 @pytest.mark.qemu

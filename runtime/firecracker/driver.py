@@ -10,13 +10,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
-from pathlib import Path
 
 from reconciler.errors import ToolMissingError, VMRuntimeError
 from reconciler.model import RuntimeKind, VMState
-from runtime.console import last_event, read_markers
+from runtime.detached import alive, ended_status, launch_detached, running_pid
 from runtime.firecracker.api import FirecrackerAPI
 from runtime.firecracker.config import API_SOCKET, firecracker_config
 from runtime.protocol import VMSpec, VMStatus
@@ -24,15 +22,6 @@ from runtime.protocol import VMSpec, VMStatus
 CONFIG_FILE = "firecracker.json"
 PID_FILE = "firecracker.pid"
 CONSOLE_LOG = "console.log"
-
-
-def _alive(pid: int, vm_dir: Path) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z" and str(vm_dir).encode() in cmdline
 
 
 class FirecrackerRuntime:
@@ -53,11 +42,7 @@ class FirecrackerRuntime:
         return found
 
     def _pid(self, spec: VMSpec) -> int | None:
-        try:
-            pid = int((spec.vm_dir / PID_FILE).read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid, spec.vm_dir) else None
+        return running_pid(spec.vm_dir / PID_FILE, spec.vm_dir)
 
     def start(self, spec: VMSpec) -> VMStatus:
         current = self.status(spec)
@@ -83,23 +68,12 @@ class FirecrackerRuntime:
             "--config-file",
             str(config_path),
         ]
-        launched = subprocess.run(
-            ["sh", "-c", '"$@" >>"$0" 2>&1 </dev/null & echo $!', str(log), *argv],
-            capture_output=True,
-            text=True,
-            check=False,
-            start_new_session=True,
-        )
-        try:
-            pid = int(launched.stdout.strip())
-        except ValueError as exc:
-            raise VMRuntimeError(f"{spec.name}: cannot start Firecracker") from exc
+        pid = launch_detached(argv, log)
         (spec.vm_dir / PID_FILE).write_text(f"{pid}\n")
         return self.status(spec)
 
     def status(self, spec: VMSpec) -> VMStatus:
         log = spec.vm_dir / CONSOLE_LOG
-        markers = read_markers(log)
         pid = self._pid(spec)
         if pid is not None:
             state, detail = VMState.RUNNING, ""
@@ -108,19 +82,7 @@ class FirecrackerRuntime:
                 if instance.get("state") == "Paused":
                     detail = "paused"
             return VMStatus(spec.name, state, pid, detail, log)
-        exited = last_event(markers, "workload-exited")
-        if exited is not None and last_event(markers, "poweroff") is not None:
-            code = int(exited["code"])
-            return VMStatus(
-                spec.name,
-                VMState.STOPPED if code == 0 else VMState.FAILED,
-                None,
-                f"workload exited with code {code}",
-                log,
-            )
-        if markers:
-            return VMStatus(spec.name, VMState.MISSING, None, "Firecracker is not running", log)
-        return VMStatus(spec.name, VMState.PENDING, None, "never started", log)
+        return ended_status(spec.name, log, gone="Firecracker is not running", need_poweroff=True)
 
     def stop(self, spec: VMSpec, *, grace_seconds: float = 10.0) -> VMStatus:
         pid = self._pid(spec)
@@ -130,9 +92,9 @@ class FirecrackerRuntime:
         with contextlib.suppress(VMRuntimeError):
             FirecrackerAPI(spec.vm_dir / API_SOCKET).send_ctrl_alt_del()
         deadline = time.monotonic() + grace_seconds
-        while time.monotonic() < deadline and _alive(pid, spec.vm_dir):
+        while time.monotonic() < deadline and alive(pid, spec.vm_dir):
             time.sleep(0.1)
-        if _alive(pid, spec.vm_dir):
+        if alive(pid, spec.vm_dir):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         return self.status(spec)

@@ -15,7 +15,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,20 +22,12 @@ from pathlib import Path
 from reconciler.errors import VMRuntimeError
 from reconciler.model import RuntimeKind, VMState
 from runtime.console import last_event, read_markers
+from runtime.detached import alive, ended_status, launch_detached, running_pid
 from runtime.protocol import VMSpec, VMStatus
 
 PID_FILE = "process.pid"
 CONSOLE_LOG = "console.log"
 CONFIG = "init.conf"
-
-
-def _alive(pid: int, vm_dir: Path) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z" and str(vm_dir).encode() in cmdline
 
 
 class ProcessRuntime:
@@ -47,11 +38,7 @@ class ProcessRuntime:
         self.sandbox = sandbox and shutil.which("bwrap") is not None
 
     def _pid(self, spec: VMSpec) -> int | None:
-        try:
-            pid = int((spec.vm_dir / PID_FILE).read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid, spec.vm_dir) else None
+        return running_pid(spec.vm_dir / PID_FILE, spec.vm_dir)
 
     def _config(self, spec: VMSpec) -> str:
         assert spec.executable is not None
@@ -110,20 +97,7 @@ class ProcessRuntime:
             ]
         # Started through a shell that exits at once: the supervisor is re-parented to the
         # host's init, never a child (or a zombie) of the reconciler.
-        launched = subprocess.run(
-            ["sh", "-c", '"$@" >>"$0" 2>&1 </dev/null & echo $!', str(log), *argv],
-            capture_output=True,
-            text=True,
-            check=False,
-            start_new_session=True,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        )
-        try:
-            launcher = int(launched.stdout.strip())
-        except ValueError as exc:
-            raise VMRuntimeError(
-                f"{spec.name}: cannot start its supervisor: {launched.stderr.strip() or 'no pid'}"
-            ) from exc
+        launcher = launch_detached(argv, log, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
         # bwrap does not pass signals on: the supervisor to signal is its child, the init.
         pid = (self._supervisor_pid(launcher) if self.sandbox else None) or launcher
         (spec.vm_dir / PID_FILE).write_text(f"{pid}\n")
@@ -151,20 +125,7 @@ class ProcessRuntime:
             return VMStatus(
                 spec.name, VMState.RUNNING, pid, str(error.get("message", "")) if error else "", log
             )
-        markers = read_markers(log)
-        exited = last_event(markers, "workload-exited")
-        if exited is not None:
-            code = int(exited["code"])
-            return VMStatus(
-                spec.name,
-                VMState.STOPPED if code == 0 else VMState.FAILED,
-                None,
-                f"workload exited with code {code}",
-                log,
-            )
-        if markers:
-            return VMStatus(spec.name, VMState.MISSING, None, "the supervisor is gone", log)
-        return VMStatus(spec.name, VMState.PENDING, None, "never started", log)
+        return ended_status(spec.name, log, gone="the supervisor is gone", need_poweroff=False)
 
     def stop(self, spec: VMSpec, *, grace_seconds: float = 10.0) -> VMStatus:
         pid = self._pid(spec)
@@ -173,9 +134,9 @@ class ProcessRuntime:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)  # the init forwards it to the workload
         deadline = time.monotonic() + grace_seconds + 1
-        while time.monotonic() < deadline and _alive(pid, spec.vm_dir):
+        while time.monotonic() < deadline and alive(pid, spec.vm_dir):
             time.sleep(0.05)
-        if _alive(pid, spec.vm_dir):
+        if alive(pid, spec.vm_dir):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
         return self.status(spec)

@@ -22,21 +22,13 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from reconciler.errors import ToolMissingError, VMRuntimeError
 from reconciler.model import RuntimeKind, VMState
 from runtime.console import last_event, read_markers
+from runtime.detached import alive, running_pid
 from runtime.protocol import VMSpec, VMStatus
 from runtime.qemu.accel import kvm_usable
 from runtime.qemu.argv import CONSOLE_LOG, PID_FILE, QMP_SOCKET, qemu_argv
 from runtime.qemu.machine import tcg_kernel_args
 
 START_SECONDS = 30.0
-
-
-def _pid_alive(pid: int, vm_dir: Path) -> bool:
-    """True when ``pid`` is a live QEMU of this VM (a recycled pid belongs to someone else)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return str(vm_dir).encode() in cmdline and b"qemu" in cmdline
 
 
 class QemuRuntime:
@@ -79,11 +71,7 @@ class QemuRuntime:
         return "kvm" if usable else "tcg"
 
     def _pid(self, spec: VMSpec) -> int | None:
-        try:
-            pid = int((spec.vm_dir / PID_FILE).read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _pid_alive(pid, spec.vm_dir) else None
+        return running_pid(spec.vm_dir / PID_FILE, spec.vm_dir)
 
     def start(self, spec: VMSpec) -> VMStatus:
         current = self.status(spec)
@@ -183,7 +171,7 @@ class QemuRuntime:
     def _wait_gone(self, spec: VMSpec, pid: int, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if not _pid_alive(pid, spec.vm_dir):
+            if not alive(pid, spec.vm_dir):
                 return True
             time.sleep(0.1)
-        return not _pid_alive(pid, spec.vm_dir)
+        return not alive(pid, spec.vm_dir)

@@ -1,0 +1,62 @@
+"""What every runtime shares about the processes it leaves running: starting one detached from
+the reconciler, finding it again from its pid file, and telling from the console markers how a
+VM or process that is gone ended."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from reconciler.errors import VMRuntimeError
+from reconciler.model import VMState
+from runtime.console import last_event, read_markers
+from runtime.protocol import VMStatus
+
+
+def alive(pid: int, vm_dir: Path) -> bool:
+    """True when ``pid`` runs (not a zombie) for the VM in ``vm_dir``; a recycled pid is not."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and str(vm_dir).encode() in cmdline
+
+
+def running_pid(pid_file: Path, vm_dir: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if alive(pid, vm_dir) else None
+
+
+def launch_detached(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+    """Start ``argv`` with its output appended to ``log``, re-parented to the host's init (a
+    shell that exits at once starts it), so it is never a child or zombie of the reconciler."""
+    launched = subprocess.run(
+        ["sh", "-c", '"$@" >>"$0" 2>&1 </dev/null & echo $!', str(log), *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        start_new_session=True,
+        env=env,
+    )
+    try:
+        return int(launched.stdout.strip())
+    except ValueError as exc:
+        reason = launched.stderr.strip() or "no pid"
+        raise VMRuntimeError(f"cannot start {argv[0]}: {reason}") from exc
+
+
+def ended_status(name: str, log: Path, *, gone: str, need_poweroff: bool) -> VMStatus:
+    """The status of a VM whose process is not running, from what its guest reported."""
+    markers = read_markers(log)
+    exited = last_event(markers, "workload-exited")
+    if exited is not None and (not need_poweroff or last_event(markers, "poweroff")):
+        code = int(exited["code"])
+        state = VMState.STOPPED if code == 0 else VMState.FAILED
+        return VMStatus(name, state, None, f"workload exited with code {code}", log)
+    if markers:
+        return VMStatus(name, VMState.MISSING, None, gone, log)
+    return VMStatus(name, VMState.PENDING, None, "never started", log)
