@@ -19,24 +19,31 @@ from typing import Protocol
 import git
 
 from reconciler.errors import SourceError
-from reconciler.source.export import extract_tree
+from reconciler.source.export import extract_tree, remove_tree
 
 log = logging.getLogger("reconciler.source")
 
 # Never ask for credentials on a terminal: the daemon has none, and CI would hang.
-GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_SSH_COMMAND": "ssh -o BatchMode=yes"}
+GIT_ENV = {"GIT_TERMINAL_PROMPT": "0"}
+if "GIT_SSH_COMMAND" not in os.environ and "GIT_SSH" not in os.environ:
+    # The same for ssh (passphrases, unknown host keys); an operator's own ssh command wins.
+    GIT_ENV["GIT_SSH_COMMAND"] = "ssh -o BatchMode=yes"
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)", re.IGNORECASE)
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 KEEP_TREES = 32
 
 
 class Source(Protocol):
+    """Where fleet revisions come from. ``pipeline`` depends on this, never on git."""
+
     def resolve(self, rev: str | None = None) -> str:
-        """The full commit SHA of ``rev`` (default: the configured ref)."""
+        """The full 40-hex commit SHA of ``rev`` (a branch, tag, SHA, ``HEAD~1``,
+        ``origin/main`` ...); ``None`` means the configured ref. Unknown: ``SourceError``."""
         ...
 
     def checkout(self, rev: str) -> Path:
-        """A directory holding exactly the tree of commit ``rev`` (a full SHA)."""
+        """A read-only directory holding exactly the whole tree of commit ``rev``, cached per
+        SHA. Symlinks are kept as symlinks, never followed; the caller applies any sub-path."""
         ...
 
     def describe(self) -> str:
@@ -45,10 +52,12 @@ class Source(Protocol):
 
 
 def is_url(location: str) -> bool:
+    """True for ``scheme://...`` and scp-like ``user@host:path``; anything else is a path."""
     return bool(_URL.match(location))
 
 
 def _reason(exc: git.GitCommandError) -> str:
+    """The last ``fatal:``/``error:`` line git printed: short enough for a one-line error."""
     stderr = str(exc.stderr or "").strip().strip("'").strip()
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     fatal = [ln for ln in lines if ln.startswith(("fatal:", "error:"))]
@@ -108,11 +117,16 @@ class GitSource:
         return repo
 
     def fetch(self) -> None:
-        """Bring the mirror of a remote up to date; a local repository needs no fetch."""
+        """Bring the mirror of a remote up to date; a local repository needs no fetch.
+
+        The first call clones a bare mirror (under a temporary name, renamed when complete);
+        later calls fetch only what is new and prune deleted branches.
+        """
         if not self.remote:
             return
         env = {**os.environ, **GIT_ENV}
         runner = git.Git()
+        staging = self.repo_path.with_name(self.repo_path.name + ".tmp")
         try:
             if (self.repo_path / "HEAD").exists():
                 log.info("fetching %s", self.location)
@@ -124,8 +138,7 @@ class GitSource:
             else:
                 log.info("cloning %s", self.location)
                 self.repo_path.parent.mkdir(parents=True, exist_ok=True)
-                staging = self.repo_path.with_name(self.repo_path.name + ".tmp")
-                shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(staging, ignore_errors=True)  # left by a clone that was killed
                 runner.execute(
                     ["git", "clone", "--mirror", "--quiet", "--", self.location, str(staging)],
                     kill_after_timeout=self.fetch_timeout,
@@ -133,14 +146,22 @@ class GitSource:
                 )
                 os.rename(staging, self.repo_path)
         except git.GitCommandError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
             reason = _reason(exc)
-            if exc.status == -9 or "timeout" in str(exc).lower():  # killed by kill_after_timeout
+            # GitPython kills the command with SIGKILL when kill_after_timeout expires.
+            if exc.status == -9 or "did not complete in" in str(exc):
                 reason = f"no answer within {self.fetch_timeout:g} s"
             raise SourceError(
                 f"cannot fetch {self.location}: {reason}; check the URL and network, "
                 "or use the last fetched revision"
             ) from exc
-        self._repo = None
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise SourceError(
+                f"cannot write the mirror of {self.location} under {self.repo_path.parent}: "
+                f"{exc.strerror}; check free space and permissions of the state directory"
+            ) from exc
+        self._repo = None  # reopen: refs and packs changed under the cached Repo
 
     def resolve(self, rev: str | None = None) -> str:
         wanted = rev or self.ref or "HEAD"
@@ -151,7 +172,9 @@ class GitSource:
         for candidate in candidates:
             try:
                 sha = str(
-                    self.repo.git.rev_parse("--verify", "--quiet", f"{candidate}^{{commit}}")
+                    self.repo.git.rev_parse(
+                        "--verify", "--quiet", "--end-of-options", f"{candidate}^{{commit}}"
+                    )
                 ).strip()
             except git.GitCommandError:
                 continue
@@ -167,17 +190,25 @@ class GitSource:
             rev = self.resolve(rev)
         destination = self.cache_dir / "trees" / rev
         if destination.is_dir():
-            os.utime(destination)  # most recently used trees survive pruning
+            os.utime(destination)  # recently used trees survive pruning
             return destination
+        # A full SHA that is not in the repository fails here with a clear message, rather
+        # than as an empty archive.
+        rev = self.resolve(rev)
         try:
             process = self.repo.git.archive("--format=tar", rev, as_process=True)
+        except git.GitCommandError as exc:
+            raise SourceError(
+                f"cannot export {rev[:12]} from {self.describe()}: {_reason(exc)}"
+            ) from exc
+        try:
             stream = process.proc.stdout
             if stream is None:
-                raise SourceError(f"cannot export {rev} from {self.describe()}")
+                raise SourceError(f"cannot export {rev[:12]} from {self.describe()}")
             extract_tree(stream, destination)
-            process.wait()
+            process.wait()  # raises GitCommandError when git archive failed
         except git.GitCommandError as exc:
-            shutil.rmtree(destination, ignore_errors=True)
+            remove_tree(destination)
             raise SourceError(
                 f"cannot export {rev[:12]} from {self.describe()}: {_reason(exc)}"
             ) from exc
@@ -186,6 +217,10 @@ class GitSource:
                 f"cannot write the checkout of {rev[:12]} under {destination.parent}: "
                 f"{exc.strerror}; check free space and permissions of the state directory"
             ) from exc
+        finally:
+            if process.proc.poll() is None:  # extraction stopped early: do not leave git behind
+                process.proc.kill()
+                process.proc.wait()
         self._prune_trees()
         return destination
 
@@ -195,7 +230,7 @@ class GitSource:
             return
         trees.sort(key=lambda p: p.stat().st_mtime, reverse=True)
         for old in trees[KEEP_TREES:]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
 
     def changed_paths(self, base: str, head: str) -> list[str]:
         """Paths that differ between two revisions (for logs)."""
