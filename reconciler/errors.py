@@ -17,7 +17,8 @@ Tree::
     │   └── ToolMissingError            names the tool and how to install it
     ├── VMRuntimeError                  a VMM or process runtime failed
     ├── NetworkError                    bridges, TAP devices, addresses
-    ├── LeadershipError                 the lease was lost, or a write carried a stale term
+    ├── LeadershipError                 the lease cannot be taken, renewed or reached
+    │   └── StaleTermError              a write or action carried a term that is no longer current
     └── NotImplementedFeatureError      a capability that is not built yet, said plainly
 
 Exit codes follow Terraform's ``-detailed-exitcode`` for ``diff``: 0 no changes, 2 changes,
@@ -116,6 +117,11 @@ class NetworkError(ReconcilerError):
 
 class LeadershipError(ReconcilerError):
     """The lease could not be held, or an action carried a stale term (fencing)."""
+
+
+class StaleTermError(LeadershipError):
+    """Fencing refused a write or runtime action: its term is older than the current one, or
+    the lease was not renewed within the renew deadline. The caller must stop acting."""
 
 
 class NotImplementedFeatureError(ReconcilerError):

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from reconciler.leadership.fence import Fence
 from reconciler.model import (
     BuildSpec,
     DeploySpec,
@@ -28,7 +29,8 @@ from reconciler.model import (
     digest_of,
 )
 from reconciler.planning import observed_from_desired
-from reconciler.state.protocol import Intent, RevisionRecord
+from reconciler.planning.suspend import FLEET_WIDE
+from reconciler.state.protocol import Event, Intent, RevisionRecord
 
 
 def workload(
@@ -113,6 +115,47 @@ class MemoryStateStore:
         self._revisions: list[RevisionRecord] = []
         self._intents: list[Intent] = []
         self._completed: set[int] = set()
+        self._events: list[Event] = []
+        self._suspensions: dict[str, str] = {}
+        self._term = 0
+        self.fence: Fence | None = None
+
+    def _write(self) -> None:
+        """Fence check and version bump of every fenced write (as the SQLite store does)."""
+        if self.fence is not None:
+            self.fence.check("a state write")
+            if self._term > self.fence.term:
+                self.fence.refuse("a state write", f"term {self._term} leads")
+        self._version += 1
+
+    def term(self) -> int:
+        return self._term
+
+    def claim_term(self, fence: Fence) -> None:
+        if self._term > fence.term:
+            fence.refuse("claiming the store", f"term {self._term} already leads")
+        self._term = fence.term
+        self.fence = fence
+
+    def release_fence(self) -> None:
+        self.fence = None
+
+    def record_event(
+        self, kind: str, subject: str, message: str, *, term: int | None = None
+    ) -> None:
+        self._events.append(Event(len(self._events) + 1, 0.0, kind, subject, message, term))
+
+    def events(self, limit: int = 50) -> list[Event]:
+        return list(reversed(self._events))[:limit]
+
+    def suspend(self, workload: str | None, reason: str = "") -> None:
+        self._suspensions[workload or FLEET_WIDE] = reason
+
+    def resume(self, workload: str | None) -> bool:
+        return self._suspensions.pop(workload or FLEET_WIDE, None) is not None
+
+    def suspensions(self) -> dict[str, str]:
+        return dict(self._suspensions)
 
     def observed(self) -> ObservedFleet:
         applied = self.applied_revision()
@@ -126,25 +169,25 @@ class MemoryStateStore:
         return self._version
 
     def put_vm(self, vm: ObservedVM) -> None:
+        self._write()
         self._vms[vm.name] = vm
-        self._version += 1
 
     def remove_vm(self, name: str) -> None:
+        self._write()
         self._vms.pop(name, None)
-        self._version += 1
 
     def record_revision(self, revision: str, *, outcome: str, message: str = "") -> None:
+        self._write()
         self._revisions.append(RevisionRecord(revision, outcome, message, float(self._version)))
-        self._version += 1
 
     def begin_intent(self, vm: str, action: str) -> int:
+        self._write()
         self._intents.append(Intent(len(self._intents) + 1, vm, action, float(self._version)))
-        self._version += 1
         return len(self._intents)
 
     def complete_intent(self, intent: int, outcome: str = "done") -> None:
+        self._write()
         self._completed.add(intent)
-        self._version += 1
 
     def open_intents(self) -> list[Intent]:
         return [i for i in self._intents if i.id not in self._completed]

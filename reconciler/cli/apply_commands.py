@@ -13,18 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from builders.cache import ArtifactCache
-from builders.kernels import KernelRegistry
-from builders.matrix import MatrixBuilder
 from reconciler.cli.build_commands import add_cache_option, cache_dir
 from reconciler.cli.host import open_host
-from reconciler.cli.options import add_repo_options, add_state_option, revision_loader
-from reconciler.errors import EXIT_ERROR, EXIT_OK, PlanError
-from reconciler.execution.executor import Executor
+from reconciler.cli.options import add_repo_options, add_state_option, revision_loader, state_dir
+from reconciler.daemon.leader_file import running_leader
+from reconciler.errors import EXIT_ERROR, EXIT_OK, LeadershipError, PlanError
+from reconciler.execution.status import fleet_status
 from reconciler.model import Plan, short_digest
 from reconciler.pipeline import plan_against_observed
 from reconciler.render import render_text
-from runtime.network import Network, scope_for
+from reconciler.state import FLEET_WIDE
 
 
 def register(commands: Any) -> None:
@@ -50,6 +48,12 @@ def _saved_plan(path: Path) -> Plan:
 
 
 def run_apply(args: argparse.Namespace) -> int:
+    leader = running_leader(state_dir(args))
+    if leader is not None:
+        raise LeadershipError(
+            f"the daemon {leader['holder']} (term {leader['term']}) manages this state directory; "
+            "commit to the fleet repository, or run `reconciler reconcile --now`"
+        )
     loader = revision_loader(args)
     host = open_host(args)
     try:
@@ -69,19 +73,7 @@ def run_apply(args: argparse.Namespace) -> int:
         if not plan.has_changes:
             host.store.record_revision(revision, outcome="applied")
             return EXIT_OK
-        network = Network(
-            desired.fleet.network,
-            host.state_dir / "state.db",
-            scope=scope_for(str(host.state_dir.resolve())),
-        )
-        builder = MatrixBuilder(
-            loader.source.checkout(revision),
-            ArtifactCache(cache_dir(args)),
-            KernelRegistry(host.state_dir / "kernels"),
-        )
-        executor = Executor(host.store, host.state_dir, builder, host.runtimes, network)
-        report = executor.apply(plan, desired)
-        network.close()
+        report = host.converge(plan, desired, loader.source.checkout(revision), cache_dir(args))
         if not report.ok:
             for vm, why in sorted(report.unhealthy.items()):
                 print(f"unhealthy {vm}: {why}")
@@ -103,47 +95,42 @@ def _duration(seconds: object) -> str:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    leader = running_leader(state_dir(args))
     host = open_host(args)
     try:
-        observed = host.observe()
+        # With a daemon leading, only it may write the store: read what it last observed.
+        observed = host.store.observed() if leader else host.observe()
         applied = host.store.applied_revision()
         attempted = host.store.attempted_revision()
+        suspended = host.store.suspensions()
     finally:
         host.close()
-    now = time.time()
-    vms = [
-        {
-            "name": vm.name,
-            "workload": vm.workload,
-            "state": vm.state.value,
-            "healthy": bool(vm.healthy),
-            "address": vm.address,
-            "pid": vm.pid,
-            "artifact": vm.artifact_digest,
-            "runtime": vm.runtime.value,
-            "detail": vm.detail,
-            "uptime_seconds": round(now - vm.started_at, 1)
-            if vm.started_at and vm.state.value == "running"
-            else None,
-            "restarts": vm.restarts,
-        }
-        for vm in observed.vms.values()
-    ]
+    status = fleet_status(observed, applied, attempted)
+    status["suspended"] = {
+        "fleet": FLEET_WIDE in suspended,
+        "workloads": sorted(w for w in suspended if w != FLEET_WIDE),
+    }
+    status["leader"] = (
+        {"holder": leader["holder"], "term": leader["term"], "url": leader["url"]}
+        if leader
+        else None
+    )
+    vms = status["vms"]
     if args.format == "json":
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    if leader:
         print(
-            json.dumps(
-                {
-                    "applied_revision": applied.revision if applied else None,
-                    "attempted_revision": attempted.revision if attempted else None,
-                    "last_error": attempted.message
-                    if attempted and attempted.outcome == "failed"
-                    else None,
-                    "vms": vms,
-                },
-                indent=2,
+            f"daemon:             {leader['holder']} leads, term {leader['term']}, {leader['url']}"
+        )
+    if suspended:
+        print(
+            "suspended:          "
+            + ", ".join(
+                ("the whole fleet" if w == FLEET_WIDE else w) + (f" ({why})" if why else "")
+                for w, why in sorted(suspended.items())
             )
         )
-        return EXIT_OK
     print(f"applied revision:   {applied.revision if applied else '-'}")
     if attempted is not None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(attempted.at))

@@ -9,7 +9,13 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from reconciler import __version__
-from reconciler.cli import apply_commands, build_commands, check_command, fleet_commands
+from reconciler.cli import (
+    apply_commands,
+    build_commands,
+    check_command,
+    daemon_commands,
+    fleet_commands,
+)
 from reconciler.errors import EXIT_INTERRUPTED, ConfigError, ReconcilerError
 
 
@@ -35,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     build_commands.register(commands)
     check_command.register(commands)
     apply_commands.register(commands)
+    daemon_commands.register(commands)
     return parser
 
 

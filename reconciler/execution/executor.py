@@ -8,6 +8,10 @@ Ordering for crash safety: a VM is recorded in the state store (``pending``) *be
 starts, and forgotten only *after* it was stopped and its TAP and address were released, so a
 reconciler killed at any point finds every VM it may have started and adopts or removes it on
 the next run, never starting a duplicate.
+
+Fencing: under the daemon, ``fence`` is the leader's term. It is checked before every runtime
+action (and the state store checks it on every write), so a leader that lost its lease stops
+between two actions instead of racing its successor.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from reconciler.errors import BuildError, NotImplementedFeatureError, VMRuntimeE
 from reconciler.execution.health import wait_healthy
 from reconciler.execution.launch import launch_config
 from reconciler.execution.vms import runtime_for, spec_of, vm_dir, vm_spec
+from reconciler.leadership.fence import Fence
 from reconciler.model import (
     ActionType,
     DesiredFleet,
@@ -43,6 +48,7 @@ class ApplyReport:
     applied: list[VMAction] = field(default_factory=list)
     unhealthy: dict[str, str] = field(default_factory=dict)
     rolled_back: list[str] = field(default_factory=list)
+    builds: dict[str, int] = field(default_factory=dict)  # built / cached / failed counts
 
     @property
     def ok(self) -> bool:
@@ -57,6 +63,10 @@ class Executor:
     runtimes: Mapping[RuntimeKind, Runtime]
     network: Network | None
     say: Callable[[str], None] = print
+    fence: Fence | None = None
+    record_revision: bool = True
+    """False when re-converging onto the last applied revision (the daemon healing drift while a
+    newer revision is refused): that is not an attempt, and must not hide the refused one."""
     _last_healthy: dict[str, ObservedVM] = field(default_factory=dict, init=False)
 
     def apply(self, plan: Plan, desired: DesiredFleet) -> ApplyReport:
@@ -70,8 +80,8 @@ class Executor:
             for action in plan.actions:  # a runtime that does not exist fails before any change
                 if action.vm in desired.vms:
                     runtime_for(self.runtimes, desired.vms[action.vm].runtime)
-            artifacts = self._build(plan, desired)
             report = ApplyReport()
+            artifacts = self._build(plan, desired, report)
             for wave in sorted({a.wave for a in plan.actions}):
                 actions = [a for a in plan.actions if a.wave == wave]
                 started = [self._run_with_intent(a, desired, artifacts) for a in actions]
@@ -87,8 +97,11 @@ class Executor:
                     report.rolled_back = self._roll_back(sorted(report.unhealthy))
                     break
         except (BuildError, VMRuntimeError, NotImplementedFeatureError) as err:
-            self.store.record_revision(revision, outcome="failed", message=str(err))
+            if self.record_revision:
+                self.store.record_revision(revision, outcome="failed", message=str(err))
             raise
+        if not self.record_revision:
+            return report
         if report.ok:
             self.store.record_revision(revision, outcome="applied")
         else:
@@ -98,7 +111,11 @@ class Executor:
             self.store.record_revision(revision, outcome="failed", message=problems)
         return report
 
-    def _build(self, plan: Plan, desired: DesiredFleet) -> dict[str, Path]:
+    def _guard(self, what: str) -> None:
+        if self.fence is not None:
+            self.fence.check(what)
+
+    def _build(self, plan: Plan, desired: DesiredFleet, report: ApplyReport) -> dict[str, Path]:
         """The artifact directory of every VM the plan starts, keyed by VM name."""
         starting = [
             a
@@ -110,6 +127,8 @@ class Executor:
         workloads = {a.workload for a in starting}
         targets = {desired.vms[a.vm].target for a in starting}
         results = self.builder.build(desired, targets=targets, workloads=workloads)
+        for result in results:
+            report.builds[result.status] = report.builds.get(result.status, 0) + 1
         failed = [r for r in results if r.status == "failed"]
         if failed:
             first = failed[0]
@@ -147,6 +166,7 @@ class Executor:
                 self.store.put_vm(replace(current, settings=wanted.settings))
             return None
         if current is not None:
+            self._guard(f"stopping {current.name}")
             runtime_for(self.runtimes, current.runtime).stop(spec_of(current, self.state_dir))
             if current.healthy:
                 self._last_healthy[current.name] = current
@@ -205,6 +225,7 @@ class Executor:
             else ("127.0.0.1" if record.runtime is RuntimeKind.PROCESS else None),
         )
         self.store.put_vm(record)  # before the VMM starts: a crash leaves a record to adopt
+        self._guard(f"starting {record.name}")
         try:
             status = runtime_for(self.runtimes, record.runtime).start(spec)
         except VMRuntimeError as err:
@@ -234,6 +255,7 @@ class Executor:
                 self.say(f"cannot roll back {name}: its previous artifact is no longer cached")
                 continue
             current = self.store.observed().vms[name]
+            self._guard(f"stopping {name} for a rollback")
             runtime_for(self.runtimes, current.runtime).stop(spec_of(current, self.state_dir))
             self.say(f"rollback {name}: back to artifact {previous.artifact_digest[7:19]}")
             spec = self._launch(previous, entry.path, fresh_disk=True)
@@ -270,6 +292,7 @@ class Executor:
         return healthy, why
 
     def _remove(self, vm: ObservedVM) -> None:
+        self._guard(f"removing {vm.name}")
         runtime_for(self.runtimes, vm.runtime).stop(spec_of(vm, self.state_dir), grace_seconds=5.0)
         if self.network is not None and vm.runtime is not RuntimeKind.PROCESS:
             self.network.detach(vm.name)

@@ -7,5 +7,6 @@ same function serves ``reconciler diff`` (which renders the plan) and ``reconcil
 
 from reconciler.planning.diff import diff, observed_from_desired
 from reconciler.planning.rules import disruption_of
+from reconciler.planning.suspend import suspend_plan
 
-__all__ = ["diff", "disruption_of", "observed_from_desired"]
+__all__ = ["diff", "disruption_of", "observed_from_desired", "suspend_plan"]

@@ -46,6 +46,11 @@ class Source(Protocol):
         SHA. Symlinks are kept as symlinks, never followed; the caller applies any sub-path."""
         ...
 
+    def fetch(self) -> None:
+        """Bring a remote's mirror up to date (nothing for a local repository); an unreachable
+        remote raises ``SourceError`` and leaves the last fetch in place."""
+        ...
+
     def describe(self) -> str:
         """``the remote URL`` or ``the repository at PATH``, for messages."""
         ...

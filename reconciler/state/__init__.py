@@ -5,11 +5,14 @@ version number that grows with every write so a saved plan can tell the world mo
 default. The execution layer writes it; ``diff`` and ``status`` read it.
 """
 
+from reconciler.planning.suspend import FLEET_WIDE
 from reconciler.state.paths import default_state_dir
-from reconciler.state.protocol import Intent, RevisionRecord, StateStore
+from reconciler.state.protocol import Event, Intent, RevisionRecord, StateStore
 from reconciler.state.sqlite import SQLiteStateStore, open_state_store
 
 __all__ = [
+    "FLEET_WIDE",
+    "Event",
     "Intent",
     "RevisionRecord",
     "SQLiteStateStore",

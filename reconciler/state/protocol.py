@@ -17,6 +17,18 @@ class RevisionRecord:
 
 
 @dataclass(frozen=True)
+class Event:
+    """One line of the daemon's history: an election, a cycle, a refused write ..."""
+
+    id: int
+    at: float
+    kind: str
+    subject: str
+    message: str
+    term: int | None
+
+
+@dataclass(frozen=True)
 class Intent:
     """An action on a VM that was begun; one without completion was interrupted."""
 
@@ -58,5 +70,25 @@ class StateStore(Protocol):
     def applied_revision(self) -> RevisionRecord | None: ...
 
     def attempted_revision(self) -> RevisionRecord | None: ...
+
+    def record_event(
+        self, kind: str, subject: str, message: str, *, term: int | None = None
+    ) -> None:
+        """Append to the history; never fenced, never bumps the version."""
+        ...
+
+    def events(self, limit: int = 50) -> list[Event]:
+        """The newest events, newest first."""
+        ...
+
+    def suspend(self, workload: str | None, reason: str = "") -> None:
+        """Suspend one workload, or the fleet (``None``): the daemon leaves it as it runs."""
+        ...
+
+    def resume(self, workload: str | None) -> bool:
+        """Lift a suspension; ``False`` when there was none."""
+        ...
+
+    def suspensions(self) -> dict[str, str]: ...
 
     def close(self) -> None: ...

@@ -3,6 +3,12 @@
 One file, ``state.db`` in the state directory, in WAL mode with ``synchronous=FULL``: a write
 that returned survives a power cut, which the intents of the execution layer rely on. Every
 write runs in one transaction together with the bump of ``meta.version``.
+
+Fencing: a daemon that leads sets a :class:`~reconciler.leadership.fence.Fence` and claims its
+term (``meta.term`` only grows). Every write of VMs, intents and revisions then checks, inside
+its transaction, that the fence is still valid and that no newer term was claimed since; a stale
+leader's write is rolled back and raises ``StaleTermError``. Events and suspensions are the
+operator's history and switches, not fleet state, and are never fenced.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from reconciler.errors import StateError
+from reconciler.leadership.fence import Fence
 from reconciler.model import ObservedFleet, ObservedVM, RuntimeKind, Target, VMState
-from reconciler.state.protocol import Intent, RevisionRecord
+from reconciler.planning.suspend import FLEET_WIDE
+from reconciler.state.protocol import Event, Intent, RevisionRecord
 
 SCHEMA_VERSION = 1
+_EVENTS_KEPT = 10_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -48,6 +57,19 @@ CREATE TABLE IF NOT EXISTS intents (
     completed_at REAL,
     outcome TEXT
 );
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    message TEXT NOT NULL,
+    term INTEGER
+);
+CREATE TABLE IF NOT EXISTS suspensions (
+    workload TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS revisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     revision TEXT NOT NULL,
@@ -63,6 +85,7 @@ class SQLiteStateStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.fence: Fence | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in _write).
@@ -100,20 +123,97 @@ class SQLiteStateStore:
             )
 
     @contextmanager
-    def _write(self) -> Iterator[None]:
+    def _write(self, *, fenced: bool = True, bump: bool = True) -> Iterator[None]:
+        fence = self.fence if fenced else None
+        if fence is not None:
+            fence.check("a state write")
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if fence is not None:
+                    current = self._term()
+                    if current > fence.term:
+                        fence.refuse(
+                            "a state write", f"term {fence.term} is stale, term {current} leads"
+                        )
                 yield
-                self._db.execute(
-                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'version'"
-                )
+                if bump:
+                    self._db.execute(
+                        "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'version'"
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise StateError(f"cannot write the state store {self.path}: {exc}") from exc
+
+    def _term(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key='term'").fetchone()
+        return int(row[0]) if row else 0
+
+    def term(self) -> int:
+        """The newest leadership term that claimed this store (0: never led)."""
+        return self._term()
+
+    def claim_term(self, fence: Fence) -> None:
+        """Make ``fence`` the fence of this store's writes and raise ``meta.term`` to its term,
+        so writes of every older term are refused from now on. A newer term already claimed
+        means this leadership is stale: ``StaleTermError``."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            current = self._term()
+            if current > fence.term:
+                self._db.execute("ROLLBACK")
+                fence.refuse("claiming the store", f"term {current} already leads")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('term', ?)", (str(fence.term),))
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot write the state store {self.path}: {exc}") from exc
+        self.fence = fence
+
+    def release_fence(self) -> None:
+        """Writes are no longer fenced (the daemon stepped down and only reads now)."""
+        self.fence = None
+
+    def record_event(
+        self, kind: str, subject: str, message: str, *, term: int | None = None
+    ) -> None:
+        with self._write(fenced=False, bump=False):
+            self._db.execute(
+                "INSERT INTO events (at, kind, subject, message, term) VALUES (?,?,?,?,?)",
+                (time.time(), kind, subject, message, term),
+            )
+            # A daemon runs for months: keep the newest events, not all of them.
+            self._db.execute(
+                "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (_EVENTS_KEPT,)
+            )
+
+    def events(self, limit: int = 50) -> list[Event]:
+        rows = self._db.execute(
+            "SELECT id, at, kind, subject, message, term FROM events ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [Event(int(r[0]), float(r[1]), str(r[2]), str(r[3]), str(r[4]), r[5]) for r in rows]
+
+    def suspend(self, workload: str | None, reason: str = "") -> None:
+        with self._write(fenced=False, bump=False):
+            self._db.execute(
+                "INSERT OR REPLACE INTO suspensions VALUES (?, ?, ?)",
+                (workload or FLEET_WIDE, reason, time.time()),
+            )
+
+    def resume(self, workload: str | None) -> bool:
+        with self._write(fenced=False, bump=False):
+            cursor = self._db.execute(
+                "DELETE FROM suspensions WHERE workload = ?", (workload or FLEET_WIDE,)
+            )
+        return cursor.rowcount > 0
+
+    def suspensions(self) -> dict[str, str]:
+        """Suspended workloads and their reasons; the key ``*`` suspends the whole fleet."""
+        rows = self._db.execute("SELECT workload, reason FROM suspensions").fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
 
     def version(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key='version'").fetchone()

@@ -1,0 +1,225 @@
+"""``daemon``, ``reconcile --now``, ``suspend``, ``resume`` and ``events``.
+
+``daemon`` builds ``DaemonSettings`` from the options and runs ``reconciler.daemon.loop``.
+``reconcile --now`` asks the leading daemon of a state directory over its HTTP API (the URL and
+the token are in the state directory). ``suspend`` and ``resume`` write the state store
+directly, so they work whether or not a daemon runs; the daemon reads them every cycle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from reconciler.cli.build_commands import add_cache_option, cache_dir
+from reconciler.cli.options import add_repo_options, add_state_option, state_dir
+from reconciler.daemon.leader_file import TOKEN_FILE, running_leader
+from reconciler.daemon.logs import configure_logging
+from reconciler.daemon.settings import DaemonSettings
+from reconciler.errors import EXIT_OK, ConfigError, LeadershipError
+from reconciler.leadership import LeaseSettings
+from reconciler.state import open_state_store
+
+
+def register(commands: Any) -> None:
+    daemon = commands.add_parser(
+        "daemon", help="converge forever: poll, watch and serve webhooks, one replica acting"
+    )
+    add_repo_options(daemon)
+    add_state_option(daemon)
+    add_cache_option(daemon)
+    daemon.add_argument(
+        "--lease",
+        default="file",
+        help="leader election: 'file' (flock in the state directory, one host) or a "
+        "postgresql:// URL (replicas on several hosts); default: file",
+    )
+    daemon.add_argument("--lease-duration", type=float, default=15.0, metavar="S")
+    daemon.add_argument("--renew-deadline", type=float, default=10.0, metavar="S")
+    daemon.add_argument("--retry-period", type=float, default=2.0, metavar="S")
+    daemon.add_argument(
+        "--listen", default="127.0.0.1:9180", help="HTTP address of the API, metrics and page"
+    )
+    daemon.add_argument("--poll-interval", type=float, default=30.0, metavar="S")
+    daemon.add_argument("--poll-jitter", type=float, default=5.0, metavar="S")
+    daemon.add_argument(
+        "--token-file",
+        type=Path,
+        help="token for state-changing API calls (default: $RECONCILER_API_TOKEN, else one "
+        "generated in the state directory)",
+    )
+    daemon.add_argument(
+        "--webhook-secret-file",
+        type=Path,
+        help="shared secret of webhooks (default: $RECONCILER_WEBHOOK_SECRET; none: disabled)",
+    )
+    daemon.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        default=[],
+        help="apply only commits signed by this OpenPGP or SSH public key (repeatable)",
+    )
+    daemon.add_argument("--no-watch", action="store_true", help="no file watch on a local repo")
+    daemon.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    daemon.add_argument("--id", default=None, help="this replica's name (default: host-pid)")
+    daemon.set_defaults(handler=run_daemon)
+
+    reconcile = commands.add_parser(
+        "reconcile", help="ask the running daemon to reconcile now (not waiting for a poll)"
+    )
+    add_state_option(reconcile)
+    reconcile.add_argument("--now", action="store_true", required=True)
+    reconcile.add_argument("--url", default=None, help="the daemon's URL (default: the leader)")
+    reconcile.set_defaults(handler=run_reconcile)
+
+    for name, verb in (("suspend", "stop converging"), ("resume", "converge again")):
+        command = commands.add_parser(name, help=f"{verb}: one workload, or the whole fleet")
+        add_state_option(command)
+        command.add_argument("workload", nargs="?", default=None)
+        if name == "suspend":
+            command.add_argument("--reason", default="", help="shown in status and events")
+        command.set_defaults(handler=run_suspend if name == "suspend" else run_resume)
+
+    events = commands.add_parser("events", help="the daemon's recent events, newest last")
+    add_state_option(events)
+    events.add_argument("--limit", type=int, default=30)
+    events.set_defaults(handler=run_events)
+
+
+def _read_secret(path: Path | None, env: str) -> str | None:
+    if path is None:
+        return os.environ.get(env) or None
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    if not value:
+        raise ConfigError(f"{path} is empty")
+    return value
+
+
+def daemon_settings(args: argparse.Namespace) -> DaemonSettings:
+    secret = _read_secret(args.webhook_secret_file, "RECONCILER_WEBHOOK_SECRET")
+    extra = {"identity": args.id} if args.id else {}
+    return DaemonSettings(
+        repo=args.repo,
+        path=args.path,
+        ref=args.ref,
+        state_dir=state_dir(args),
+        cache_dir=cache_dir(args),
+        lease=args.lease,
+        lease_settings=LeaseSettings(args.lease_duration, args.renew_deadline, args.retry_period),
+        listen=args.listen,
+        poll_interval=args.poll_interval,
+        poll_jitter=args.poll_jitter,
+        token=_read_secret(args.token_file, "RECONCILER_API_TOKEN"),
+        webhook_secret=secret.encode() if secret else None,
+        trusted_keys=tuple(args.trusted_key),
+        watch=not args.no_watch,
+        **extra,
+    ).validated()
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    from reconciler.daemon.loop import Daemon  # noqa: PLC0415 (psycopg, APScheduler: daemon only)
+
+    configure_logging(args.log_format, args.verbose)
+    return Daemon(daemon_settings(args)).run()
+
+
+def _call_leader(args: argparse.Namespace, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    directory = state_dir(args)
+    url = args.url if getattr(args, "url", None) else None
+    if url is None:
+        leader = running_leader(directory)
+        if leader is None:
+            raise LeadershipError(
+                f"no daemon leads {directory}; start `reconciler daemon` or pass --url"
+            )
+        url = str(leader["url"])
+    token = os.environ.get("RECONCILER_API_TOKEN")
+    if not token:
+        try:
+            token = (directory / TOKEN_FILE).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"no API token: set RECONCILER_API_TOKEN or read {directory / TOKEN_FILE} "
+                f"({exc.strerror})"
+            ) from exc
+    request = urllib.request.Request(
+        url.rstrip("/") + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            payload = response.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            reason = exc.reason
+        raise LeadershipError(f"the daemon at {url} refused: {reason}") from exc
+    except OSError as exc:
+        raise LeadershipError(f"cannot reach the daemon at {url}: {exc}") from exc
+    try:
+        answer: dict[str, Any] = json.loads(payload or b"{}")
+    except ValueError:
+        answer = {}
+    return answer
+
+
+def run_reconcile(args: argparse.Namespace) -> int:
+    _call_leader(args, "/api/reconcile", {"reason": "reconciler reconcile --now"})
+    print("the daemon reconciles now; follow with `reconciler status` or `reconciler events`")
+    return EXIT_OK
+
+
+def run_suspend(args: argparse.Namespace) -> int:
+    store = open_state_store(state_dir(args))
+    try:
+        store.suspend(args.workload, args.reason)
+        store.record_event("suspended", args.workload or "fleet", args.reason or "by the operator")
+    finally:
+        store.close()
+    what = args.workload or "the whole fleet"
+    print(f"suspended {what}: the daemon leaves it as it runs until `reconciler resume`")
+    return EXIT_OK
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    store = open_state_store(state_dir(args))
+    try:
+        if not store.resume(args.workload):
+            raise ConfigError(f"{args.workload or 'the fleet'} is not suspended")
+        store.record_event("resumed", args.workload or "fleet", "by the operator")
+    finally:
+        store.close()
+    print(f"resumed {args.workload or 'the whole fleet'}")
+    if running_leader(state_dir(args)) is not None:
+        try:
+            _call_leader(args, "/api/reconcile", {"reason": "resumed"})
+        except (LeadershipError, ConfigError) as err:
+            print(f"the daemon converges it at its next poll ({err})")
+    return EXIT_OK
+
+
+def run_events(args: argparse.Namespace) -> int:
+    store = open_state_store(state_dir(args))
+    try:
+        events = store.events(args.limit)
+    finally:
+        store.close()
+    for event in reversed(events):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at))
+        term = f" term={event.term}" if event.term is not None else ""
+        print(f"{when} {event.kind:<16} {event.subject:<14} {event.message}{term}")
+    return EXIT_OK

@@ -1,0 +1,46 @@
+"""The daemon's settings, validated once at start-up (bad values are a ``ConfigError``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler.errors import ConfigError
+from reconciler.leadership import LeaseSettings
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    repo: str
+    state_dir: Path
+    cache_dir: Path
+    path: str = ""
+    ref: str | None = None
+    lease: str = "file"  # "file" or a postgresql:// URL (or libpq DSN)
+    lease_settings: LeaseSettings = field(default_factory=LeaseSettings)
+    listen: str = "127.0.0.1:9180"
+    poll_interval: float = 30.0
+    poll_jitter: float = 5.0
+    token: str | None = None
+    webhook_secret: bytes | None = None
+    trusted_keys: tuple[Path, ...] = ()
+    identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    watch: bool = True  # file watch when the repository is a local path
+
+    def validated(self) -> DaemonSettings:
+        self.lease_settings.validated()
+        if self.poll_interval < 1:
+            raise ConfigError(f"--poll-interval must be at least 1 s, not {self.poll_interval:g}")
+        if not 0 <= self.poll_jitter < self.poll_interval:
+            raise ConfigError(
+                f"--poll-jitter must be between 0 and the poll interval ({self.poll_interval:g} s)"
+            )
+        is_url = self.lease.startswith(("postgresql://", "postgres://"))
+        if self.lease != "file" and not is_url and "=" not in self.lease:  # or a libpq DSN
+            raise ConfigError(f"--lease must be 'file' or a postgresql:// URL, not {self.lease!r}")
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"--listen must be HOST:PORT, not {self.listen!r}")
+        return self

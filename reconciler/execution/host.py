@@ -1,0 +1,87 @@
+"""The embedded-default host: state store, runtimes and network of this machine, and the one
+way to execute a plan on it (shared by ``reconciler apply`` and the daemon).
+
+    Plan + DesiredFleet ──converge──▶ MatrixBuilder (builds) ──▶ Executor (waves, health)
+                                       Network (bridge, TAPs, firewall) ──┘
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from builders.cache import ArtifactCache
+from builders.images import guest_init
+from builders.kernels import KernelRegistry
+from builders.matrix import MatrixBuilder
+from reconciler.execution.executor import ApplyReport, Executor
+from reconciler.execution.observer import observe
+from reconciler.leadership.fence import Fence
+from reconciler.model import DesiredFleet, ObservedFleet, Plan, RuntimeKind
+from reconciler.state import SQLiteStateStore, open_state_store
+from runtime.firecracker.driver import FirecrackerRuntime
+from runtime.network import Network, scope_for
+from runtime.process.driver import ProcessRuntime
+from runtime.protocol import Runtime
+from runtime.qemu.driver import QemuRuntime
+
+
+@dataclass
+class Host:
+    state_dir: Path
+    store: SQLiteStateStore
+    runtimes: dict[RuntimeKind, Runtime]
+
+    def observe(self) -> ObservedFleet:
+        """Refresh the store from the runtimes (this writes: only the acting reconciler may)."""
+        return observe(self.store, self.runtimes, self.state_dir)
+
+    def converge(
+        self,
+        plan: Plan,
+        desired: DesiredFleet,
+        checkout: Path,
+        cache_dir: Path,
+        *,
+        fence: Fence | None = None,
+        say: Callable[[str], None] = print,
+        record_revision: bool = True,
+    ) -> ApplyReport:
+        """Build what ``plan`` starts and execute it, wave by wave, on this host."""
+        network = Network(
+            desired.fleet.network,
+            self.state_dir / "state.db",
+            scope=scope_for(str(self.state_dir.resolve())),
+        )
+        try:
+            builder = MatrixBuilder(
+                checkout, ArtifactCache(cache_dir), KernelRegistry(self.state_dir / "kernels")
+            )
+            executor = Executor(
+                self.store,
+                self.state_dir,
+                builder,
+                self.runtimes,
+                network,
+                say=say,
+                fence=fence,
+                record_revision=record_revision,
+            )
+            return executor.apply(plan, desired)
+        finally:
+            network.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def open_host_at(directory: Path) -> Host:
+    runtimes: dict[RuntimeKind, Runtime] = {
+        RuntimeKind.QEMU: QemuRuntime(state_dir=directory),
+        RuntimeKind.FIRECRACKER: FirecrackerRuntime(),
+        RuntimeKind.PROCESS: ProcessRuntime(
+            init_binary=lambda: guest_init(directory / "guest-init.log")
+        ),
+    }
+    return Host(directory, open_state_store(directory), runtimes)
