@@ -119,6 +119,7 @@ class Daemon:
             TrustedKeys.from_paths(self.settings.trusted_keys),
             self.settings.state_dir / "signatures",
         )
+        verifier.prepare()  # a bad key file or a missing gpg fails the start, not the first poll
         repo_path = self.source.repo_path
         return lambda sha: verifier.verify(repo_path, sha)
 

@@ -20,7 +20,9 @@ from runtime.protocol import Runtime
 def observe(
     store: StateStore, runtimes: Mapping[RuntimeKind, Runtime], state_dir: Path
 ) -> ObservedFleet:
-    for vm in store.observed().vms.values():
+    before = store.observed()
+    changed = False
+    for vm in before.vms.values():
         if vm.state not in (VMState.RUNNING, VMState.PENDING):
             continue
         try:
@@ -42,4 +44,5 @@ def observe(
                     vm, state=status.state, pid=status.pid, detail=status.detail, healthy=healthy
                 )
             )
-    return store.observed()
+            changed = True
+    return store.observed() if changed else before
