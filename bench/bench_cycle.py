@@ -126,7 +126,8 @@ def main() -> int:
             sleeper.wait()
         shutil.rmtree(scratch, ignore_errors=True)
     lines = [
-        f"### No-op reconcile cycle, {args.vms} observed VMs ({args.cycles} cycles after a warm-up)",
+        f"### No-op reconcile cycle, {args.vms} observed VMs "
+        f"({args.cycles} cycles after a warm-up)",
         "",
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}.",
         "",
