@@ -36,7 +36,6 @@ from reconciler.execution.status import fleet_status
 from reconciler.leadership.elector import Elector
 from reconciler.leadership.fence import Fence
 from reconciler.leadership.file_lease import FileLease
-from reconciler.leadership.postgres_lease import PostgresLease
 from reconciler.leadership.protocol import Lease
 from reconciler.pipeline import RevisionLoader
 from reconciler.source import open_source
@@ -52,6 +51,9 @@ def open_lease(settings: DaemonSettings) -> Lease:
         return FileLease(
             settings.state_dir, holder=settings.identity, settings=settings.lease_settings
         )
+    # Imported here: a host on the file lease never loads psycopg and libpq.
+    from reconciler.leadership.postgres_lease import PostgresLease  # noqa: PLC0415
+
     return PostgresLease(settings.lease, holder=settings.identity, settings=settings.lease_settings)
 
 

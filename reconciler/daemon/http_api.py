@@ -1,0 +1,424 @@
+"""The daemon's HTTP endpoints: probes, metrics, the JSON API, webhooks and the status page.
+
+    Prometheus, kubelet/systemd probes, operators, GitHub/GitLab
+        │ HTTP (ThreadingHTTPServer, one thread per request)
+        ▼
+    OperatorServer ──reads/asks──▶ DaemonView (implemented by daemon.loop.Daemon)
+                   ──render()───▶ DaemonMetrics
+
+This layer only reads the ``DaemonView`` and the metrics: it never opens the state store, git or
+a runtime, so it can be tested with an in-memory view. State-changing endpoints need
+``Authorization: Bearer <token>``; without a configured token they are disabled. Webhooks need a
+configured secret and are verified by ``webhooks.verify_delivery``.
+
+    GET  /healthz  /readyz  /metrics  /api/status  /api/events?limit=N  /
+    POST /api/reconcile  /api/suspend  /api/resume          (bearer token)
+    POST /webhook/github  /webhook/gitlab  /webhook/generic  (signature or token)
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
+
+from reconciler.daemon.metrics import DaemonMetrics
+from reconciler.daemon.status_page import render_status_page
+from reconciler.daemon.view import DaemonView
+from reconciler.daemon.webhooks import KINDS, MAX_BODY_BYTES, WebhookRejected, verify_delivery
+from reconciler.errors import ConfigError, LeadershipError, ReconcilerError
+
+log = logging.getLogger("reconciler.http")
+
+EVENTS_DEFAULT = 50
+EVENTS_MAX = 1000
+TOKEN_REQUIRED = "state-changing endpoints are disabled: start the daemon with a token"
+WEBHOOKS_DISABLED = "webhooks are disabled"
+JSON_TYPE = "application/json"
+DRAIN_LIMIT_BYTES = 32 << 20
+# The status page loads nothing from anywhere and runs no script; say so to the browser.
+PAGE_POLICY = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_response(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> Response:
+    body = (json.dumps(payload, indent=2, default=str) + "\n").encode()
+    return Response(status, body, JSON_TYPE, dict(headers or {}))
+
+
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return json_response(status, {"error": message}, headers)
+
+
+def text_response(status: int, text: str) -> Response:
+    return Response(status, (text + "\n").encode(), "text/plain; charset=utf-8")
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: Mapping[str, str]  # names in lower case
+    body: bytes
+
+
+Route = Callable[[Request], Response]
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9180`` for IPv6) into a host and a port; port 0 picks one."""
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"--listen must be HOST:PORT, not {listen!r}")
+    return host, int(port)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # A restarted daemon must rebind at once while old connections sit in TIME_WAIT.
+    allow_reuse_address = True
+    operator: OperatorServer
+
+
+class _IPv6HTTPServer(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class OperatorServer:
+    """The daemon's HTTP server. ``start()`` binds and serves in a daemon thread."""
+
+    def __init__(
+        self,
+        view: DaemonView,
+        metrics: DaemonMetrics,
+        *,
+        listen: str = "127.0.0.1:9180",
+        token: str | None,
+        webhook_secret: bytes | None,
+    ) -> None:
+        self.view = view
+        self.metrics = metrics
+        self.listen = listen
+        self._host, self._port = parse_listen(listen)
+        self._token = token or None
+        self._webhook_secret = webhook_secret or None
+        self._server: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._routes: dict[str, dict[str, Route]] = {
+            "/": {"GET": self._page},
+            "/healthz": {"GET": self._healthz},
+            "/readyz": {"GET": self._readyz},
+            "/metrics": {"GET": self._metrics},
+            "/api/status": {"GET": self._status},
+            "/api/events": {"GET": self._events},
+            "/api/reconcile": {"POST": self._reconcile},
+            "/api/suspend": {"POST": self._suspend},
+            "/api/resume": {"POST": self._resume},
+            **{f"/webhook/{kind}": {"POST": self._webhook} for kind in KINDS},
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("the operator server is already started")
+        server_class = _IPv6HTTPServer if ":" in self._host else _HTTPServer
+        try:
+            server = server_class((self._host, self._port), _Handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {self.listen}: {exc.strerror or exc}; "
+                "choose another --listen address"
+            ) from exc
+        server.operator = self
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        """The bound address (the real port when ``listen`` asked for port 0)."""
+        if self._server is None:
+            raise RuntimeError("the operator server is not started")
+        host, port = self._server.server_address[:2]
+        host = str(host)
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def close(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def handle(self, request: Request) -> Response:
+        """Route one request and turn failures into JSON errors; never raises."""
+        methods = self._routes.get(request.path)
+        if methods is None:
+            return error_response(404, f"no such endpoint: {request.path}")
+        route = methods.get(request.method)
+        if route is None and request.method == "HEAD":
+            route = methods.get("GET")
+        if route is None:
+            allowed = ", ".join(sorted({*methods, *(["HEAD"] if "GET" in methods else [])}))
+            return error_response(
+                405, f"{request.method} is not allowed on {request.path}", {"Allow": allowed}
+            )
+        try:
+            return route(request)
+        except LeadershipError as err:
+            return error_response(409, str(err))
+        except ReconcilerError as err:
+            # A GET failed on the daemon's side (the store did not answer): not the client's
+            # fault. A POST was refused for what it asked (unknown workload, not suspended).
+            return error_response(503 if request.method in ("GET", "HEAD") else 400, str(err))
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return error_response(500, "internal error; the daemon's log has the details")
+
+    # -- read-only endpoints ----------------------------------------------------------------------
+
+    def _healthz(self, _request: Request) -> Response:
+        return text_response(200, "ok")
+
+    def _readyz(self, _request: Request) -> Response:
+        ready, reason = self.view.ready()
+        return text_response(200 if ready else 503, reason or ("ready" if ready else "not ready"))
+
+    def _metrics(self, _request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(200, body, content_type)
+
+    def _status(self, _request: Request) -> Response:
+        return json_response(200, self.view.status())
+
+    def _events(self, request: Request) -> Response:
+        values = request.query.get("limit", [])
+        limit = EVENTS_DEFAULT
+        if values:
+            raw = values[-1].strip()
+            if not raw.isdigit() or not 1 <= int(raw) <= EVENTS_MAX:
+                return error_response(
+                    400, f"limit must be an integer from 1 to {EVENTS_MAX}, not {values[-1]!r}"
+                )
+            limit = int(raw)
+        return json_response(200, self.view.events(limit))
+
+    def _page(self, _request: Request) -> Response:
+        html = render_status_page(self.view)
+        return Response(
+            200,
+            html.encode(),
+            "text/html; charset=utf-8",
+            {"Content-Security-Policy": PAGE_POLICY},
+        )
+
+    # -- state-changing endpoints -----------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> Response | None:
+        """None when the request carries the token; else the error to answer with."""
+        if self._token is None:
+            return error_response(403, TOKEN_REQUIRED)
+        header = request.headers.get("authorization") or ""
+        scheme, _, given = header.strip().partition(" ")
+        challenge = {"WWW-Authenticate": 'Bearer realm="reconciler"'}
+        if scheme.lower() != "bearer" or not given.strip():
+            return error_response(
+                401, "missing bearer token: send Authorization: Bearer <token>", challenge
+            )
+        if not hmac.compare_digest(given.strip().encode(), self._token.encode()):
+            return error_response(401, "wrong bearer token", challenge)
+        return None
+
+    def _command(self, request: Request) -> tuple[Response | None, str | None, str]:
+        """Authorise and parse ``{"workload": ..., "reason": ...}``: (error, workload, reason)."""
+        refused = self._authorize(request)
+        if refused is not None:
+            return refused, None, ""
+        try:
+            payload = json.loads(request.body) if request.body.strip() else {}
+        except ValueError as exc:
+            return error_response(400, f"the body is not JSON: {exc}"), None, ""
+        if not isinstance(payload, dict):
+            return error_response(400, "the body must be a JSON object"), None, ""
+        workload = payload.get("workload")
+        reason = payload.get("reason", "")
+        if workload is not None and (not isinstance(workload, str) or not workload.strip()):
+            return error_response(400, '"workload" must be a non-empty string'), None, ""
+        if not isinstance(reason, str):
+            return error_response(400, '"reason" must be a string'), None, ""
+        return None, workload.strip() if workload else None, " ".join(reason.split())[:500]
+
+    def _reconcile(self, request: Request) -> Response:
+        refused, _workload, reason = self._command(request)
+        if refused is not None:
+            return refused
+        why = reason or "api"
+        self.view.request_reconcile(why)
+        return json_response(202, {"accepted": True, "reason": why})
+
+    def _suspend(self, request: Request) -> Response:
+        refused, workload, reason = self._command(request)
+        if refused is not None:
+            return refused
+        self.view.suspend(workload, reason)
+        return json_response(200, {"suspended": workload or "fleet", "reason": reason})
+
+    def _resume(self, request: Request) -> Response:
+        refused, workload, _reason = self._command(request)
+        if refused is not None:
+            return refused
+        self.view.resume(workload)
+        return json_response(200, {"resumed": workload or "fleet"})
+
+    def _webhook(self, request: Request) -> Response:
+        if self._webhook_secret is None:
+            return error_response(404, WEBHOOKS_DISABLED)
+        kind = request.path.rsplit("/", 1)[-1]
+        try:
+            delivery = verify_delivery(kind, request.headers, request.body, self._webhook_secret)
+        except WebhookRejected as rejected:
+            log.info("webhook %s rejected: %s", kind, rejected.reason)
+            return error_response(rejected.status, rejected.reason)
+        if not delivery.trigger:
+            log.info("webhook: %s", delivery.reason)
+            return json_response(200, {"accepted": False, "reason": delivery.reason})
+        self.view.request_reconcile(delivery.reason)
+        log.info("webhook: %s", delivery.reason, extra={"trigger": "webhook"})
+        return json_response(202, {"accepted": True, "reason": delivery.reason})
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "reconciler"
+    sys_version = ""
+    # A client that stops sending must not hold a thread forever.
+    timeout = 30
+
+    @property
+    def operator(self) -> OperatorServer:
+        return cast(_HTTPServer, self.server).operator
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_HEAD(self) -> None:
+        self._serve("HEAD")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._serve("OPTIONS")
+
+    def _serve(self, method: str) -> None:
+        started = time.monotonic()
+        split = urllib.parse.urlsplit(self.path)
+        body = self._read_body()
+        if isinstance(body, Response):
+            response = body
+        else:
+            request = Request(
+                method=method,
+                path=split.path,
+                query=urllib.parse.parse_qs(split.query, keep_blank_values=True),
+                headers={name.lower(): value for name, value in self.headers.items()},
+                body=body,
+            )
+            response = self.operator.handle(request)
+        self._send(response, head=method == "HEAD")
+        log.debug(
+            "%s %s %d %d bytes %.1f ms from %s",
+            method,
+            split.path,
+            response.status,
+            len(response.body),
+            (time.monotonic() - started) * 1000,
+            self.client_address[0],
+        )
+
+    def _read_body(self) -> bytes | Response:
+        length_header = self.headers.get("Content-Length")
+        if length_header is None:
+            if self.headers.get("Transfer-Encoding"):
+                self.close_connection = True
+                return error_response(411, "send the body with a Content-Length")
+            return b""
+        try:
+            length = int(length_header)
+        except ValueError:
+            self.close_connection = True
+            return error_response(400, f"bad Content-Length {length_header!r}")
+        if length < 0:
+            self.close_connection = True
+            return error_response(400, f"bad Content-Length {length_header!r}")
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            # Closing with unread data makes the kernel reset the connection, and the client
+            # would see that instead of the 413; a moderately large body is read and dropped.
+            if length <= DRAIN_LIMIT_BYTES:
+                remaining = length
+                while remaining > 0:
+                    chunk = self.rfile.read(min(remaining, 1 << 16))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
+            return error_response(413, f"body of {length} bytes is over the 1 MiB limit")
+        return self.rfile.read(length) if length else b""
+
+    def _send(self, response: Response, *, head: bool) -> None:
+        try:
+            self.send_response(response.status)
+            self.send_header("Content-Type", response.content_type)
+            self.send_header("Content-Length", str(len(response.body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            for name, value in response.headers.items():
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if not head:
+                self.wfile.write(response.body)
+        except (BrokenPipeError, ConnectionResetError):
+            # The client went away (a probe timing out); nothing to tell it any more.
+            self.close_connection = True
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass  # _serve logs one line per request, with its duration
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Malformed requests (scanners, TLS handshakes on the plain port) end up here.
+        log.debug("%s " + format, self.client_address[0], *args)

@@ -1,0 +1,162 @@
+"""The daemon's read-only status page (``GET /``): server-rendered HTML, no JavaScript.
+
+    DaemonView.status() + events(50) ──page_context──▶ templates/status.html.j2 ──▶ HTML
+
+The page reads only the ``DaemonView`` (never the store, git or runtimes), shows the same data
+as ``/api/status`` and ``reconciler status``, refreshes itself every few seconds with a meta tag,
+and loads nothing from elsewhere. jinja2 autoescapes every value: VM details, error messages and
+event text come from guests, git and manifests, so they are untrusted.
+
+Elements carry stable ids and ``data-`` attributes (``id="leader"``, ``id="last-error"``,
+``id="vms"``, ``<tr data-vm="web-0" data-healthy="true">``) for tests and scrapers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jinja2
+
+from reconciler.daemon.view import DaemonView
+
+EVENTS_SHOWN = 50
+REFRESH_SECONDS = 5
+SHORT_SHA = 12  # the same length as the daemon's log lines
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("reconciler.daemon", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,  # a typo in the template fails the tests, not silently
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def short_sha(revision: object) -> str:
+    return str(revision)[:SHORT_SHA] if revision else "-"
+
+
+def format_duration(seconds: object) -> str:
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+        return "-"
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
+def format_time(at: object) -> str:
+    if not isinstance(at, int | float) or isinstance(at, bool) or at <= 0:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
+def _healthy(value: object) -> str:
+    if value is None:
+        return "unknown"
+    return "true" if value else "false"
+
+
+def _fleet_name(status: Mapping[str, Any]) -> str | None:
+    fleet = status.get("fleet")
+    if isinstance(fleet, Mapping):
+        fleet = fleet.get("name")
+    return str(fleet) if fleet else None
+
+
+def page_context(
+    status: Mapping[str, Any], events: list[dict[str, Any]], *, now: float | None = None
+) -> dict[str, Any]:
+    """What the template shows, normalised from the status JSON (fields may be missing or
+    null: a follower that never observed, a daemon before its first cycle)."""
+    now = time.time() if now is None else now
+    leader = status.get("leader") or {}
+    daemon = status.get("daemon") or {}
+    suspended = status.get("suspended") or {}
+    vms = sorted(status.get("vms") or [], key=lambda vm: str(vm.get("name", "")))
+    errors: list[str] = []
+    for error in (status.get("last_error"), daemon.get("last_error")):
+        # The revision's failure and the daemon's last cycle error are often the same text.
+        if error and str(error) not in errors:
+            errors.append(str(error))
+    return {
+        "refresh": REFRESH_SECONDS,
+        "generated_at": format_time(now),
+        "fleet": _fleet_name(status),
+        "leader": {
+            "known": bool(leader),
+            "holder": leader.get("holder") or "",
+            "term": leader.get("term"),
+            "is_leader": bool(leader.get("is_leader")),
+            "me": leader.get("me") or daemon.get("id") or "",
+            "error": leader.get("lease_error") or "",
+        },
+        "applied": {
+            "short": short_sha(status.get("applied_revision")),
+            "full": status.get("applied_revision") or "",
+        },
+        "attempted": {
+            "short": short_sha(status.get("attempted_revision")),
+            "full": status.get("attempted_revision") or "",
+            "outcome": status.get("attempted_outcome") or "",
+            "at": format_time(status.get("attempted_at")),
+        },
+        "errors": errors,
+        "daemon": {
+            "last_cycle_at": format_time(daemon.get("last_cycle_at")),
+            "last_outcome": daemon.get("last_outcome") or "",
+            "backoff_until": format_time(daemon.get("backoff_until")),
+            "started_at": format_time(daemon.get("started_at")),
+        },
+        "suspended": {
+            "fleet": bool(suspended.get("fleet")),
+            "workloads": [str(w) for w in suspended.get("workloads") or []],
+        },
+        "vms": [
+            {
+                "name": str(vm.get("name", "")),
+                "workload": vm.get("workload") or "",
+                "state": vm.get("state") or "unknown",
+                "healthy": _healthy(vm.get("healthy")),
+                "address": vm.get("address") or "-",
+                "runtime": vm.get("runtime") or "-",
+                "uptime": format_duration(vm.get("uptime_seconds")),
+                "restarts": vm.get("restarts") if vm.get("restarts") is not None else "-",
+                "detail": vm.get("detail") or "",
+            }
+            for vm in vms
+        ],
+        "vm_counts": {
+            "total": len(vms),
+            "healthy": sum(1 for vm in vms if vm.get("healthy")),
+        },
+        "events": [
+            {
+                "id": event.get("id", ""),
+                "at": format_time(event.get("at")),
+                "kind": event.get("kind") or "",
+                "subject": event.get("subject") or "",
+                "message": event.get("message") or "",
+                "term": event.get("term") if event.get("term") is not None else "",
+            }
+            for event in events
+        ],
+    }
+
+
+def render_page(
+    status: Mapping[str, Any], events: list[dict[str, Any]], *, now: float | None = None
+) -> str:
+    return _ENV.get_template("status.html.j2").render(page_context(status, events, now=now))
+
+
+def render_status_page(view: DaemonView) -> str:
+    """The page for ``GET /``, from the view's current status and newest events."""
+    return render_page(view.status(), view.events(EVENTS_SHOWN))
