@@ -106,7 +106,7 @@ def test_commits_converge_bad_revisions_are_refused_and_drift_is_healed(tmp_path
         )
         assert echo(ports["alpha"]) == b"ping\n"
 
-        # Suspend: a suspended workload is left alone, even when it dies.
+        # Suspend: a suspended workload is left as it runs while its revision moves on.
         assert (
             reconciler(
                 "suspend", "beta", "--state-dir", str(state), "--reason", "debugging"

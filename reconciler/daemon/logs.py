@@ -60,3 +60,4 @@ def configure_logging(log_format: str, verbosity: int) -> None:
     root.setLevel((logging.INFO, logging.INFO, logging.DEBUG)[min(verbosity, 2)])
     # APScheduler logs every job run at INFO: a line every poll says nothing an operator needs.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # "3 changes detected"

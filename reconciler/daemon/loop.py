@@ -129,7 +129,7 @@ class Daemon:
 
     def _on_elected(self, fence: Fence) -> None:
         self.metrics.set_leader(True, fence.term)
-        self.queue.request("elected")
+        self.queue.wake()
 
     def _on_lost(self, fence: Fence, why: str) -> None:
         self._lost_reason = why
@@ -230,6 +230,7 @@ class Daemon:
                 self.elector.resign(str(err))
                 return None
             self._claimed = fence
+            self.queue.request("elected")  # a new leader converges at once, not at the next poll
             self._write_leader_file(fence)
             self._event("elected", self.settings.identity, f"leads with term {fence.term}")
             log.info("leading with term %d", fence.term, extra={"term": fence.term})

@@ -56,7 +56,10 @@ class FileLease:
         self._term: int | None = None
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self._db_path, isolation_level=None, timeout=30.0)
+            # Made on the daemon's main thread, used by the elector's: one user at a time.
+            self._db = sqlite3.connect(
+                self._db_path, isolation_level=None, timeout=30.0, check_same_thread=False
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(_SCHEMA)
