@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help deps venv kernel lint typecheck unit test demo demo-clean clean
+.PHONY: help deps venv kernel lint typecheck unit postgres test demo demo-clean clean
 
 help:
 	@echo "make demo   install what is missing, deploy fleet-example with reconciler apply, show it"
@@ -41,7 +41,11 @@ typecheck: lint
 unit: venv
 	$(BIN)/pytest -m "not qemu and not root and not postgres"
 
-test: venv lint
+# A local PostgreSQL cluster for the postgres-marked tests (idempotent; no systemd needed).
+postgres:
+	bash deploy/start-postgres.sh
+
+test: venv lint postgres
 	$(BIN)/pytest
 
 demo: deps venv

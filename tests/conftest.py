@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,41 @@ def echo_unikernel(tmp_path_factory: pytest.TempPathFactory, session_state: Path
         for e in ArtifactCache(root / "cache").entries()
         if e.manifest["target"] == "unikernel"
     )
+
+
+ADMIN_DSN = os.environ.get("RECONCILER_TEST_POSTGRES", "host=/var/run/postgresql dbname=postgres")
+
+
+@pytest.fixture(scope="session")
+def admin_dsn() -> str:
+    """A superuser connection to the test PostgreSQL server (``deploy/start-postgres.sh``)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        pytest.fail(
+            f"no PostgreSQL server answers at RECONCILER_TEST_POSTGRES={ADMIN_DSN!r}: "
+            f"{str(exc).strip()}\nrun `bash deploy/start-postgres.sh` (CI does), or point "
+            "RECONCILER_TEST_POSTGRES at a superuser connection",
+            pytrace=False,
+        )
+    return ADMIN_DSN
+
+
+@pytest.fixture
+def lease_dsn(admin_dsn: str) -> Iterator[str]:
+    """A fresh database, dropped afterwards even if connections to it are still open."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    name = f"reconciler_test_{secrets.token_hex(6)}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(admin_dsn, dbname=name)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

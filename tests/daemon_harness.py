@@ -29,7 +29,7 @@ apiVersion: reconciler/v1alpha1
 kind: Workload
 metadata: {{name: {name}}}
 spec:
-  source: {{path: echo, language: c, entrypoint: echo.c}}
+  source: {{path: {source}, language: c, entrypoint: echo.c}}
   build: {{targets: [executable]}}
   deploy:
     runtime: process
@@ -53,12 +53,34 @@ def echo(port: int) -> bytes:
         return conn.recv(16)
 
 
-def fleet_text(workloads: dict[str, int], env: dict[str, str] | None = None) -> str:
-    extra = "".join(f', {k}: "{v}"' for k, v in (env or {}).items())
-    return FLEET + "".join(
-        WORKLOAD.format(name=name, port=port, extra_env=extra)
-        for name, port in sorted(workloads.items())
+def slow_echo_source() -> str:
+    """The echo server, sleeping ``$ECHO_DELAY`` seconds before it listens: a VM that takes a
+    while to get healthy, so a test can catch a leader in the middle of a rollout."""
+    return ECHO.read_text().replace(
+        "    signal(SIGPIPE, SIG_IGN);",
+        '    if (getenv("ECHO_DELAY")) sleep((unsigned)atoi(getenv("ECHO_DELAY")));\n'
+        "    signal(SIGPIPE, SIG_IGN);",
     )
+
+
+def fleet_text(
+    workloads: dict[str, int],
+    env: dict[str, str] | None = None,
+    *,
+    slow: dict[str, int] | None = None,
+) -> str:
+    """A fleet of echo servers on the given ports; ``slow`` ones (in ``slow/``, the repository
+    must hold ``slow_echo_source()`` there) wait ``ECHO_DELAY`` seconds before listening."""
+    extra = "".join(f', {k}: "{v}"' for k, v in (env or {}).items())
+    fast = [
+        WORKLOAD.format(name=name, port=port, extra_env=extra, source="echo")
+        for name, port in sorted(workloads.items())
+    ]
+    delayed = [
+        WORKLOAD.format(name=name, port=port, extra_env=extra + ', ECHO_DELAY: "8"', source="slow")
+        for name, port in sorted((slow or {}).items())
+    ]
+    return FLEET + "".join(fast + delayed)
 
 
 def eventually(probe: Callable[[], T | None], timeout: float, what: str) -> T:

@@ -23,11 +23,10 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from reconciler.daemon.http_api import OperatorServer
-from reconciler.daemon.metrics import DaemonMetrics
-
-from reconciler.daemon.leader_file import TOKEN_FILE, write_leader
 from reconciler.daemon.cycle import CommitVerifier, CycleResult, ReconcileCycle
+from reconciler.daemon.http_api import OperatorServer
+from reconciler.daemon.leader_file import TOKEN_FILE, write_leader
+from reconciler.daemon.metrics import DaemonMetrics
 from reconciler.daemon.settings import DaemonSettings
 from reconciler.daemon.triggers import Poller, RepositoryWatcher, TriggerQueue
 from reconciler.errors import LeadershipError, ReconcilerError, StaleTermError
@@ -43,7 +42,6 @@ from reconciler.source.signatures import SignatureVerifier, TrustedKeys
 from reconciler.state import FLEET_WIDE, SQLiteStateStore
 
 log = logging.getLogger("reconciler.daemon")
-
 
 
 def open_lease(settings: DaemonSettings) -> Lease:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import select
 import threading
 from datetime import timedelta
 from types import TracebackType
@@ -157,6 +158,8 @@ class PostgresLease:
         self._schema_ready = False
         self._held_term: int | None = None  # released by close(), as FileLease does
         self._changed = threading.Event()
+        # Separate from _lock, so that a follower never queues behind a slow statement.
+        self._listener_lock = threading.Lock()
         self._listener: _Listener | None = None
         self._closed = False
 
@@ -164,7 +167,7 @@ class PostgresLease:
 
     def try_acquire(self) -> int | None:
         rows = self._execute(
-            "take the lease",
+            "take",
             _ACQUIRE,
             {"name": self.name, "holder": self.holder, "duration": self._duration},
         )
@@ -176,9 +179,10 @@ class PostgresLease:
 
     def renew(self, term: int) -> bool:
         rows = self._execute(
-            f"renew the lease (term {term})",
+            "renew",
             _RENEW,
             {"name": self.name, "holder": self.holder, "term": term, "duration": self._duration},
+            term=term,
         )
         if not rows and self._held_term == term:
             self._held_term = None
@@ -188,24 +192,26 @@ class PostgresLease:
         if self._held_term == term:
             self._held_term = None
         self._execute(
-            f"release the lease (term {term})",
+            "release",
             _RELEASE,
             {"name": self.name, "holder": self.holder, "term": term},
+            term=term,
         )
 
     def current(self) -> LeaseHolder | None:
-        rows = self._execute("read the lease", _CURRENT, {"name": self.name})
+        rows = self._execute("read", _CURRENT, {"name": self.name})
         if not rows:
             return None
         holder, term, expires_in = rows[0]
         return LeaseHolder(str(holder), int(term), max(0.0, float(expires_in)))
 
     def wait_for_change(self, timeout: float) -> None:
-        """Wait for a NOTIFY about this lease, at most ``timeout`` seconds whatever the state of
-        the database: connecting and listening happen on a background thread, so an unreachable
-        server costs the follower nothing but the timeout. Never raises; a database that is down
-        shows up in the next ``try_acquire``."""
-        with self._lock:
+        """Wait for a NOTIFY about this lease (or, when the listener has just connected, for the
+        lease to be free already), at most ``timeout`` seconds whatever the state of the database:
+        connecting and listening happen on a background thread, so an unreachable server costs
+        the follower nothing but the timeout. Never raises; a database that is down shows up in
+        the next ``try_acquire``."""
+        with self._listener_lock:
             if self._listener is None and not self._closed:
                 self._listener = _Listener(self, self._changed)
                 self._listener.start()
@@ -220,9 +226,10 @@ class PostgresLease:
                 self.release(held)
             except LeadershipError as err:
                 log.debug("releasing the lease on close: %s", err)
-        with self._lock:
+        with self._listener_lock:
             self._closed = True
             listener, self._listener = self._listener, None
+        with self._lock:
             conn, self._conn = self._conn, None
         if listener is not None:
             listener.stop()
@@ -242,10 +249,13 @@ class PostgresLease:
 
     # -- connections ----------------------------------------------------------------------------
 
-    def _execute(self, what: str, query: LiteralString, params: dict[str, Any]) -> list[TupleRow]:
+    def _execute(
+        self, verb: str, query: LiteralString, params: dict[str, Any], *, term: int | None = None
+    ) -> list[TupleRow]:
+        what = f"{verb} the lease {self.name!r}" + (f" of term {term}" if term is not None else "")
         with self._lock:
             if self._closed:
-                raise LeadershipError(f"cannot {what}: the lease {self.name!r} was closed")
+                raise LeadershipError(f"cannot {what}: it was closed")
             conn = self._connection()
             try:
                 cursor = conn.execute(query, params)
@@ -256,13 +266,13 @@ class PostgresLease:
                 if conn.closed or conn.broken:
                     self._drop_connection()
                 raise LeadershipError(
-                    f"cannot {what} {self.name!r} in the lease database at {self.where}: "
+                    f"cannot {what} in the lease database at {self.where}: "
                     f"{self.reason(exc)}; check that the database is up and healthy"
                 ) from exc
 
     def _connection(self) -> Connection:
         conn = self._conn
-        if conn is not None and not conn.closed and not conn.broken:
+        if conn is not None and _is_idle_and_alive(conn):
             return conn
         self._drop_connection()
         conn = self.connect()
@@ -388,6 +398,23 @@ class _Listener:
             for notify in conn.notifies(timeout=_LISTEN_POLL):
                 if notify.payload == lease.name:
                     self._changed.set()
+
+
+def _is_idle_and_alive(conn: Connection) -> bool:
+    """Whether an idle connection still looks usable, without a round trip.
+
+    An idle autocommit session has nothing to say unless the server is hanging up: a terminated
+    backend or a restarting server sends its FATAL message and closes the socket. Noticing that
+    before sending spares the caller an error after every database restart (a renewal that fails
+    for nothing). Anything else unsolicited is rare enough that reconnecting is the simple answer.
+    """
+    if conn.closed or conn.broken:
+        return False
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return not readable
 
 
 def _first_line(exc: BaseException) -> str:
