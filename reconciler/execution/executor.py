@@ -25,7 +25,7 @@ from pathlib import Path
 
 from builders.matrix import MatrixBuilder
 from reconciler.errors import BuildError, NotImplementedFeatureError, VMRuntimeError
-from reconciler.execution.health import wait_healthy
+from reconciler.execution.health import judge_health
 from reconciler.execution.launch import launch_config
 from reconciler.execution.vms import runtime_for, spec_of, vm_dir, vm_spec
 from reconciler.leadership.fence import Fence
@@ -275,21 +275,7 @@ class Executor:
         self.network.sync_firewall(addresses, depends_on)
 
     def _health(self, spec: VMSpec) -> tuple[bool, str]:
-        vm = self.store.observed().vms[spec.name]
-        runtime = runtime_for(self.runtimes, vm.runtime)
-        config = launch_config(vm.settings)
-        healthy, why = wait_healthy(
-            spec.vm_dir / "console.log",
-            config.health,
-            vm.address,
-            alive=lambda: runtime.status(spec).state is VMState.RUNNING,
-        )
-        status = runtime.status(spec)
-        self.store.put_vm(
-            replace(vm, healthy=healthy, state=status.state, pid=status.pid, detail=why)
-        )
-        self.say(f"{'healthy' if healthy else 'UNHEALTHY':<8} {spec.name}: {why}")
-        return healthy, why
+        return judge_health(self.store, self.runtimes, self.state_dir, spec.name, self.say)
 
     def _remove(self, vm: ObservedVM) -> None:
         self._guard(f"removing {vm.name}")

@@ -11,10 +11,16 @@ from __future__ import annotations
 import http.client
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
+from reconciler.execution.launch import launch_config
+from reconciler.execution.vms import runtime_for, spec_of
+from reconciler.model import RuntimeKind, VMState
+from reconciler.state import StateStore
 from runtime.console import last_event, read_markers
+from runtime.protocol import Runtime
 
 DEFAULT_START_SECONDS = 120.0  # TCG boots of a PyInstaller service take tens of seconds
 
@@ -88,3 +94,26 @@ def wait_healthy(
             return False, f"the VM stopped; last probe: {last}"
         sleep(interval)
     return False, f"not healthy within {max(start_period, DEFAULT_START_SECONDS):g} s: {last}"
+
+
+def judge_health(
+    store: StateStore,
+    runtimes: Mapping[RuntimeKind, Runtime],
+    state_dir: Path,
+    name: str,
+    say: Callable[[str], None],
+) -> tuple[bool, str]:
+    """Wait for the verdict on VM ``name`` and record it (with its state and pid) in the store."""
+    vm = store.observed().vms[name]
+    runtime = runtime_for(runtimes, vm.runtime)
+    spec = spec_of(vm, state_dir)
+    healthy, why = wait_healthy(
+        spec.vm_dir / "console.log",
+        launch_config(vm.settings).health,
+        vm.address,
+        alive=lambda: runtime.status(spec).state is VMState.RUNNING,
+    )
+    status = runtime.status(spec)
+    store.put_vm(replace(vm, healthy=healthy, state=status.state, pid=status.pid, detail=why))
+    say(f"{'healthy' if healthy else 'UNHEALTHY':<8} {name}: {why}")
+    return healthy, why

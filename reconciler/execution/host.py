@@ -16,9 +16,10 @@ from builders.images import guest_init
 from builders.kernels import KernelRegistry
 from builders.matrix import MatrixBuilder
 from reconciler.execution.executor import ApplyReport, Executor
+from reconciler.execution.health import judge_health
 from reconciler.execution.observer import observe
 from reconciler.leadership.fence import Fence
-from reconciler.model import DesiredFleet, ObservedFleet, Plan, RuntimeKind
+from reconciler.model import DesiredFleet, ObservedFleet, Plan, RuntimeKind, VMState
 from reconciler.state import SQLiteStateStore, open_state_store
 from runtime.firecracker.driver import FirecrackerRuntime
 from runtime.network import Network, scope_for
@@ -71,6 +72,22 @@ class Host:
             return executor.apply(plan, desired)
         finally:
             network.close()
+
+    def settle_health(
+        self, fence: Fence | None = None, say: Callable[[str], None] = print
+    ) -> dict[str, str]:
+        """Judge the running VMs whose health nobody knows: adopted from a reconciler that died
+        (or lost its lease) between starting them and seeing them healthy. Returns the
+        unhealthy ones with why."""
+        unhealthy = {}
+        for vm in self.store.observed().vms.values():
+            if vm.state is VMState.RUNNING and vm.healthy is None:
+                if fence is not None:
+                    fence.check(f"judging the health of {vm.name}")
+                healthy, why = judge_health(self.store, self.runtimes, self.state_dir, vm.name, say)
+                if not healthy:
+                    unhealthy[vm.name] = why
+        return unhealthy
 
     def close(self) -> None:
         self.store.close()
