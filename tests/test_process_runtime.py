@@ -7,16 +7,14 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
 from conftest import FleetRepo
+from daemon_harness import ECHO, echo, free_port
 
 from reconciler.cli import main
-
-ECHO = Path(__file__).resolve().parents[1] / "fleet-example" / "services" / "echo" / "echo.c"
 
 FLEET = """apiVersion: reconciler/v1alpha1
 kind: Fleet
@@ -40,18 +38,6 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out + err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def echo(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        conn.sendall(b"ping\n")
-        return conn.recv(16)
 
 
 @pytest.mark.root

@@ -70,6 +70,7 @@ class ReconcileCycle:
     backoff: Backoff = field(default_factory=Backoff)
     clock: Callable[[], float] = time.time
     event: Callable[[str, str, str], None] = lambda kind, subject, message: None
+    fleet_name: str | None = None  # of the revision converged last, for status pages
     _desired: dict[str, DesiredFleet] = field(default_factory=dict)
 
     def run(self, fence: Fence) -> CycleResult:
@@ -145,6 +146,7 @@ class ReconcileCycle:
     ) -> CycleResult:
         store = self.host.store
         is_head = target == head
+        self.fleet_name = desired.fleet.name
         fence.check("observing the fleet")
         observed = self.host.observe()
         plan = suspend_plan(diff(desired, observed), store.suspensions())

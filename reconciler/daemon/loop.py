@@ -334,6 +334,7 @@ class Daemon:
                 store.observed(), store.applied_revision(), store.attempted_revision()
             )
             suspended = store.suspensions()
+        status["fleet"] = self.cycle.fleet_name
         status["leader"] = self._leader()
         status["suspended"] = {
             "fleet": FLEET_WIDE in suspended,
