@@ -184,3 +184,44 @@ def test_graceful_stop_hands_over_at_once(tmp_path: Path) -> None:
         print(f"takeover after SIGTERM: {time.monotonic() - stopped:.2f} s")
         assert '"stepped-down"' not in leader.log() or "shutting down" in leader.log()
         assert healthy_names(follower.status()) == {"alpha-0"}
+
+
+def test_only_signed_revisions_are_applied(tmp_path: Path) -> None:
+    key = tmp_path / "deploy-key"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "deploy", "-f", str(key)],
+        check=True,
+    )
+    ports = {"alpha": free_port()}
+    repo = make_repo(tmp_path, ports)
+    signing = ("-c", "gpg.format=ssh", "-c", f"user.signingkey={key}")
+    repo.git(*signing, "commit", "-q", "--amend", "-S", "--no-edit")
+    signed = repo.git("rev-parse", "HEAD").strip()
+    state = tmp_path / "state"
+    trust = ["--trusted-key", f"{key}.pub", "--poll-interval", "300"]
+    with daemons(repo.path, state, tmp_path, 1, trust) as (daemon,):
+        eventually(lambda: daemon.status()["applied_revision"] == signed, 120, "signed head")
+        assert healthy_names(daemon.status()) == {"alpha-0"}
+
+        ports["beta"] = free_port()
+        repo.write("fleet.yaml", fleet_text(ports))
+        unsigned = repo.commit("unsigned: add beta")
+        status = eventually(
+            lambda: (s := daemon.status())["attempted_revision"] == unsigned and s,
+            60,
+            "the unsigned head being refused",
+        )
+        assert "is not signed" in status["last_error"]
+        assert status["applied_revision"] == signed
+        assert healthy_names(status) == {"alpha-0"}  # the last good revision keeps running
+
+        repo.git(*signing, "commit", "-q", "--amend", "-S", "--no-edit")
+        resigned = repo.git("rev-parse", "HEAD").strip()
+        eventually(
+            lambda: (
+                daemon.status()["applied_revision"] == resigned
+                and healthy_names(daemon.status()) == {"alpha-0", "beta-0"}
+            ),
+            120,
+            "the signed fix converging",
+        )

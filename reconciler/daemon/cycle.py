@@ -151,7 +151,9 @@ class ReconcileCycle:
         observed = self.host.observe()
         plan = suspend_plan(diff(desired, observed), store.suspensions())
         if not plan.has_changes:
-            unsettled = self.host.settle_health(fence, say=lambda line: log.info("%s", line))
+            unsettled = self.host.settle_health(
+                observed, fence, say=lambda line: log.info("%s", line)
+            )
             if unsettled:
                 sick = "; ".join(f"{vm}: {why}" for vm, why in sorted(unsettled.items()))
                 return CycleResult("failed", head, target, error=sick)

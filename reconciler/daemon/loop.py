@@ -110,7 +110,6 @@ class Daemon:
         self.last_result: CycleResult | None = None
         self.last_error: str | None = None
         self.last_cycle_at: float | None = None
-        self.next_poll_at: float | None = None
 
     def _verifier(self) -> CommitVerifier | None:
         if not self.settings.trusted_keys:

@@ -16,9 +16,10 @@ class DaemonView(Protocol):
         """JSON-ready status: the keys of ``reconciler status --format json``
         (``applied_revision``, ``attempted_revision``, ``last_error``, ``vms``: a list of
         ``{name, workload, state, healthy, address, pid, artifact, runtime, detail,
-        uptime_seconds, restarts}``) plus ``leader``: ``{is_leader, term, holder}``,
-        ``daemon``: ``{id, started_at, last_error, last_cycle_at, next_poll_at, backoff_until,
-        revision_source}`` and ``suspended``: ``{fleet: bool, workloads: [str]}``."""
+        uptime_seconds, restarts}``) plus ``fleet`` (its name), ``leader``: ``{is_leader,
+        term, holder}``, ``daemon``: ``{id, started_at, last_error, last_outcome,
+        last_cycle_at, head, converged_to, backoff_until, repo, poll_interval}`` and
+        ``suspended``: ``{fleet: bool, workloads: [str]}``."""
         ...
 
     def ready(self) -> tuple[bool, str]:

@@ -74,13 +74,16 @@ class Host:
             network.close()
 
     def settle_health(
-        self, fence: Fence | None = None, say: Callable[[str], None] = print
+        self,
+        observed: ObservedFleet,
+        fence: Fence | None = None,
+        say: Callable[[str], None] = print,
     ) -> dict[str, str]:
         """Judge the running VMs whose health nobody knows: adopted from a reconciler that died
         (or lost its lease) between starting them and seeing them healthy. Returns the
         unhealthy ones with why."""
         unhealthy = {}
-        for vm in self.store.observed().vms.values():
+        for vm in observed.vms.values():
             if vm.state is VMState.RUNNING and vm.healthy is None:
                 if fence is not None:
                     fence.check(f"judging the health of {vm.name}")
