@@ -63,6 +63,30 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
         ("reconciler.cli", "reconciler.execution", "reconciler.daemon"),
         "backends do not call back into the control plane",
     ),
+    (
+        (
+            "reconciler.daemon.http_api",
+            "reconciler.daemon.status_page",
+            "reconciler.daemon.metrics",
+            "reconciler.daemon.webhooks",
+        ),
+        (
+            "reconciler.source",
+            "reconciler.state",
+            "reconciler.execution",
+            "reconciler.leadership",
+            "builders",
+            "runtime",
+            "sqlite3",
+            "subprocess",
+        ),
+        "the HTTP layer shows the DaemonView; it never reads the store, git or runtimes itself",
+    ),
+    (
+        ("reconciler.leadership",),
+        ("reconciler.execution", "reconciler.daemon", "reconciler.cli", "builders", "runtime"),
+        "leader election knows leases and terms, nothing of what the leader does",
+    ),
 ]
 
 EXEMPT = {"git": ("reconciler.source",)}
