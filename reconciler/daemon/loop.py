@@ -217,7 +217,8 @@ class Daemon:
             store.release_fence()
             why = self._lost_reason or "the lease was lost"
             self._event("stepped-down", self.settings.identity, why, term=old.term)
-            log.warning("stepped down from term %d: %s", old.term, why, extra={"term": old.term})
+            level = logging.INFO if self._stopping.is_set() else logging.WARNING
+            log.log(level, "stepped down from term %d: %s", old.term, why, extra={"term": old.term})
         if fence is None or not fence.valid:
             return None
         if self._claimed is not fence:

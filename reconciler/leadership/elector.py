@@ -125,8 +125,8 @@ class Elector:
             return ""
         return f" to {current.holder} (term {current.term})" if current else ""
 
-    def _step_down(self, fence: Fence, why: str) -> None:
-        log.warning("stepping down: %s", why)
+    def _step_down(self, fence: Fence, why: str, *, graceful: bool = False) -> None:
+        log.log(logging.INFO if graceful else logging.WARNING, "stepping down: %s", why)
         fence.revoke(why)
         self.fence = None
         try:
@@ -161,4 +161,4 @@ class Elector:
         with self._lock:
             fence = self.fence
             if fence is not None:
-                self._step_down(fence, why)
+                self._step_down(fence, why, graceful=True)
