@@ -19,6 +19,7 @@ Tree::
     ├── NetworkError                    bridges, TAP devices, addresses
     ├── LeadershipError                 the lease cannot be taken, renewed or reached
     │   └── StaleTermError              a write or action carried a term that is no longer current
+    ├── SupersededError                 a rollout stopped waiting: a newer revision arrived
     └── NotImplementedFeatureError      a capability that is not built yet, said plainly
 
 Exit codes follow Terraform's ``-detailed-exitcode`` for ``diff``: 0 no changes, 2 changes,
@@ -122,6 +123,11 @@ class LeadershipError(ReconcilerError):
 class StaleTermError(LeadershipError):
     """Fencing refused a write or runtime action: its term is older than the current one, or
     the lease was not renewed within the renew deadline. The caller must stop acting."""
+
+
+class SupersededError(ReconcilerError):
+    """A rollout stopped waiting for its VMs to get healthy because a newer revision arrived;
+    the daemon goes on with the newer one instead of rolling back or waiting out the timeout."""
 
 
 class NotImplementedFeatureError(ReconcilerError):

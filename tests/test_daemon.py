@@ -225,3 +225,38 @@ def test_only_signed_revisions_are_applied(tmp_path: Path) -> None:
             120,
             "the signed fix converging",
         )
+
+
+def test_a_newer_revision_supersedes_a_rollout_waiting_for_health(tmp_path: Path) -> None:
+    ports = {"alpha": free_port(), "beta": free_port()}
+    repo = make_repo(tmp_path, {"alpha": ports["alpha"]})
+    state = tmp_path / "state"
+    with daemons(repo.path, state, tmp_path, 1, ["--poll-interval", "300"]) as (daemon,):
+        eventually(lambda: healthy_names(daemon.status()) == {"alpha-0"}, 120, "first converge")
+        # beta's health check probes a port nothing listens on: it would wait 120 s, then fail.
+        wrong = free_port()
+        broken_health = fleet_text(ports).replace(
+            f"port: {ports['beta']}, startPeriodSeconds", f"port: {wrong}, startPeriodSeconds"
+        )
+        repo.write("fleet.yaml", broken_health)
+        broken = repo.commit("beta with a wrong health port")
+        eventually(
+            lambda: "beta-0" in vms_by_name(daemon.status()), 60, "the rollout waiting for beta"
+        )
+        repo.write("fleet.yaml", fleet_text(ports))
+        fixed = repo.commit("beta: the right health port")
+        status = eventually(
+            lambda: (
+                (s := daemon.status())["applied_revision"] == fixed
+                and healthy_names(s) == {"alpha-0", "beta-0"}
+                and s
+            ),
+            100,
+            "the fix converging",
+        )
+        events = daemon.get("/api/events")
+        superseded = [e for e in events if e["kind"] == "revision-superseded"]
+        assert superseded, events
+        assert superseded[0]["subject"] == broken[:12]
+        assert status["last_error"] is None
+        assert supervisor_counts(state) == {"alpha-0": 1, "beta-0": 1}

@@ -51,7 +51,7 @@ class CommitVerifier(Protocol):
 
 @dataclass
 class CycleResult:
-    outcome: str  # "applied" | "no_changes" | "failed" | "skipped"
+    outcome: str  # "applied" | "no_changes" | "failed" | "skipped" | "superseded"
     head: str | None
     converged_to: str | None  # the revision the fleet was converged onto this cycle
     error: str | None = None
@@ -67,6 +67,8 @@ class ReconcileCycle:
     host: Host
     cache_dir: Path
     verify: CommitVerifier | None = None
+    newer_than: Callable[[str], bool] = lambda revision: False
+    """Whether a revision newer than the given one waits: a rollout stops waiting for health."""
     backoff: Backoff = field(default_factory=Backoff)
     clock: Callable[[], float] = time.time
     event: Callable[[str, str, str], None] = lambda kind, subject, message: None
@@ -152,7 +154,7 @@ class ReconcileCycle:
         plan = suspend_plan(diff(desired, observed), store.suspensions())
         if not plan.has_changes:
             unsettled = self.host.settle_health(
-                observed, fence, say=lambda line: log.info("%s", line)
+                observed, fence, say=self._say, superseded=lambda: self.newer_than(target)
             )
             if unsettled:
                 sick = "; ".join(f"{vm}: {why}" for vm, why in sorted(unsettled.items()))
@@ -175,14 +177,19 @@ class ReconcileCycle:
                 self.loader.source.checkout(target),
                 self.cache_dir,
                 fence=fence,
-                say=lambda line: log.info("%s", line),
+                say=self._say,
                 record_revision=is_head,
+                superseded=(lambda: self.newer_than(target)) if is_head else (lambda: False),
             )
         except _EXECUTION_ERRORS as err:
             if is_head:
                 # Nothing was changed (builds fail before any VM is touched): heal instead.
                 return self._heal(fence, head, self._refuse(target, str(err)))
             return CycleResult("failed", head, None, error=f"{problem}; healing failed: {err}")
+        if report.superseded is not None:
+            self.event("revision-superseded", target[:12], report.superseded)
+            log.info("rollout of %s superseded: %s", target[:12], report.superseded)
+            return CycleResult("superseded", head, None, error=None, actions=len(report.applied))
         result = CycleResult(
             "applied" if report.ok else "failed",
             head,
@@ -199,10 +206,22 @@ class ReconcileCycle:
             if is_head:
                 delay = self.backoff.failed(target, self.clock(), unhealthy)
                 self.event("revision-failed", target[:12], f"{unhealthy}; retry in {delay:.0f} s")
+            return result
+        # VMs updated in place, or left by a superseded rollout, may not be judged yet.
+        unsettled = self.host.settle_health(
+            store.observed(), fence, say=self._say, superseded=lambda: self.newer_than(target)
+        )
+        if unsettled:
+            result.outcome = "failed"
+            result.error = "; ".join(f"{vm}: {why}" for vm, why in sorted(unsettled.items()))
         elif is_head:
             self.backoff.succeeded()
             self.event("revision-applied", target[:12], f"{len(report.applied)} action(s), healthy")
         return result
+
+    @staticmethod
+    def _say(line: str) -> None:
+        log.info("%s", line)
 
 
 def _one_line(revision: str | None, err: SourceError | ManifestError) -> str:

@@ -43,6 +43,8 @@ from reconciler.state import FLEET_WIDE, SQLiteStateStore
 
 log = logging.getLogger("reconciler.daemon")
 
+HEAD_CHECK_SECONDS = 3.0
+
 
 def open_lease(settings: DaemonSettings) -> Lease:
     if settings.lease == "file":
@@ -89,8 +91,11 @@ class Daemon:
             self.host,
             settings.cache_dir,
             verify=self._verifier(),
+            newer_than=self._newer_head_waits,
             event=self._event,
         )
+        self._head_checked_at = 0.0
+        self._newer_head: str | None = None
         self.lease = lease if lease is not None else open_lease(settings)
         self.elector = Elector(
             self.lease,
@@ -121,6 +126,22 @@ class Daemon:
         verifier.prepare()  # a bad key file or a missing gpg fails the start, not the first poll
         repo_path = self.source.repo_path
         return lambda sha: verifier.verify(repo_path, sha)
+
+    def _newer_head_waits(self, revision: str) -> bool:
+        """Asked while a rollout of ``revision`` waits for health: has a trigger (a webhook, a
+        commit seen by the file watch, a poll) brought a different head? Checked at most every
+        few seconds, since a remote needs a fetch."""
+        if not self.queue.pending() or self._stopping.is_set():
+            return False
+        now = time.monotonic()
+        if now - self._head_checked_at >= HEAD_CHECK_SECONDS:
+            self._head_checked_at = now
+            try:
+                self.source.fetch()
+                self._newer_head = self.source.resolve(None)
+            except ReconcilerError:
+                self._newer_head = None
+        return self._newer_head is not None and self._newer_head != revision
 
     # -- elector callbacks (elector thread: no store, no runtimes here) ---------------------
 

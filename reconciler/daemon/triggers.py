@@ -39,6 +39,11 @@ class TriggerQueue:
                 self.first_at = time.monotonic()
             self._condition.notify_all()
 
+    def pending(self) -> bool:
+        """Whether a trigger waits (without taking it)."""
+        with self._condition:
+            return bool(self._reasons)
+
     def wake(self) -> None:
         """Wake the worker without a reason (leadership changed, shutdown)."""
         with self._condition:

@@ -24,7 +24,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from builders.matrix import MatrixBuilder
-from reconciler.errors import BuildError, NotImplementedFeatureError, VMRuntimeError
+from reconciler.errors import (
+    BuildError,
+    NotImplementedFeatureError,
+    SupersededError,
+    VMRuntimeError,
+)
 from reconciler.execution.health import judge_health
 from reconciler.execution.launch import launch_config
 from reconciler.execution.vms import runtime_for, spec_of, vm_dir, vm_spec
@@ -49,6 +54,7 @@ class ApplyReport:
     unhealthy: dict[str, str] = field(default_factory=dict)
     rolled_back: list[str] = field(default_factory=list)
     builds: dict[str, int] = field(default_factory=dict)  # built / cached / failed counts
+    superseded: str | None = None  # why the rollout stopped early for a newer revision
 
     @property
     def ok(self) -> bool:
@@ -64,6 +70,8 @@ class Executor:
     network: Network | None
     say: Callable[[str], None] = print
     fence: Fence | None = None
+    superseded: Callable[[], bool] = lambda: False
+    """True when a newer revision waits (the daemon): health waits stop, nothing rolls back."""
     record_revision: bool = True
     """False when re-converging onto the last applied revision (the daemon healing drift while a
     newer revision is refused): that is not an attempt, and must not hide the refused one."""
@@ -76,11 +84,11 @@ class Executor:
             # (a recorded VM is adopted or recreated), so the plan finishes the job.
             self.say(f"resuming after an interrupted {intent.action} of {intent.vm}")
             self.store.complete_intent(intent.id, "interrupted")
+        report = ApplyReport()
         try:
             for action in plan.actions:  # a runtime that does not exist fails before any change
                 if action.vm in desired.vms:
                     runtime_for(self.runtimes, desired.vms[action.vm].runtime)
-            report = ApplyReport()
             artifacts = self._build(plan, desired, report)
             for wave in sorted({a.wave for a in plan.actions}):
                 actions = [a for a in plan.actions if a.wave == wave]
@@ -96,6 +104,13 @@ class Executor:
                     # wave go back to what they ran, and the untouched ones keep serving.
                     report.rolled_back = self._roll_back(sorted(report.unhealthy))
                     break
+        except SupersededError as err:
+            # The VMs started so far keep running; the newer revision's plan takes them from
+            # here (or the next cycle judges their health), so there is nothing to roll back.
+            if self.record_revision:
+                self.store.record_revision(revision, outcome="failed", message=str(err))
+            report.superseded = str(err)
+            return report
         except (BuildError, VMRuntimeError, NotImplementedFeatureError) as err:
             if self.record_revision:
                 self.store.record_revision(revision, outcome="failed", message=str(err))
@@ -275,7 +290,14 @@ class Executor:
         self.network.sync_firewall(addresses, depends_on)
 
     def _health(self, spec: VMSpec) -> tuple[bool, str]:
-        return judge_health(self.store, self.runtimes, self.state_dir, spec.name, self.say)
+        return judge_health(
+            self.store,
+            self.runtimes,
+            self.state_dir,
+            spec.name,
+            say=self.say,
+            superseded=self.superseded,
+        )
 
     def _remove(self, vm: ObservedVM) -> None:
         self._guard(f"removing {vm.name}")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
+from reconciler.errors import SupersededError
 from reconciler.execution.launch import launch_config
 from reconciler.execution.vms import runtime_for, spec_of
 from reconciler.model import RuntimeKind, VMState
@@ -55,8 +56,10 @@ def wait_healthy(
     alive: Callable[[], bool],
     sleep: Callable[[float], None] = time.sleep,
     now: Callable[[], float] = time.monotonic,
+    superseded: Callable[[], bool] = lambda: False,
 ) -> tuple[bool, str]:
-    """Wait until the VM is healthy or cannot become so; ``(healthy, why)``."""
+    """Wait until the VM is healthy or cannot become so; ``(healthy, why)``. Raises
+    ``SupersededError`` as soon as ``superseded()`` says a newer revision waits."""
     health = health or {"kind": "console"}
     start_period = float(str(health.get("startPeriodSeconds") or DEFAULT_START_SECONDS))
     interval = float(str(health.get("intervalSeconds") or 2.0))
@@ -66,6 +69,8 @@ def wait_healthy(
     deadline = now() + max(start_period, DEFAULT_START_SECONDS)
     last = "the guest has not reported yet"
     while now() < deadline:
+        if superseded():
+            raise SupersededError(f"a newer revision arrived; stopped waiting ({last})")
         markers = read_markers(console_log)
         exited = last_event(markers, "workload-exited")
         started = last_event(markers, "workload-started")
@@ -101,7 +106,9 @@ def judge_health(
     runtimes: Mapping[RuntimeKind, Runtime],
     state_dir: Path,
     name: str,
+    *,
     say: Callable[[str], None],
+    superseded: Callable[[], bool] = lambda: False,
 ) -> tuple[bool, str]:
     """Wait for the verdict on VM ``name`` and record it (with its state and pid) in the store."""
     vm = store.observed().vms[name]
@@ -112,6 +119,7 @@ def judge_health(
         launch_config(vm.settings).health,
         vm.address,
         alive=lambda: runtime.status(spec).state is VMState.RUNNING,
+        superseded=superseded,
     )
     status = runtime.status(spec)
     store.put_vm(replace(vm, healthy=healthy, state=status.state, pid=status.pid, detail=why))

@@ -48,6 +48,7 @@ class Host:
         fence: Fence | None = None,
         say: Callable[[str], None] = print,
         record_revision: bool = True,
+        superseded: Callable[[], bool] = lambda: False,
     ) -> ApplyReport:
         """Build what ``plan`` starts and execute it, wave by wave, on this host."""
         network = Network(
@@ -68,6 +69,7 @@ class Host:
                 say=say,
                 fence=fence,
                 record_revision=record_revision,
+                superseded=superseded,
             )
             return executor.apply(plan, desired)
         finally:
@@ -78,6 +80,7 @@ class Host:
         observed: ObservedFleet,
         fence: Fence | None = None,
         say: Callable[[str], None] = print,
+        superseded: Callable[[], bool] = lambda: False,
     ) -> dict[str, str]:
         """Judge the running VMs whose health nobody knows: adopted from a reconciler that died
         (or lost its lease) between starting them and seeing them healthy. Returns the
@@ -87,7 +90,14 @@ class Host:
             if vm.state is VMState.RUNNING and vm.healthy is None:
                 if fence is not None:
                     fence.check(f"judging the health of {vm.name}")
-                healthy, why = judge_health(self.store, self.runtimes, self.state_dir, vm.name, say)
+                healthy, why = judge_health(
+                    self.store,
+                    self.runtimes,
+                    self.state_dir,
+                    vm.name,
+                    say=say,
+                    superseded=superseded,
+                )
                 if not healthy:
                     unhealthy[vm.name] = why
         return unhealthy
