@@ -90,6 +90,10 @@ def test_commits_converge_bad_revisions_are_refused_and_drift_is_healed(tmp_path
         )
         assert cli_status["attempted_revision"] == broken
         assert cli_status["last_error"]
+        # While a daemon manages the state directory, a one-off apply is refused.
+        refused = reconciler("apply", "--repo", str(repo.path), "--state-dir", str(state))
+        assert refused.returncode == 1
+        assert "manages this state directory" in refused.stderr
 
         # Drift: a VM killed by hand is restored (reconcile --now instead of the slow poll).
         alpha = vms_by_name(daemon.status())["alpha-0"]

@@ -36,9 +36,11 @@ def register(commands: Any) -> None:
     add_cache_option(daemon)
     daemon.add_argument(
         "--lease",
-        default="file",
+        default=os.environ.get("RECONCILER_LEASE", "file"),
         help="leader election: 'file' (flock in the state directory, one host) or a "
-        "postgresql:// URL (replicas on several hosts); default: file",
+        "postgresql:// URL (replicas on several hosts); default: $RECONCILER_LEASE, else file. "
+        "Prefer the variable (or ~/.pgpass) for a URL with a password: arguments are visible "
+        "to every user in ps",
     )
     daemon.add_argument("--lease-duration", type=float, default=15.0, metavar="S")
     daemon.add_argument("--renew-deadline", type=float, default=10.0, metavar="S")
