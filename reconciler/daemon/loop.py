@@ -86,6 +86,8 @@ class Daemon:
             settings.repo, ref=settings.ref, cache_dir=settings.state_dir / "git", fetch=False
         )
         self.source = source
+        if not source.remote:
+            source.resolve(None)  # a local repository that is not there is a typo: fail now
         self.cycle = ReconcileCycle(
             RevisionLoader(source=source, subpath=settings.path),
             self.host,
@@ -205,6 +207,8 @@ class Daemon:
         return 0
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self._stopping.is_set():
+            return  # the same signal sent to the process and to its group
         log.info(
             "%s: finishing the cycle in flight, then releasing the lease",
             signal.Signals(signum).name,
