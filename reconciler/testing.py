@@ -128,9 +128,6 @@ class MemoryStateStore:
                 self.fence.refuse("a state write", f"term {self._term} leads")
         self._version += 1
 
-    def term(self) -> int:
-        return self._term
-
     def claim_term(self, fence: Fence) -> None:
         if self._term > fence.term:
             fence.refuse("claiming the store", f"term {self._term} already leads")
@@ -150,9 +147,13 @@ class MemoryStateStore:
 
     def suspend(self, workload: str | None, reason: str = "") -> None:
         self._suspensions[workload or FLEET_WIDE] = reason
+        self.record_event("suspended", workload or "fleet", reason or "by the operator")
 
     def resume(self, workload: str | None) -> bool:
-        return self._suspensions.pop(workload or FLEET_WIDE, None) is not None
+        if self._suspensions.pop(workload or FLEET_WIDE, None) is None:
+            return False
+        self.record_event("resumed", workload or "fleet", "by the operator")
+        return True
 
     def suspensions(self) -> dict[str, str]:
         return dict(self._suspensions)

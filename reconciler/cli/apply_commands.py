@@ -105,11 +105,7 @@ def run_status(args: argparse.Namespace) -> int:
         suspended = host.store.suspensions()
     finally:
         host.close()
-    status = fleet_status(observed, applied, attempted)
-    status["suspended"] = {
-        "fleet": FLEET_WIDE in suspended,
-        "workloads": sorted(w for w in suspended if w != FLEET_WIDE),
-    }
+    status = fleet_status(observed, applied, attempted, suspended)
     status["leader"] = (
         {"holder": leader["holder"], "term": leader["term"], "url": leader["url"]}
         if leader

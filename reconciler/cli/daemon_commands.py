@@ -189,7 +189,6 @@ def run_suspend(args: argparse.Namespace) -> int:
     store = open_state_store(state_dir(args))
     try:
         store.suspend(args.workload, args.reason)
-        store.record_event("suspended", args.workload or "fleet", args.reason or "by the operator")
     finally:
         store.close()
     what = args.workload or "the whole fleet"
@@ -202,7 +201,6 @@ def run_resume(args: argparse.Namespace) -> int:
     try:
         if not store.resume(args.workload):
             raise ConfigError(f"{args.workload or 'the fleet'} is not suspended")
-        store.record_event("resumed", args.workload or "fleet", "by the operator")
     finally:
         store.close()
     print(f"resumed {args.workload or 'the whole fleet'}")

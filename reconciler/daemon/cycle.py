@@ -32,6 +32,7 @@ from reconciler.errors import (
     SourceError,
     VMRuntimeError,
 )
+from reconciler.execution.health import describe_problems
 from reconciler.execution.host import Host
 from reconciler.leadership.fence import Fence
 from reconciler.model import DesiredFleet
@@ -157,8 +158,7 @@ class ReconcileCycle:
                 observed, fence, say=self._say, superseded=lambda: self.newer_than(target)
             )
             if unsettled:
-                sick = "; ".join(f"{vm}: {why}" for vm, why in sorted(unsettled.items()))
-                return CycleResult("failed", head, target, error=sick)
+                return CycleResult("failed", head, target, error=describe_problems(unsettled))
             if is_head:
                 applied = store.applied_revision()
                 if applied is None or applied.revision != target:
@@ -199,9 +199,7 @@ class ReconcileCycle:
             builds=dict(report.builds),
         )
         if not report.ok:
-            unhealthy = "; ".join(f"{vm}: {why}" for vm, why in sorted(report.unhealthy.items()))
-            if report.rolled_back:
-                unhealthy += "; rolled back " + ", ".join(report.rolled_back)
+            unhealthy = report.problems()
             result.error = unhealthy if problem is None else f"{problem}; {unhealthy}"
             if is_head:
                 delay = self.backoff.failed(target, self.clock(), unhealthy)
@@ -213,7 +211,7 @@ class ReconcileCycle:
         )
         if unsettled:
             result.outcome = "failed"
-            result.error = "; ".join(f"{vm}: {why}" for vm, why in sorted(unsettled.items()))
+            result.error = describe_problems(unsettled)
         elif is_head:
             self.backoff.succeeded()
             self.event("revision-applied", target[:12], f"{len(report.applied)} action(s), healthy")

@@ -182,7 +182,7 @@ class Daemon:
                 "daemon %s serving on %s, lease %s",
                 self.settings.identity,
                 self.server.url,
-                "file" if self.settings.lease == "file" else "postgresql",
+                self.settings.lease_kind,
             )
             elector_thread.start()
             poller.start()
@@ -263,9 +263,7 @@ class Daemon:
         started, cpu = time.monotonic(), time.process_time()
         try:
             result = self.cycle.run(fence)
-        except StaleTermError as err:
-            result = CycleResult("failed", None, None, error=str(err))
-        except ReconcilerError as err:
+        except ReconcilerError as err:  # a refused (stale-term) write among them
             result = CycleResult("failed", None, None, error=str(err))
         except Exception as exc:  # the daemon outlives any one bug; the operator sees it
             log.exception("reconcile cycle crashed")
@@ -349,22 +347,20 @@ class Daemon:
             "term": fence.term if is_leader and fence else (holder.term if holder else 0),
             "holder": self.settings.identity if is_leader else (holder.holder if holder else ""),
             "me": self.settings.identity,
-            "lease": "file" if self.settings.lease == "file" else "postgresql",
+            "lease": self.settings.lease_kind,
             "lease_error": self.elector.last_error,
         }
 
     def status(self) -> dict[str, Any]:
         with self._reader() as store:
             status = fleet_status(
-                store.observed(), store.applied_revision(), store.attempted_revision()
+                store.observed(),
+                store.applied_revision(),
+                store.attempted_revision(),
+                store.suspensions(),
             )
-            suspended = store.suspensions()
         status["fleet"] = self.cycle.fleet_name
         status["leader"] = self._leader()
-        status["suspended"] = {
-            "fleet": FLEET_WIDE in suspended,
-            "workloads": sorted(w for w in suspended if w != FLEET_WIDE),
-        }
         result = self.last_result
         status["daemon"] = {
             "id": self.settings.identity,
@@ -422,12 +418,10 @@ class Daemon:
     def suspend(self, workload: str | None, reason: str) -> None:
         with self._reader() as store:
             store.suspend(workload, reason)
-            store.record_event("suspended", workload or "fleet", reason or "by the operator")
 
     def resume(self, workload: str | None) -> None:
         with self._reader() as store:
             if not store.resume(workload):
                 raise ReconcilerError(f"{workload or 'the fleet'} is not suspended")
-            store.record_event("resumed", workload or "fleet", "by the operator")
         if self._claimed is not None:
             self.queue.request("resumed")

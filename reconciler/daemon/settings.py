@@ -29,6 +29,10 @@ class DaemonSettings:
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     watch: bool = True  # file watch when the repository is a local path
 
+    @property
+    def lease_kind(self) -> str:
+        return "file" if self.lease == "file" else "postgresql"
+
     def validated(self) -> DaemonSettings:
         self.lease_settings.validated()
         if self.poll_interval < 1:

@@ -30,7 +30,7 @@ from reconciler.errors import (
     SupersededError,
     VMRuntimeError,
 )
-from reconciler.execution.health import judge_health
+from reconciler.execution.health import describe_problems, judge_health
 from reconciler.execution.launch import launch_config
 from reconciler.execution.vms import runtime_for, spec_of, vm_dir, vm_spec
 from reconciler.leadership.fence import Fence
@@ -59,6 +59,13 @@ class ApplyReport:
     @property
     def ok(self) -> bool:
         return not self.unhealthy
+
+    def problems(self) -> str:
+        """One line: each unhealthy VM and why, then what was rolled back."""
+        text = describe_problems(self.unhealthy)
+        if self.rolled_back:
+            text += "; rolled back " + ", ".join(self.rolled_back)
+        return text
 
 
 @dataclass
@@ -120,10 +127,7 @@ class Executor:
         if report.ok:
             self.store.record_revision(revision, outcome="applied")
         else:
-            problems = "; ".join(f"{vm}: {why}" for vm, why in sorted(report.unhealthy.items()))
-            if report.rolled_back:
-                problems += "; rolled back " + ", ".join(report.rolled_back)
-            self.store.record_revision(revision, outcome="failed", message=problems)
+            self.store.record_revision(revision, outcome="failed", message=report.problems())
         return report
 
     def _guard(self, what: str) -> None:

@@ -101,6 +101,11 @@ def wait_healthy(
     return False, f"not healthy within {max(start_period, DEFAULT_START_SECONDS):g} s: {last}"
 
 
+def describe_problems(unhealthy: Mapping[str, str]) -> str:
+    """``vm: why; vm: why`` in name order, for one-line errors and revision records."""
+    return "; ".join(f"{vm}: {why}" for vm, why in sorted(unhealthy.items()))
+
+
 def judge_health(
     store: StateStore,
     runtimes: Mapping[RuntimeKind, Runtime],

@@ -7,22 +7,28 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from reconciler.model import ObservedFleet, VMState
-from reconciler.state import RevisionRecord
+from reconciler.state import FLEET_WIDE, RevisionRecord
 
 
 def fleet_status(
     observed: ObservedFleet,
     applied: RevisionRecord | None,
     attempted: RevisionRecord | None,
+    suspended: Mapping[str, str],
     *,
     now: float | None = None,
 ) -> dict[str, Any]:
-    """The JSON of ``reconciler status --format json``."""
+    """The JSON of ``reconciler status --format json``; ``suspended`` as the store keeps it."""
     now = time.time() if now is None else now
     return {
+        "suspended": {
+            "fleet": FLEET_WIDE in suspended,
+            "workloads": sorted(w for w in suspended if w != FLEET_WIDE),
+        },
         "applied_revision": applied.revision if applied else None,
         "attempted_revision": attempted.revision if attempted else None,
         "attempted_outcome": attempted.outcome if attempted else None,

@@ -82,11 +82,12 @@ class StateStore(Protocol):
         ...
 
     def suspend(self, workload: str | None, reason: str = "") -> None:
-        """Suspend one workload, or the fleet (``None``): the daemon leaves it as it runs."""
+        """Suspend one workload, or the fleet (``None``): the daemon leaves it as it runs.
+        Recorded in the events history with the suspension, in one write."""
         ...
 
     def resume(self, workload: str | None) -> bool:
-        """Lift a suspension; ``False`` when there was none."""
+        """Lift a suspension (and record it in the events); ``False`` when there was none."""
         ...
 
     def suspensions(self) -> dict[str, str]: ...

@@ -152,10 +152,6 @@ class SQLiteStateStore:
         row = self._db.execute("SELECT value FROM meta WHERE key='term'").fetchone()
         return int(row[0]) if row else 0
 
-    def term(self) -> int:
-        """The newest leadership term that claimed this store (0: never led)."""
-        return self._term()
-
     def claim_term(self, fence: Fence) -> None:
         """Make ``fence`` the fence of this store's writes and raise ``meta.term`` to its term,
         so writes of every older term are refused from now on. A newer term already claimed
@@ -202,12 +198,22 @@ class SQLiteStateStore:
                 "INSERT OR REPLACE INTO suspensions VALUES (?, ?, ?)",
                 (workload or FLEET_WIDE, reason, time.time()),
             )
+            self._db.execute(
+                "INSERT INTO events (at, kind, subject, message) VALUES (?, 'suspended', ?, ?)",
+                (time.time(), workload or "fleet", reason or "by the operator"),
+            )
 
     def resume(self, workload: str | None) -> bool:
         with self._write(fenced=False, bump=False):
             cursor = self._db.execute(
                 "DELETE FROM suspensions WHERE workload = ?", (workload or FLEET_WIDE,)
             )
+            if cursor.rowcount > 0:
+                self._db.execute(
+                    "INSERT INTO events (at, kind, subject, message) "
+                    "VALUES (?, 'resumed', ?, 'by the operator')",
+                    (time.time(), workload or "fleet"),
+                )
         return cursor.rowcount > 0
 
     def suspensions(self) -> dict[str, str]:
