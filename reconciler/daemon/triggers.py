@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -29,14 +28,11 @@ class TriggerQueue:
     def __init__(self) -> None:
         self._reasons: list[str] = []
         self._condition = threading.Condition()
-        self.first_at: float | None = None  # monotonic time of the oldest pending trigger
 
     def request(self, reason: str) -> None:
         with self._condition:
             if reason not in self._reasons:
                 self._reasons.append(reason)
-            if self.first_at is None:
-                self.first_at = time.monotonic()
             self._condition.notify_all()
 
     def pending(self) -> bool:
@@ -55,7 +51,6 @@ class TriggerQueue:
             if not self._reasons and (timeout is None or timeout > 0):
                 self._condition.wait(timeout)
             reasons, self._reasons = self._reasons, []
-            self.first_at = None
             return reasons
 
 

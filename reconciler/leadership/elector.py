@@ -87,11 +87,7 @@ class Elector:
         fence.renewed(started)
         self.fence = fence
         log.info("elected leader with term %d as %s", term, self.lease.holder)
-        try:
-            self._on_elected(fence)
-        except LeadershipError as err:
-            # A newer term claimed the state store while we were taking the lease.
-            self._step_down(fence, str(err))
+        self._on_elected(fence)
         return self.settings.retry
 
     def _renew(self, fence: Fence) -> float:
