@@ -28,10 +28,11 @@ from runtime.protocol import NetworkAttachment, VMSpec
 
 GOLDEN = Path(__file__).parent / "golden" / "firecracker"
 SWAGGER = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "reference"
-    / ("firecracker-swagger-v1.16.1.yaml")
+    Path(__file__).resolve().parents[1]
+    / "runtime"
+    / "firecracker"
+    / "spec"
+    / "firecracker-swagger-v1.16.1.yaml"
 )
 
 
