@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,3 +73,43 @@ def test_intents_survive_a_crash_until_completed(tmp_path: Path) -> None:
     reopened = open_state_store(tmp_path)
     assert [(i.vm, i.action) for i in reopened.open_intents()] == [("web-1", "create")]
     reopened.close()
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_a_new_state_directory_is_private(tmp_path: Path) -> None:
+    """Env values, events and the API token live here: nobody else may read them, whatever
+    the umask of the process that made them."""
+    state = tmp_path / "state"
+    store = open_state_store(state)
+    store.put_vm(running(fleet(workload("web", env={"DB_PASSWORD": "x"}))).vms["web-0"])
+    store.close()
+    assert _mode(state) == 0o700
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        if (state / name).exists():
+            assert _mode(state / name) == 0o600, name
+
+
+def test_an_open_state_directory_is_made_private_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state"
+    open_state_store(state).close()
+    state.chmod(0o755)
+    (state / "state.db").chmod(0o644)
+    open_state_store(state).close()
+    assert (_mode(state), _mode(state / "state.db")) == (0o700, 0o600)
+    assert "made private" in caplog.text
+
+
+@pytest.mark.root
+def test_a_state_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "theirs"
+    state.mkdir(mode=0o700)
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root to make a directory of another user (CI runs as root)")
+    os.chown(state, 4321, 4321)
+    with pytest.raises(StateError, match="belongs to uid 4321"):
+        open_state_store(state)

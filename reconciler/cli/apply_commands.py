@@ -69,6 +69,8 @@ def run_apply(args: argparse.Namespace) -> int:
                 )
             if saved.actions != plan.actions:
                 raise PlanError(f"{args.plan} no longer matches the revision; make a new plan")
+        # Only now, with the saved plan checked against what it saw, does this run act.
+        host.refresh()
         print(render_text(plan), end="")
         if not plan.has_changes:
             host.store.record_revision(revision, outcome="applied")
@@ -98,8 +100,8 @@ def run_status(args: argparse.Namespace) -> int:
     leader = running_leader(state_dir(args))
     host = open_host(args)
     try:
-        # With a daemon leading, only it may write the store: read what it last observed.
-        observed = host.store.observed() if leader else host.observe()
+        # Reading: observe without recording (with a daemon leading, only it may write).
+        observed = host.observe()
         applied = host.store.applied_revision()
         attempted = host.store.attempted_revision()
         suspended = host.store.suspensions()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -68,4 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entrypoint() -> NoReturn:
+    # Everything the reconciler writes (state, artifacts, VM directories, logs) is its owner's
+    # alone; a path that another identity must read is opened up explicitly where it is made.
+    os.umask(0o077)
     sys.exit(main())

@@ -151,7 +151,7 @@ class ReconcileCycle:
         is_head = target == head
         self.fleet_name = desired.fleet.name
         fence.check("observing the fleet")
-        observed = self.host.observe()
+        observed = self.host.refresh()
         plan = suspend_plan(diff(desired, observed), store.suspensions())
         if not plan.has_changes:
             unsettled = self.host.settle_health(

@@ -17,7 +17,7 @@ from builders.kernels import KernelRegistry
 from builders.matrix import MatrixBuilder
 from reconciler.execution.executor import ApplyReport, Executor
 from reconciler.execution.health import judge_health
-from reconciler.execution.observer import observe
+from reconciler.execution.observer import observe, record_observation
 from reconciler.leadership.fence import Fence
 from reconciler.model import DesiredFleet, ObservedFleet, Plan, RuntimeKind, VMState
 from reconciler.state import SQLiteStateStore, open_state_store
@@ -35,8 +35,12 @@ class Host:
     runtimes: dict[RuntimeKind, Runtime]
 
     def observe(self) -> ObservedFleet:
-        """Refresh the store from the runtimes (this writes: only the acting reconciler may)."""
+        """What runs now, read from the store and the runtimes; writes nothing."""
         return observe(self.store, self.runtimes, self.state_dir)
+
+    def refresh(self) -> ObservedFleet:
+        """Observe and record the observation: the acting reconciler's step, never a reader's."""
+        return record_observation(self.store, self.observe())
 
     def converge(
         self,

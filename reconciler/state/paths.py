@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from reconciler.errors import StateError
+
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
@@ -14,3 +16,46 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
         return Path(env["RECONCILER_STATE_DIR"]).expanduser()
     base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "~")) / ".local" / "state")
     return Path(base).expanduser() / "reconciler"
+
+
+# The state directory holds env values, events, the API token and every VM's console: nobody
+# but its owner may read it. Modes are checked at every start, not only at creation, because a
+# directory made by an older release (0755) or by hand must not stay open.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def private_state_dir(path: Path) -> list[str]:
+    """Create ``path`` private (0700), or make an existing one private; refuse one that belongs
+    to another user. Returns what was tightened, for a warning."""
+    try:
+        path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        info = path.stat()
+        if info.st_uid != os.geteuid():
+            raise StateError(
+                f"the state directory {path} belongs to uid {info.st_uid}, not to this user "
+                f"(uid {os.geteuid()}); use a --state-dir of your own"
+            )
+        tightened = []
+        if info.st_mode & 0o077:
+            os.chmod(path, PRIVATE_DIR_MODE)
+            tightened.append(f"{path} ({info.st_mode & 0o777:o} -> 700)")
+        return tightened
+    except OSError as exc:
+        raise StateError(
+            f"cannot open the state store in {path}: {exc.strerror}; "
+            "check --state-dir and its permissions"
+        ) from exc
+
+
+def private_file(path: Path) -> list[str]:
+    """Create ``path`` empty and 0600 if missing, else make it 0600; returns what was tightened."""
+    fd = os.open(path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o077:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+            return [f"{path} ({mode:o} -> 600)"]
+        return []
+    finally:
+        os.close(fd)

@@ -14,6 +14,7 @@ operator's history and switches, not fleet state, and are never fenced.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -24,7 +25,10 @@ from reconciler.errors import StateError
 from reconciler.leadership.fence import Fence
 from reconciler.model import ObservedFleet, ObservedVM, RuntimeKind, Target, VMState
 from reconciler.planning.suspend import FLEET_WIDE
+from reconciler.state.paths import private_file, private_state_dir
 from reconciler.state.protocol import Event, Intent, RevisionRecord
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _EVENTS_KEPT = 10_000
@@ -86,8 +90,12 @@ class SQLiteStateStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fence: Fence | None = None
+        tightened = private_state_dir(path.parent)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # SQLite gives the -wal and -shm files the database file's mode: 0600 for all three.
+            tightened += [
+                t for p in _store_files(path) if p.exists() or p == path for t in private_file(p)
+            ]
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in _write).
             self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -100,6 +108,8 @@ class SQLiteStateStore:
             raise StateError(
                 f"cannot open the state store {path}: {exc}; check --state-dir and its permissions"
             ) from exc
+        if tightened:
+            log.warning("made private what others could read: %s", ", ".join(tightened))
 
     def _add_missing_columns(self) -> None:
         """Columns added after a store was created (same schema version: additive only)."""
@@ -339,6 +349,10 @@ def _vm_from_row(row: tuple[object, ...]) -> ObservedVM:
         started_at=None if started_at is None else float(str(started_at)),
         restarts=int(str(restarts or 0)),
     )
+
+
+def _store_files(db: Path) -> list[Path]:
+    return [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
 
 
 def open_state_store(state_dir: Path) -> SQLiteStateStore:
