@@ -1,30 +1,65 @@
 """The ``executable`` target: a workload's source turned into one self-contained file.
 
-* python: PyInstaller ``--onefile`` in an isolated virtual environment (with the workload's
-  ``requirements.txt`` or ``pyproject.toml`` installed into it); needs only glibc on the target.
+* python: PyInstaller ``--onefile``; a workload with a ``requirements.txt`` or a
+  ``pyproject.toml`` first gets them installed into an isolated build environment that sees the
+  builder's PyInstaller but keeps the workload's packages to itself. Needs only glibc on the
+  target.
 * c: every ``*.c`` of the source directory compiled and linked statically (musl-gcc when
-  installed, else ``gcc -static``); ``build.options.cflags`` adds flags.
+  installed, else ``gcc -static``); ``build.options.cflags`` adds compiler flags and
+  ``build.options.ldflags`` libraries, both checked against ``reconciler.build_flags``.
 * binary: a prebuilt static x86-64 ELF inside the repository, taken as is after checking it.
 
-The same file runs on the host (the ``process`` runtime) and inside the unikernel and microVM
-images, which add the libraries it needs.
+Building runs the commit's code (a ``setup.py``, a build backend, headers of its choosing), so
+every step that reads the source runs in the build sandbox (``builders/sandbox.py``) on a copy
+of the source tree, and the output is taken back without following links. The same file runs on
+the host (the ``process`` runtime) and inside the unikernel and microVM images, which add the
+libraries it needs.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
+import posixpath
 import shutil
+import site
 import struct
-import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from builders.toolchain import require, require_pyinstaller, run
+from builders.sandbox import (
+    BUILD_ROOT,
+    NETWORK_ENV,
+    BuildSandbox,
+    Step,
+    copy_tree_in,
+    network_allowed,
+    take_output,
+)
+from builders.toolchain import require, require_pyinstaller
+from reconciler.build_flags import build_input_problems, checked_flags
 from reconciler.errors import BuildError
 from reconciler.model import Language
+
+SOURCE = f"{BUILD_ROOT}/src"  # the copy of the source tree, inside the sandbox
+OUTPUT = f"{BUILD_ROOT}/out/workload"
+OFFLINE_HINT = (
+    f"Builds have no network. If the workload's requirements need a package index, allow it "
+    f"with {NETWORK_ENV}=1 in the reconciler's environment (the build then shares the host's "
+    "network), or vendor them in the source tree."
+)
+# Run by the builder's own Python inside the sandbox: an empty environment over the system
+# site-packages whose .pth file adds the builder's packages (PyInstaller, pip) after its own.
+_MAKE_VENV = """\
+import os, sys, venv
+target, *paths = sys.argv[1:]
+venv.create(target, system_site_packages=True, with_pip=False, symlinks=True)
+version = "python%d.%d" % sys.version_info[:2]
+with open(os.path.join(target, "lib", version, "site-packages", "_builder.pth"), "w") as pth:
+    pth.write("".join(p + "\\n" for p in paths))
+"""
 
 
 def build_executable(
@@ -35,59 +70,110 @@ def build_executable(
     options: Mapping[str, str],
     output: Path,
     log: Path,
+    hidden: Sequence[Path] = (),
+    network: bool | None = None,
 ) -> None:
-    """Write the executable of ``source_dir`` to ``output``; failures raise ``BuildError``."""
-    if language is Language.C:
-        _build_c(source_dir, entrypoint, options, output, log)
-    elif language is Language.PYTHON:
-        _build_python(source_dir, entrypoint, output, log)
+    """Write the executable of ``source_dir`` to ``output``; failures raise ``BuildError``.
+
+    ``hidden``: host directories the build must not see (the state directory, the cache);
+    ``network``: whether installing requirements may reach a package index (default: the
+    operator's ``RECONCILER_BUILD_NETWORK``)."""
+    # Validation refused these already; checked again because the builder is the last line.
+    problems = build_input_problems(language.value, entrypoint, options)
+    if problems:
+        where, message = problems[0]
+        raise BuildError(f"spec.{'.'.join(where)}: {message}")
+    if network is None:
+        network = network_allowed()
+    if language is Language.BINARY:
+        _take_binary(source_dir, entrypoint, output)
     else:
-        _take_binary(source_dir / entrypoint, output)
+        with tempfile.TemporaryDirectory(prefix="reconciler-build-") as tmp:
+            work = Path(tmp)
+            sandbox = BuildSandbox(work, hidden=hidden, network=network)
+            copy_tree_in(source_dir, work / "src")
+            if language is Language.C:
+                _build_c(sandbox, entrypoint, options, log)
+                take_output(work, "out/workload", output)
+            else:
+                name = _build_python(sandbox, entrypoint, log)
+                take_output(work, f"dist/{name}", output)
     os.chmod(output, 0o755)
 
 
-def _build_c(
-    source_dir: Path, entrypoint: str, options: Mapping[str, str], output: Path, log: Path
-) -> None:
+def _build_c(sandbox: BuildSandbox, entrypoint: str, options: Mapping[str, str], log: Path) -> None:
     compiler = shutil.which("musl-gcc") or require("gcc")
-    sources = sorted(str(p.relative_to(source_dir)) for p in source_dir.rglob("*.c"))
-    if entrypoint not in sources:
-        sources.insert(0, entrypoint)
-    flags = shlex.split(options.get("cflags", ""))
-    run(
-        [compiler, "-static", "-O2", *flags, "-o", output, *sources],
-        cwd=source_dir,
+    cflags = checked_flags("cflags", options.get("cflags", ""))
+    ldflags = checked_flags("ldflags", options.get("ldflags", ""))
+    tree = sandbox.work / "src"
+    # "./" keeps a file named like a flag ("-fplugin=x.c") a file name on gcc's command line.
+    sources = sorted(f"./{p.relative_to(tree).as_posix()}" for p in tree.rglob("*.c"))
+    main = f"./{posixpath.normpath(entrypoint)}"
+    if main not in sources:
+        sources.insert(0, main)
+    (sandbox.work / "out").mkdir()
+    sandbox.run(
+        Step(
+            [compiler, "-static", "-O2", *cflags, "-o", OUTPUT, *sources, *ldflags],
+            cwd=SOURCE,
+        ),
         log=log,
         what=f"compiling {entrypoint}",
     )
 
 
-def _build_python(source_dir: Path, entrypoint: str, output: Path, log: Path) -> None:
+def _needs_install(tree: Path) -> list[str] | None:
+    """pip's arguments for the workload's own dependencies, or None when it has none (its own
+    modules are found in the source tree, so a project without dependencies needs no install)."""
+    requirements = tree / "requirements.txt"
+    if requirements.is_file() and not requirements.is_symlink():
+        lines = requirements.read_text(errors="replace").splitlines()
+        if any(line.strip() and not line.lstrip().startswith("#") for line in lines):
+            return ["-r", f"{SOURCE}/requirements.txt"]
+        return None
+    pyproject = tree / "pyproject.toml"
+    if pyproject.is_file() and not pyproject.is_symlink():
+        try:
+            project = tomllib.loads(pyproject.read_text(errors="replace")).get("project", {})
+        except tomllib.TOMLDecodeError as exc:
+            raise BuildError(f"pyproject.toml of the workload is not valid TOML: {exc}") from exc
+        if isinstance(project, dict) and project.get("dependencies"):
+            return [SOURCE]
+    return None
+
+
+def _build_python(sandbox: BuildSandbox, entrypoint: str, log: Path) -> str:
+    """Run PyInstaller in the sandbox; returns the name of the file it wrote under dist/."""
     require_pyinstaller()
-    with tempfile.TemporaryDirectory(prefix="reconciler-pyi-") as tmp:
-        work = Path(tmp)
-        python = sys.executable
-        requirements = source_dir / "requirements.txt"
-        if requirements.is_file() or (source_dir / "pyproject.toml").is_file():
-            # The workload's own dependencies go into a fresh environment that can see the
-            # builder's PyInstaller but keeps the workload's packages to itself.
-            venv = work / "venv"
-            run(
-                [sys.executable, "-m", "venv", "--system-site-packages", venv],
-                log=log,
-                what="creating the build environment",
-            )
-            python = str(venv / "bin" / "python")
-            target = ["-r", str(requirements)] if requirements.is_file() else [str(source_dir)]
-            run(
-                [python, "-m", "pip", "install", "--quiet", *target],
-                log=log,
-                what="installing the workload's requirements",
-            )
-        name = output.name
-        run(
+    python = sys.executable
+    install = _needs_install(sandbox.work / "src")
+    if install is not None:
+        venv = f"{BUILD_ROOT}/venv"
+        sandbox.run(
+            Step([sys.executable, "-I", "-c", _MAKE_VENV, venv, *site.getsitepackages()]),
+            log=log,
+            what="creating the build environment",
+        )
+        python = f"{venv}/bin/python"
+        offline = [] if sandbox.network else ["--no-index", "--no-build-isolation"]
+        sandbox.run(
+            Step(
+                [python, "-I", "-m", "pip", "install", "--quiet", *offline, *install],
+                # Relative paths in requirements.txt name files of the source tree; -I keeps
+                # the source directory off sys.path.
+                cwd=SOURCE,
+                network=sandbox.network,
+            ),
+            log=log,
+            what="installing the workload's requirements",
+            hint="" if sandbox.network else OFFLINE_HINT,
+        )
+    name = "workload"
+    sandbox.run(
+        Step(
             [
                 python,
+                "-I",
                 "-m",
                 "PyInstaller",
                 "--onefile",
@@ -98,20 +184,20 @@ def _build_python(source_dir: Path, entrypoint: str, output: Path, log: Path) ->
                 "--name",
                 name,
                 "--distpath",
-                work / "dist",
+                f"{BUILD_ROOT}/dist",
                 "--workpath",
-                work / "build",
+                f"{BUILD_ROOT}/pyinstaller",
                 "--specpath",
-                work,
+                f"{BUILD_ROOT}/pyinstaller",
                 "--paths",
-                source_dir,
-                source_dir / entrypoint,
-            ],
-            cwd=work,
-            log=log,
-            what=f"PyInstaller on {entrypoint}",
-        )
-        shutil.move(work / "dist" / name, output)
+                SOURCE,
+                f"{SOURCE}/{posixpath.normpath(entrypoint)}",
+            ]
+        ),
+        log=log,
+        what=f"PyInstaller on {entrypoint}",
+    )
+    return name
 
 
 def is_static_elf(data: bytes) -> bool | None:
@@ -129,9 +215,14 @@ def is_static_elf(data: bytes) -> bool | None:
     return True
 
 
-def _take_binary(path: Path, output: Path) -> None:
+def _take_binary(source_dir: Path, entrypoint: str, output: Path) -> None:
+    path = source_dir / entrypoint
+    # Validation checked the same; a link swapped in since must not make us copy a host file.
+    real = os.path.realpath(path)
+    if not real.startswith(os.path.realpath(source_dir) + os.sep):
+        raise BuildError(f"the binary {entrypoint} leaves the source directory")
     try:
-        data = path.read_bytes()
+        data = Path(real).read_bytes()
     except OSError as exc:
         raise BuildError(f"cannot read the binary {path}: {exc.strerror}") from exc
     static = is_static_elf(data)
@@ -142,24 +233,35 @@ def _take_binary(path: Path, output: Path) -> None:
             f"{path.name} is dynamically linked; the binary language needs a "
             "static executable (link with -static)"
         )
-    shutil.copyfile(path, output)
+    output.write_bytes(data)
 
 
 def shared_libraries(executable: Path) -> list[Path]:
     """The shared libraries a dynamic executable needs on the target, including what ``ldd``
     does not show: PyInstaller's bootloader loads libpython after unpacking, and libpython
     needs the rest of glibc (libm, libdl, libpthread, librt, libutil) without ``ldd`` seeing it.
+
+    The executable came out of a build of untrusted source, so ``ldd`` looks at it inside the
+    sandbox, and only libraries of the host's toolchain (regular files) are taken.
     """
     if is_static_elf(executable.read_bytes()[:65536]):
         return []
     ldd = require("ldd")
-    result = subprocess.run([ldd, str(executable)], capture_output=True, text=True, check=False)
+    with tempfile.TemporaryDirectory(prefix="reconciler-ldd-") as tmp:
+        sandbox = BuildSandbox(Path(tmp))
+        inside = "/inspect/workload"
+        listing = sandbox.output(
+            Step([ldd, inside], read_only=[(str(executable), inside)]),
+            what=f"listing the libraries of {executable.name}",
+        )
     found: set[Path] = set()
-    for line in result.stdout.splitlines():
-        parts = line.split()
-        for part in parts:
-            if part.startswith("/"):
-                found.add(Path(part))
+    for line in listing.splitlines():
+        for part in line.split():
+            if not part.startswith("/") or part.startswith(("/inspect/", "/build/", "/tmp/")):
+                continue
+            candidate = Path(part)
+            if candidate.is_file() and not part.startswith(("/proc/", "/dev/")):
+                found.add(candidate)
     libc = next((p for p in found if p.name.startswith("libc.so")), None)
     if libc is not None:
         for name in (

@@ -7,9 +7,10 @@
   to it, and an ext4 root built in one pass with ``mkfs.ext4 -d`` from a staging directory
   holding busybox, the init, the workload, its libraries and its config.
 
-Per-VM data (address, hostname, env, args, restart policy) is NOT in the image: the runtime
-passes it on the kernel command line as ``rc.`` overrides, so one artifact serves every replica
-and an env change is a restart, not a rebuild.
+Per-VM data (address, hostname, env, args, restart policy) is NOT in the image: at every start
+the runtime appends it to a per-VM copy of the initramfs as ``/etc/reconciler/vm.conf`` (see
+``runtime/guest_config.py``), so one artifact serves every replica and an env change is a
+restart, not a rebuild.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from builders.cache import ArtifactCache, CacheEntry, file_digest
 from builders.executable import build_executable
 from builders.images import build_microvm, build_unikernel, guest_init
 from builders.kernels import Kernel, KernelRegistry
+from builders.sandbox import network_allowed
 from builders.toolchain import pyinstaller_version, python_version, version_of
 from reconciler.errors import BuildError, ReconcilerError
 from reconciler.model import (
@@ -66,10 +67,16 @@ class BuildResult:
 
 
 def _toolchain(language: Language) -> dict[str, str]:
+    # The sandbox is part of the toolchain: it decides what a build can see.
     if language is Language.C:
-        return {"cc": version_of("musl-gcc") if shutil.which("musl-gcc") else version_of("gcc")}
+        cc = version_of("musl-gcc") if shutil.which("musl-gcc") else version_of("gcc")
+        return {"cc": cc, "sandbox": version_of("bwrap")}
     if language is Language.PYTHON:
-        return {"pyinstaller": pyinstaller_version(), "python": python_version()}
+        return {
+            "pyinstaller": pyinstaller_version(),
+            "python": python_version(),
+            "sandbox": version_of("bwrap"),
+        }
     return {}
 
 
@@ -82,11 +89,19 @@ class MatrixBuilder:
         cache: ArtifactCache,
         kernels: KernelRegistry,
         progress: Callable[[BuildEvent], None] | None = None,
+        *,
+        build_network: bool | None = None,
     ) -> None:
+        """``build_network``: may builds that need a package index reach the network (default:
+        ``RECONCILER_BUILD_NETWORK`` in the environment, off unless set)."""
         self.checkout_root = checkout_root
         self.cache = cache
         self.kernels = kernels
         self.progress = progress or (lambda event: None)
+        self.build_network = network_allowed() if build_network is None else build_network
+        # What a build must never see: the cache and the state directory that holds the
+        # kernel registry (and the API token, the state database, the lease files).
+        self.hidden = (cache.root, kernels.root, kernels.root.parent)
 
     def machine_inputs(
         self, workload: Workload, target: Target, kernel: Kernel | None, init: Path | None
@@ -202,6 +217,8 @@ class MatrixBuilder:
                 options=workload.build.options,
                 output=staging / EXECUTABLE_NAME,
                 log=log,
+                hidden=self.hidden,
+                network=self.build_network,
             )
         else:
             assert kernel is not None

@@ -26,6 +26,7 @@ APT_PACKAGE = {
     "make": "make",
     "ldd": "libc-bin",
     "qemu-system-x86_64": "qemu-system-x86",
+    "bwrap": "bubblewrap",
 }
 
 
