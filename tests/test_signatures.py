@@ -18,6 +18,7 @@ import pytest
 
 from reconciler.errors import ConfigError, SourceError
 from reconciler.source.signatures import SignatureVerifier, TrustedKeys
+from reconciler.source.verifier import VERDICT_SECONDS
 
 # Signing must not depend on the machine's git configuration either.
 ISOLATED = {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
@@ -389,3 +390,165 @@ def test_missing_tools_name_their_debian_package(
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     with pytest.raises(SourceError, match="git is not installed; install the Debian package git"):
         SignatureVerifier(trusted, tmp_path / "g").verify(repo.path, repo.shas["pgp"])
+
+
+# -- time, revocation and where trust comes from ---------------------------------------------------
+
+
+def _backdated(repo: Path, key: Path, keys: Keys) -> str:
+    env = {
+        **ISOLATED,
+        "GNUPGHOME": str(keys.gnupg),
+        "GIT_COMMITTER_DATE": "2020-06-01T00:00:00Z",
+        "GIT_AUTHOR_DATE": "2020-06-01T00:00:00Z",
+    }
+    run("git", "-C", str(repo), *_ssh(key), "commit", "-q", "--allow-empty", "-m", "old", env=env)
+    return run("git", "-C", str(repo), "rev-parse", "HEAD", env=env).strip()
+
+
+def test_an_ssh_key_past_its_valid_before_cannot_sign_by_backdating(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """git verify-commit checks SSH validity at the committer date, which the signer writes."""
+    clone = tmp_path / "fleet"
+    _git(clone.parent, "init", "-q", "-b", "main", str(clone), keys=keys)
+    _git(clone, "config", "user.name", "Operator", keys=keys)
+    _git(clone, "config", "user.email", "operator@example.invalid", keys=keys)
+    sha = _backdated(clone, keys.ssh_key, keys)
+    keytype, key = Path(f"{keys.ssh_key}.pub").read_text().split()[:2]
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f'* namespaces="git",valid-before="20210101" {keytype} {key}\n')
+    # What git itself says: good, since the commit claims to be from 2020.
+    config = f"gpg.ssh.allowedSignersFile={allowed}"
+    done = subprocess.run(
+        ["git", "-C", str(clone), "-c", config, "verify-commit", "--", sha],
+        capture_output=True,
+        env={**os.environ, **ISOLATED},
+        check=False,
+    )
+    assert done.returncode == 0
+    verifier = SignatureVerifier(TrustedKeys.from_paths([allowed]), tmp_path / "signatures")
+    with pytest.raises(SourceError) as caught:
+        verifier.verify(clone, sha)
+    assert str(caught.value).startswith(
+        f"commit {sha[:12]} is signed by SSH ed25519 key {keys.ssh_fpr}, which is trusted but "
+        "not valid now (key has expired: verify time "
+    )
+
+
+def test_ssh_validity_is_judged_at_the_injected_now_and_remembered_briefly(
+    repo: Repo, keys: Keys, tmp_path: Path
+) -> None:
+    keytype, key = Path(f"{keys.ssh_key}.pub").read_text().split()[:2]
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f'* namespaces="git",valid-before="20300101Z" {keytype} {key}\n')
+    now = [1893456000.0 - 60]  # a minute before 2030-01-01T00:00:00Z
+    verifier = SignatureVerifier(
+        TrustedKeys.from_paths([allowed]), tmp_path / "signatures", clock=lambda: now[0]
+    )
+    assert verifier.verify(repo.path, repo.shas["ssh"]).startswith("good SSH signature")
+    now[0] += 120  # past valid-before, but the verdict is still remembered
+    assert verifier.verify(repo.path, repo.shas["ssh"]).startswith("good SSH signature")
+    now[0] += VERDICT_SECONDS
+    with pytest.raises(SourceError, match="which is trusted but not valid now"):
+        verifier.verify(repo.path, repo.shas["ssh"])
+
+
+def test_revoked_ssh_keys_are_refused_from_a_key_list_or_a_krl(
+    repo: Repo, keys: Keys, tmp_path: Path
+) -> None:
+    public = Path(f"{keys.ssh_key}.pub")
+    krl = tmp_path / "revoked.krl"
+    run("ssh-keygen", "-q", "-k", "-f", str(krl), str(public))
+    other = tmp_path / "other.krl"
+    run("ssh-keygen", "-q", "-k", "-f", str(other), f"{keys.stranger_ssh_key}.pub")
+    for name, revoked in (("list", [public]), ("krl", [other, krl])):
+        trusted = TrustedKeys.from_paths([public], revoked)
+        verifier = SignatureVerifier(trusted, tmp_path / name)
+        with pytest.raises(SourceError) as caught:
+            verifier.verify(repo.path, repo.shas["ssh"])
+        assert str(caught.value) == (
+            f"commit {repo.shas['ssh'][:12]} is signed by SSH ed25519 key {keys.ssh_fpr}, which "
+            "is revoked (--revoked-key); sign it again with a trusted key that is not revoked"
+        )
+    # A KRL that revokes someone else changes nothing.
+    trusted = TrustedKeys.from_paths([public], [other])
+    assert SignatureVerifier(trusted, tmp_path / "o").verify(repo.path, repo.shas["ssh"])
+
+
+def _revocation(keys: Keys) -> str:
+    """The revocation certificate gpg made when it generated the signer's key."""
+    made = keys.gnupg / "openpgp-revocs.d" / f"{keys.pgp_fpr}.rev"
+    return made.read_text().replace(":-----BEGIN", "-----BEGIN")
+
+
+def test_openpgp_revocation_certificates_are_honoured(
+    repo: Repo, keys: Keys, tmp_path: Path
+) -> None:
+    certificate = tmp_path / "signer.rev"
+    certificate.write_text(_revocation(keys))
+    bundled = tmp_path / "signer-revoked.asc"
+    bundled.write_text(keys.pgp_armored.read_text() + _revocation(keys))
+    expected = (
+        f"commit {repo.shas['pgp'][:12]} is signed by a revoked OpenPGP key (Fleet Signer "
+        f"<signer@example.invalid>, key {keys.pgp_fpr[-16:]}); sign it again with a trusted key "
+        "that is not revoked"
+    )
+    for name, trusted in (
+        ("given", TrustedKeys.from_paths([keys.pgp_armored], [certificate])),
+        ("in-the-key-file", TrustedKeys.from_paths([bundled])),
+    ):
+        verifier = SignatureVerifier(trusted, tmp_path / name)
+        with pytest.raises(SourceError) as caught:
+            verifier.verify(repo.path, repo.shas["pgp"])
+        assert str(caught.value) == expected, name
+
+
+def test_a_key_added_to_the_keyring_by_other_means_is_not_trusted(
+    trusted: TrustedKeys, repo: Repo, keys: Keys, tmp_path: Path
+) -> None:
+    """Trust is computed from the key files, not listed from the keyring."""
+    work = tmp_path / "signatures"
+    SignatureVerifier(trusted, work).prepare()
+    (keyring,) = work.glob("gnupg-*")
+    stranger = subprocess.run(
+        ["gpg", "--homedir", str(keys.gnupg), "--export", keys.stranger_fpr],
+        capture_output=True,
+        check=True,
+    ).stdout
+    imported = subprocess.run(
+        ["gpg", "--homedir", str(keyring), "--batch", "--import"],
+        input=stranger,
+        capture_output=True,
+        check=False,
+    )
+    assert b"imported: 1" in imported.stderr  # (gpg also complains that no agent runs)
+    verifier = SignatureVerifier(trusted, work)  # reuses the keyring, now holding the stranger
+    with pytest.raises(SourceError) as caught:
+        verifier.verify(repo.path, repo.shas["pgp_stranger"])
+    assert str(caught.value) == (
+        f"commit {repo.shas['pgp_stranger'][:12]} is signed by OpenPGP key {keys.stranger_fpr} "
+        "(Stranger <stranger@example.invalid>), which is not trusted; sign it with a trusted "
+        "key, or trust this one with --trusted-key"
+    )
+    assert verifier.verify(repo.path, repo.shas["pgp"]).startswith("good OpenPGP signature")
+
+
+def test_revocation_files_are_sorted_and_checked(keys: Keys, tmp_path: Path) -> None:
+    public = Path(f"{keys.ssh_key}.pub")
+    krl = tmp_path / "k.krl"
+    run("ssh-keygen", "-q", "-k", "-f", str(krl), str(public))
+    cert = tmp_path / "signer.rev"
+    cert.write_text(_revocation(keys))
+    found = TrustedKeys.from_paths([public], [public, krl, cert])
+    assert found.revoked_ssh == (public,)
+    assert found.revoked_krl == (krl,)
+    assert found.revoked_openpgp == (cert,)
+    with pytest.raises(ConfigError, match="--revoked-key needs --trusted-key"):
+        TrustedKeys.from_paths([], [public])
+    junk = tmp_path / "junk"
+    junk.write_text("not a key\n")
+    with pytest.raises(ConfigError, match="neither an OpenPGP revocation certificate"):
+        TrustedKeys.from_paths([public], [junk])
+    with pytest.raises(ConfigError, match="cannot read the revoked key"):
+        TrustedKeys.from_paths([public], [tmp_path / "missing"])

@@ -2,6 +2,8 @@
 
 ``build`` loads the fleet at a revision (the same pipeline as ``diff``), then builds every listed
 target of every workload through the content-addressed cache. Exit 1 when anything failed.
+With ``--trusted-key`` nothing is built from a commit that is not signed by a trusted key: a
+build runs the repository's build steps, as root.
 """
 
 from __future__ import annotations

@@ -1,4 +1,12 @@
-"""Options shared by several commands, and turning them into the objects the commands use."""
+"""Options shared by several commands, and turning them into the objects the commands use.
+
+Every command that reads the fleet repository takes the same repository options from here:
+where it is (``--repo``, ``--path``, ``--ref``), how to authenticate to it
+(``--repo-credential-file`` or ``$RECONCILER_GIT_CREDENTIAL``, never the URL) and which keys
+its commits must be signed with (``--trusted-key``, ``--revoked-key``). ``apply``, ``build``
+and ``daemon`` act only on verified commits when keys are given; ``validate``, ``diff`` and
+``plan`` verify only when keys are given too.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +14,11 @@ import argparse
 import os
 from pathlib import Path
 
+from reconciler.errors import ConfigError
 from reconciler.pipeline import RevisionLoader
 from reconciler.source import open_source
+from reconciler.source.credentials import CREDENTIAL_ENV, GitCredential
+from reconciler.source.signatures import SignatureVerifier, TrustedKeys, VerifiedSource
 from reconciler.state import default_state_dir
 
 
@@ -15,13 +26,53 @@ def add_repo_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repo",
         default=".",
-        help="fleet repository: a local path or a git URL (default: the current directory)",
+        help="fleet repository: a local path or a git URL (default: the current directory); "
+        "give an HTTPS URL without user or token and the credential with "
+        "--repo-credential-file",
     )
     parser.add_argument(
         "--path", default="", help="sub-directory of the repository holding the manifests"
     )
     parser.add_argument(
-        "--ref", default=None, help="branch or tag to follow (default: HEAD / the default branch)"
+        "--ref",
+        default=None,
+        help="branch or tag to follow: refs/heads/NAME, refs/tags/NAME, or a NAME that is "
+        "only one of them (default: HEAD / the remote's default branch)",
+    )
+    parser.add_argument(
+        "--repo-credential-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"file holding user:token (or a token) for an HTTPS --repo (default: "
+        f"${CREDENTIAL_ENV}); never put it in the URL: arguments are visible in ps",
+    )
+    parser.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="act only on commits signed by this OpenPGP or SSH public key (repeatable); "
+        "without it nothing is verified",
+    )
+    parser.add_argument(
+        "--revoked-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an OpenPGP revocation certificate, SSH public keys or an OpenSSH KRL whose keys "
+        "no longer count (repeatable)",
+    )
+
+
+def add_history_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-non-descendant",
+        action="store_true",
+        help="apply a revision that does not descend from the applied one (a deliberate "
+        "rollback or a rewritten branch); refused otherwise",
     )
 
 
@@ -39,6 +90,40 @@ def state_dir(args: argparse.Namespace) -> Path:
     return chosen if chosen is not None else default_state_dir(os.environ)
 
 
+def repo_credential(args: argparse.Namespace) -> GitCredential | None:
+    """The repository credential from ``--repo-credential-file``, else the environment."""
+    path: Path | None = getattr(args, "repo_credential_file", None)
+    if path is not None:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the credential file {path}: {exc.strerror or exc}"
+            ) from exc
+        return GitCredential.parse(text, origin=str(path))
+    value = os.environ.get(CREDENTIAL_ENV)
+    if value:
+        return GitCredential.parse(value, origin=f"${CREDENTIAL_ENV}")
+    return None
+
+
+def trusted_keys(args: argparse.Namespace) -> TrustedKeys:
+    return TrustedKeys.from_paths(
+        getattr(args, "trusted_key", []), getattr(args, "revoked_key", [])
+    )
+
+
 def revision_loader(args: argparse.Namespace) -> RevisionLoader:
-    source = open_source(args.repo, ref=args.ref, cache_dir=state_dir(args) / "git")
-    return RevisionLoader(source=source, subpath=args.path)
+    """The fleet repository of the options; with trusted keys, one whose trees come only from
+    commits signed by them."""
+    keys = trusted_keys(args)  # a bad key file fails before any fetch
+    source = open_source(
+        args.repo, ref=args.ref, cache_dir=state_dir(args) / "git", credential=repo_credential(args)
+    )
+    if not keys:
+        return RevisionLoader(source=source, subpath=args.path)
+    verifier = SignatureVerifier(keys, state_dir(args) / "signatures")
+    verifier.prepare()
+    return RevisionLoader(
+        source=VerifiedSource(source, verifier, source.repo_path), subpath=args.path
+    )

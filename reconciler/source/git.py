@@ -1,9 +1,17 @@
 """``GitSource``: a fleet repository, local or remote, read at any revision with GitPython.
 
 A local path is read in place (no fetch, refs such as ``origin/main`` resolve as in the user's
-clone). A URL is mirrored (``git clone --mirror``, then ``git fetch --prune``) under the cache
-directory, so a fetch is incremental and a remote that goes away leaves the last fetched
+clone). A URL is mirrored under the cache directory (``git clone --bare``, then ``git fetch
+--prune``), so a fetch is incremental and a remote that goes away leaves the last fetched
 revisions usable. Exported trees are cached per commit SHA under ``<cache>/trees/``.
+
+The remote is untrusted: it chooses its ref names and what they point to. The mirror therefore
+holds only ``refs/heads/*`` and ``refs/tags/*`` (explicit refspecs: no ``refs/pull/*``, notes
+or anything else a hosting service publishes), and a revision name is qualified by
+``reconciler.source.refs`` before git sees it, so a tag cannot stand in for the followed branch
+and no name reaches git's command line as an option. A credential never appears in a URL that
+git, a log line or the mirror's configuration sees (``reconciler.source.credentials``), and every
+message that quotes git goes through ``reconciler.redact``.
 """
 
 from __future__ import annotations
@@ -13,13 +21,17 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Protocol
 
 import git
 
 from reconciler.errors import SourceError
+from reconciler.redact import redact_text
+from reconciler.source.credentials import GitCredential, RemoteAccess, remote_access
 from reconciler.source.export import extract_tree, remove_tree
+from reconciler.source.refs import check_revision_syntax, qualify
 
 log = logging.getLogger("reconciler.source")
 
@@ -31,6 +43,9 @@ if "GIT_SSH_COMMAND" not in os.environ and "GIT_SSH" not in os.environ:
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)", re.IGNORECASE)
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 KEEP_TREES = 32
+# What the mirror holds of the remote: branches and tags, nothing else it may publish.
+MIRROR_REFSPECS = ("+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
+_MIRRORED = ("refs/heads/", "refs/tags/")
 
 
 class Source(Protocol):
@@ -55,6 +70,11 @@ class Source(Protocol):
         """``the remote URL`` or ``the repository at PATH``, for messages."""
         ...
 
+    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        """Whether commit ``descendant`` is ``ancestor`` or descends from it (both full SHAs).
+        ``SourceError`` when either commit is not in the repository."""
+        ...
+
 
 def is_url(location: str) -> bool:
     """True for ``scheme://...`` and scp-like ``user@host:path``; anything else is a path."""
@@ -67,7 +87,9 @@ def _reason(exc: git.GitCommandError) -> str:
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     fatal = [ln for ln in lines if ln.startswith(("fatal:", "error:"))]
     text = (fatal or lines or [f"git exited with {exc.status}"])[-1]
-    return text.removeprefix("stderr: ").removeprefix("fatal: ").removeprefix("error: ")
+    return redact_text(
+        text.removeprefix("stderr: ").removeprefix("fatal: ").removeprefix("error: ")
+    )
 
 
 class GitSource:
@@ -80,17 +102,32 @@ class GitSource:
         ref: str | None = None,
         cache_dir: Path,
         fetch_timeout: float = 60.0,
+        credential: GitCredential | None = None,
     ) -> None:
-        self.location = location
+        if ref is not None:
+            check_revision_syntax(ref, "--ref")
         self.ref = ref
         self.cache_dir = cache_dir
         self.fetch_timeout = fetch_timeout
         self.remote = is_url(location)
+        self._access = RemoteAccess(location, credential)
         if self.remote:
+            self._access = remote_access(location, credential)
+            if self._access.from_url:
+                log.warning(
+                    "the --repo URL carries a user name or token, which every user of this "
+                    "host can read in the process list; put it in --repo-credential-file or "
+                    "$RECONCILER_GIT_CREDENTIAL and give the URL without it"
+                )
+            location = self._access.location
+            # Keyed by the URL without credential: a rotated token keeps the same mirror.
             key = hashlib.sha256(location.encode()).hexdigest()[:16]
             self.repo_path = cache_dir / "mirrors" / f"{key}.git"
         else:
+            if credential is not None:
+                log.warning("a repository credential is given but --repo is a local path")
             self.repo_path = Path(location).expanduser().resolve()
+        self.location = location  # never holds a credential
         self._repo: git.Repo | None = None
 
     def describe(self) -> str:
@@ -129,14 +166,18 @@ class GitSource:
         """
         if not self.remote:
             return
-        env = {**os.environ, **GIT_ENV}
+        # The credential travels in this environment only (see reconciler.source.credentials).
+        env = {**os.environ, **GIT_ENV, **self._access.git_env()}
+        auth = self._access.git_config_args()
         runner = git.Git()
         staging = self.repo_path.with_name(self.repo_path.name + ".tmp")
         try:
             if (self.repo_path / "HEAD").exists():
                 log.info("fetching %s", self.location)
+                self._configure_mirror(runner, self.repo_path)
+                fetch = ["fetch", "--prune", "--no-tags", "--quiet", "--end-of-options", "origin"]
                 runner.execute(
-                    ["git", "-C", str(self.repo_path), "fetch", "--prune", "--quiet", "origin"],
+                    ["git", "-C", str(self.repo_path), *auth, *fetch, *MIRROR_REFSPECS],
                     kill_after_timeout=self.fetch_timeout,
                     env=env,
                 )
@@ -144,11 +185,14 @@ class GitSource:
                 log.info("cloning %s", self.location)
                 self.repo_path.parent.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(staging, ignore_errors=True)  # left by a clone that was killed
+                # A bare clone takes branches and tags only, and the remote's default branch
+                # as HEAD; the URL it records is the one without credential.
                 runner.execute(
-                    ["git", "clone", "--mirror", "--quiet", "--", self.location, str(staging)],
+                    ["git", *auth, "clone", "--bare", "--quiet", "--", self.location, str(staging)],
                     kill_after_timeout=self.fetch_timeout,
                     env=env,
                 )
+                self._configure_mirror(runner, staging)
                 os.rename(staging, self.repo_path)
         except git.GitCommandError as exc:
             shutil.rmtree(staging, ignore_errors=True)
@@ -168,27 +212,98 @@ class GitSource:
             ) from exc
         self._repo = None  # reopen: refs and packs changed under the cached Repo
 
+    def _configure_mirror(self, runner: git.Git, path: Path) -> None:
+        """Make the mirror's configuration and refs what this module promises, also for a
+        mirror made by an older version (``clone --mirror``: every ref, and the URL as given,
+        credential included)."""
+        config = ["git", "--git-dir", str(path), "config"]
+        runner.execute([*config, "remote.origin.url", self.location])
+        runner.execute([*config, "--unset-all", "remote.origin.mirror"], with_exceptions=False)
+        runner.execute([*config, "--replace-all", "remote.origin.fetch", MIRROR_REFSPECS[0]])
+        runner.execute([*config, "--add", "remote.origin.fetch", MIRROR_REFSPECS[1]])
+        listed = str(
+            runner.execute(["git", "--git-dir", str(path), "for-each-ref", "--format=%(refname)"])
+        )
+        stray = [ref for ref in listed.splitlines() if ref and not ref.startswith(_MIRRORED)]
+        if stray:
+            with tempfile.TemporaryFile() as commands:
+                commands.write("".join(f"delete {ref}\n" for ref in stray).encode())
+                commands.seek(0)
+                runner.execute(
+                    ["git", "--git-dir", str(path), "update-ref", "--stdin"], istream=commands
+                )
+
+    def _refs(self) -> set[str]:
+        try:
+            listed = str(self.repo.git.for_each_ref("--format=%(refname)"))
+        except git.GitCommandError as exc:
+            raise SourceError(f"cannot list the refs of {self.describe()}: {_reason(exc)}") from exc
+        return {ref for ref in listed.splitlines() if ref}
+
     def resolve(self, rev: str | None = None) -> str:
         wanted = rev or self.ref or "HEAD"
-        candidates = [wanted]
-        if self.remote and wanted.startswith("origin/"):
-            # A mirror holds the remote's branches as local heads.
-            candidates.append(wanted.removeprefix("origin/"))
-        for candidate in candidates:
+        what = "revision" if rev else "--ref"
+        qualified = qualify(
+            wanted, self._refs(), mirror=self.remote, what=what, where=self.describe()
+        )
+        expression = qualified.expression
+        if qualified.abbreviation is not None:
+            expression = self._expand(qualified.abbreviation, wanted) + qualified.steps
+        try:
+            sha = str(
+                self.repo.git.rev_parse(
+                    "--verify", "--quiet", "--end-of-options", f"{expression}^{{commit}}"
+                )
+            ).strip()
+        except git.GitCommandError:
+            sha = ""
+        if not _SHA.match(sha):
+            raise SourceError(
+                f"unknown revision {wanted!r} in {self.describe()}; "
+                "give a branch, tag or commit that exists"
+            )
+        return sha
+
+    def _expand(self, prefix: str, wanted: str) -> str:
+        """The one commit whose SHA starts with ``prefix``; looked up among objects only, so
+        no ref of that name can stand in for it."""
+        try:
+            listed = str(self.repo.git.rev_parse(f"--disambiguate={prefix}"))
+        except git.GitCommandError:
+            listed = ""
+        commits = []
+        for sha in listed.split():
             try:
-                sha = str(
-                    self.repo.git.rev_parse(
-                        "--verify", "--quiet", "--end-of-options", f"{candidate}^{{commit}}"
-                    )
-                ).strip()
+                if str(self.repo.git.cat_file("-t", sha)).strip() == "commit":
+                    commits.append(sha)
             except git.GitCommandError:
                 continue
-            if _SHA.match(sha):
-                return sha
-        raise SourceError(
-            f"unknown revision {wanted!r} in {self.describe()}; "
-            "give a branch, tag or commit that exists"
-        )
+        if len(commits) > 1:
+            raise SourceError(
+                f"the revision {wanted!r} is ambiguous in {self.describe()}: "
+                f"{len(commits)} commits start with it; give more digits"
+            )
+        if not commits:
+            raise SourceError(
+                f"unknown revision {wanted!r} in {self.describe()}; "
+                "give a branch, tag or commit that exists"
+            )
+        return commits[0]
+
+    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        for sha in (ancestor, descendant):
+            if not _SHA.match(sha):
+                raise SourceError(f"{sha!r} is not a full commit SHA")
+        try:
+            self.repo.git.merge_base("--is-ancestor", "--end-of-options", ancestor, descendant)
+        except git.GitCommandError as exc:
+            if exc.status == 1:
+                return False
+            raise SourceError(
+                f"cannot tell whether {descendant[:12]} descends from {ancestor[:12]} in "
+                f"{self.describe()}: {_reason(exc)}"
+            ) from exc
+        return True
 
     def checkout(self, rev: str) -> Path:
         if not _SHA.match(rev):
@@ -239,10 +354,11 @@ class GitSource:
 
     def changed_paths(self, base: str, head: str) -> list[str]:
         """Paths that differ between two revisions (for logs)."""
+        old, new = self.resolve(base), self.resolve(head)
         try:
-            out = str(self.repo.git.diff("--name-only", base, head))
+            out = str(self.repo.git.diff("--name-only", "--end-of-options", old, new))
         except git.GitCommandError as exc:
-            raise SourceError(f"cannot compare {base} and {head}: {_reason(exc)}") from exc
+            raise SourceError(f"cannot compare {old[:12]} and {new[:12]}: {_reason(exc)}") from exc
         return [line for line in out.splitlines() if line]
 
 
@@ -253,10 +369,13 @@ def open_source(
     cache_dir: Path,
     fetch: bool = True,
     fetch_timeout: float = 60.0,
+    credential: GitCredential | None = None,
 ) -> GitSource:
     """A ready ``GitSource``. A remote is fetched first; when that fails but an earlier fetch
     left a mirror, a warning is logged and the last fetched revisions are served."""
-    source = GitSource(location, ref=ref, cache_dir=cache_dir, fetch_timeout=fetch_timeout)
+    source = GitSource(
+        location, ref=ref, cache_dir=cache_dir, fetch_timeout=fetch_timeout, credential=credential
+    )
     if fetch and source.remote:
         try:
             source.fetch()
