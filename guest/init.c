@@ -11,14 +11,18 @@
  *   @@reconciler {"event":"workload-exited","code":0,"t":3.001}
  *   @@reconciler {"event":"poweroff","t":3.010}
  *
- * Configuration: key=value lines in /etc/reconciler/init.conf (baked into the artifact: what to
- * run, which modules to load, which disk is the root), overridden or extended by rc.<key>=<value>
- * tokens on the kernel command line (per-VM data the runtime passes at boot: address, hostname,
- * env, args). Values with spaces are double-quoted on the command line.
+ * Configuration comes from two files and never from the kernel command line:
+ *   - /etc/reconciler/init.conf, key=value lines baked into the artifact (what to run, which
+ *     modules to load, which disk is the root);
+ *   - /etc/reconciler/vm.conf, the per-VM configuration the runtime writes at every start
+ *     (hostname, address, env, args, restart policy) into a small cpio archive appended to the
+ *     artifact's initramfs. Its records are length-prefixed, so any value (spaces, quotes,
+ *     newlines, non-ASCII, '=') arrives byte for byte; a malformed file is refused as a whole and
+ *     the workload does not start.
  *
  * Run as an ordinary process (not PID 1) it is in host mode: no mounts, modules, network or
- * power-off, just the workload, the markers, signal forwarding and the exit code. The tests drive
- * that mode: `reconciler-init --config FILE [--cmdline FILE]`.
+ * power-off, just the workload, the markers, signal forwarding and the exit code. The tests and
+ * the process runtime drive that mode: `reconciler-init --config FILE [--vm-config FILE]`.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -42,9 +46,19 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MAX_ITEMS 256
-#define MAX_LINE 4096
 #define DEFAULT_CONFIG "/etc/reconciler/init.conf"
+#define DEFAULT_VM_CONFIG "/etc/reconciler/vm.conf"
+/* The per-VM configuration: a magic line, then records "<key> <length>\n<value>\n", then
+ * "end 0\n\n". The cap matches the runtime's (MAX_CONFIG_BYTES); larger is refused, not cut. */
+#define VM_CONFIG_MAGIC "reconciler-vm-config 1\n"
+#define VM_CONFIG_MAX (1024 * 1024)
+
+/* A growable list of strings: nothing from a configuration is ever dropped for want of room. */
+struct list {
+    char **items;
+    size_t count;
+    size_t room;
+};
 
 struct config {
     char *exec;
@@ -58,16 +72,19 @@ struct config {
     char *restart;
     int grace;
     int poweroff;
-    char *args[MAX_ITEMS];
-    int nargs;
-    char *env[MAX_ITEMS];
-    int nenv;
-    char *modules[MAX_ITEMS];
-    int nmodules;
+    int boot_only;
+    struct list args;
+    struct list env;
+    struct list modules;
 };
 
 static int pid1;
 static volatile sig_atomic_t stop_requested;
+
+/* The per-VM configuration, read once (before a root switch hides the initramfs). */
+static char *vm_blob;
+static size_t vm_blob_len;
+static int vm_config_bad;
 
 static double now(void) {
     struct timespec ts;
@@ -112,20 +129,39 @@ static void error_marker(const char *fmt, ...) {
     fflush(stdout);
 }
 
+static void *xrealloc(void *p, size_t size) {
+    void *q = realloc(p, size);
+    if (!q) {
+        error_marker("out of memory");
+        _exit(125);
+    }
+    return q;
+}
+
+static char *xstrdup(const char *s) {
+    char *copy = strdup(s);
+    if (!copy) {
+        error_marker("out of memory");
+        _exit(125);
+    }
+    return copy;
+}
+
 static void set_scalar(char **slot, const char *value) {
     free(*slot);
-    *slot = strdup(value);
+    *slot = xstrdup(value);
 }
 
-static void add_item(char **items, int *count, const char *value, const char *what) {
-    if (*count >= MAX_ITEMS) {
-        error_marker("too many %s entries (max %d); ignoring %s", what, MAX_ITEMS, value);
-        return;
+static void add_item(struct list *list, const char *value) {
+    if (list->count + 1 >= list->room) {
+        list->room = list->room ? list->room * 2 : 16;
+        list->items = xrealloc(list->items, list->room * sizeof *list->items);
     }
-    items[(*count)++] = strdup(value);
+    list->items[list->count++] = xstrdup(value);
+    list->items[list->count] = NULL;
 }
 
-/* Apply one key=value; repeatable keys append, scalar keys replace. */
+/* Apply one key=value of init.conf; repeatable keys append, scalar keys replace. */
 static void apply(struct config *c, const char *key, const char *value) {
     if (!strcmp(key, "exec")) set_scalar(&c->exec, value);
     else if (!strcmp(key, "workdir")) set_scalar(&c->workdir, value);
@@ -138,18 +174,18 @@ static void apply(struct config *c, const char *key, const char *value) {
     else if (!strcmp(key, "restart")) set_scalar(&c->restart, value);
     else if (!strcmp(key, "grace")) c->grace = atoi(value);
     else if (!strcmp(key, "poweroff")) c->poweroff = atoi(value);
-    else if (!strcmp(key, "arg")) add_item(c->args, &c->nargs, value, "arg");
-    else if (!strcmp(key, "env")) add_item(c->env, &c->nenv, value, "env");
-    else if (!strcmp(key, "module")) add_item(c->modules, &c->nmodules, value, "module");
-    else if (!strcmp(key, "conf")) { /* handled before the file is read */ }
+    else if (!strcmp(key, "arg")) add_item(&c->args, value);
+    else if (!strcmp(key, "env")) add_item(&c->env, value);
+    else if (!strcmp(key, "module")) add_item(&c->modules, value);
     else error_marker("unknown config key %s", key);
 }
 
 static int read_config_file(struct config *c, const char *path) {
     FILE *f = fopen(path, "r");
     if (!f) return -1;
-    char line[MAX_LINE];
-    while (fgets(line, sizeof line, f)) {
+    char *line = NULL;
+    size_t size = 0;
+    while (getline(&line, &size, f) >= 0) {
         line[strcspn(line, "\r\n")] = 0;
         char *start = line;
         while (*start == ' ' || *start == '\t') start++;
@@ -162,75 +198,184 @@ static int read_config_file(struct config *c, const char *path) {
         *eq = 0;
         apply(c, start, eq + 1);
     }
+    free(line);
     fclose(f);
     return 0;
 }
 
-/* Split a kernel command line into tokens, honouring double quotes as the kernel does. */
-static int cmdline_tokens(char *text, char **tokens, int max) {
-    int n = 0;
-    char *p = text;
-    while (*p && n < max) {
-        while (*p == ' ' || *p == '\n' || *p == '\t') p++;
-        if (!*p) break;
-        char *out = p;
-        tokens[n++] = out;
-        int quoted = 0;
-        while (*p && (quoted || (*p != ' ' && *p != '\n' && *p != '\t'))) {
-            if (*p == '"') { quoted = !quoted; p++; continue; }
-            *out++ = *p++;
-        }
-        if (*p) p++;
-        *out = 0;
-    }
-    return n;
-}
-
-static char cmdline_buffer[MAX_LINE];
-static char *cmdline[MAX_ITEMS];
-static int ncmdline;
-
-static void load_cmdline(const char *path) {
+/* Read a whole file of at most `max` bytes; -1 with errno set, or -2 when it is larger. */
+static int read_whole(const char *path, size_t max, char **data, size_t *len) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return;
-    ssize_t n = read(fd, cmdline_buffer, sizeof cmdline_buffer - 1);
-    close(fd);
-    if (n <= 0) return;
-    cmdline_buffer[n] = 0;
-    ncmdline = cmdline_tokens(cmdline_buffer, cmdline, MAX_ITEMS);
-}
-
-static const char *cmdline_conf(void) {
-    for (int i = 0; i < ncmdline; i++)
-        if (!strncmp(cmdline[i], "rc.conf=", 8)) return cmdline[i] + 8;
-    return NULL;
-}
-
-static void apply_cmdline(struct config *c) {
-    for (int i = 0; i < ncmdline; i++) {
-        if (strncmp(cmdline[i], "rc.", 3)) continue;
-        char *key = strdup(cmdline[i] + 3);
-        char *eq = strchr(key, '=');
-        if (eq) {
-            *eq = 0;
-            apply(c, key, eq + 1);
+    if (fd < 0) return -1;
+    size_t used = 0, room = 4096;
+    char *buffer = xrealloc(NULL, room + 1);
+    for (;;) {
+        if (used == room) {
+            if (room > max) break;
+            room *= 2;
+            buffer = xrealloc(buffer, room + 1);
         }
-        free(key);
+        ssize_t n = read(fd, buffer + used, room - used);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) {
+            int err = errno;
+            close(fd);
+            free(buffer);
+            errno = err;
+            return -1;
+        }
+        if (n == 0) break;
+        used += (size_t)n;
     }
+    close(fd);
+    if (used > max) {
+        free(buffer);
+        return -2;
+    }
+    buffer[used] = 0;
+    *data = buffer;
+    *len = used;
+    return 0;
+}
+
+static int valid_env(const char *value) {
+    const char *eq = strchr(value, '=');
+    if (!eq || eq == value) return 0;
+    if (!(value[0] == '_' || (value[0] >= 'A' && value[0] <= 'Z') ||
+          (value[0] >= 'a' && value[0] <= 'z')))
+        return 0;
+    for (const char *p = value + 1; p < eq; p++)
+        if (!(*p == '_' || (*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') ||
+              (*p >= '0' && *p <= '9')))
+            return 0;
+    return 1;
+}
+
+/* Check the per-VM configuration and, with `c`, apply it. Returns 0, or -1 with the reason in
+ * `why`. Only per-VM keys are accepted: what runs, its modules and root disk come from the
+ * artifact alone. Every length is checked against what is left of the buffer. */
+static int parse_vm_config(struct config *c, const char *blob, size_t len, char *why,
+                           size_t why_size) {
+    size_t magic = strlen(VM_CONFIG_MAGIC);
+    if (len < magic || memcmp(blob, VM_CONFIG_MAGIC, magic)) {
+        snprintf(why, why_size, "not a reconciler-vm-config 1 file");
+        return -1;
+    }
+    size_t at = magic;
+    for (;;) {
+        char key[32];
+        size_t k = 0;
+        while (at < len && blob[at] != ' ' && k < sizeof key - 1) {
+            char ch = blob[at];
+            if (!((ch >= 'a' && ch <= 'z') || ch == '-')) {
+                snprintf(why, why_size, "bad key at byte %zu", at);
+                return -1;
+            }
+            key[k++] = ch;
+            at++;
+        }
+        key[k] = 0;
+        if (at >= len || blob[at] != ' ' || k == 0) {
+            snprintf(why, why_size, "bad record header at byte %zu", at);
+            return -1;
+        }
+        at++;
+        size_t value_len = 0;
+        int digits = 0;
+        while (at < len && blob[at] >= '0' && blob[at] <= '9' && digits < 8) {
+            value_len = value_len * 10 + (size_t)(blob[at] - '0');
+            at++;
+            digits++;
+        }
+        if (!digits || at >= len || blob[at] != '\n') {
+            snprintf(why, why_size, "bad length of %s at byte %zu", key, at);
+            return -1;
+        }
+        at++;
+        if (!strcmp(key, "end")) {
+            if (value_len != 0 || at + 1 != len || blob[at] != '\n') {
+                snprintf(why, why_size, "data after the end record");
+                return -1;
+            }
+            return 0;
+        }
+        if (value_len > len - at || len - at - value_len < 1 || blob[at + value_len] != '\n') {
+            snprintf(why, why_size, "record %s is truncated", key);
+            return -1;
+        }
+        const char *value = blob + at;
+        if (memchr(value, 0, value_len)) {
+            snprintf(why, why_size, "record %s holds a NUL byte", key);
+            return -1;
+        }
+        char *copy = xrealloc(NULL, value_len + 1);
+        memcpy(copy, value, value_len);
+        copy[value_len] = 0;
+        at += value_len + 1;
+        int ok = 1;
+        if (!strcmp(key, "env")) {
+            ok = valid_env(copy);
+            if (ok && c) add_item(&c->env, copy);
+        } else if (!strcmp(key, "arg")) {
+            if (c) add_item(&c->args, copy);
+        } else if (!strcmp(key, "hostname") || !strcmp(key, "ip") || !strcmp(key, "gateway") ||
+                   !strcmp(key, "restart")) {
+            if (c) apply(c, key, copy);
+        } else if (!strcmp(key, "boot-only")) {
+            if (c) c->boot_only = !strcmp(copy, "1");
+        } else {
+            snprintf(why, why_size, "unknown key %s", key);
+            free(copy);
+            return -1;
+        }
+        free(copy);
+        if (!ok) {
+            snprintf(why, why_size, "record %s is not NAME=value", key);
+            return -1;
+        }
+    }
+}
+
+/* Read the per-VM configuration once. A missing file means no per-VM data (a test boot, the
+ * KVM canary); anything unreadable or malformed stops the boot before the workload runs. */
+static void load_vm_config(const char *path, int required) {
+    char why[160];
+    int got = read_whole(path, VM_CONFIG_MAX, &vm_blob, &vm_blob_len);
+    if (got == -1 && errno == ENOENT && !required) return;
+    if (got == -1) {
+        error_marker("cannot read the VM configuration %s: %s", path, strerror(errno));
+        vm_config_bad = 1;
+        return;
+    }
+    if (got == -2) {
+        error_marker("the VM configuration %s is larger than %d bytes", path, VM_CONFIG_MAX);
+        vm_config_bad = 1;
+        return;
+    }
+    if (parse_vm_config(NULL, vm_blob, vm_blob_len, why, sizeof why) < 0) {
+        error_marker("the VM configuration %s is malformed: %s", path, why);
+        vm_config_bad = 1;
+        free(vm_blob);
+        vm_blob = NULL;
+        return;
+    }
+    /* Inside a VM nothing else needs the file once it is in memory. */
+    if (pid1) unlink(path);
 }
 
 static void load_config(struct config *c, const char *file) {
     memset(c, 0, sizeof *c);
     c->grace = 10;
     c->poweroff = 1;
-    const char *path = cmdline_conf();
-    if (!path) path = file;
-    if (read_config_file(c, path) < 0)
-        error_marker("cannot read %s: %s", path, strerror(errno));
-    apply_cmdline(c);
-    if (!c->iface) c->iface = strdup("eth0");
-    if (!c->restart) c->restart = strdup("never");
-    if (!c->rootfstype) c->rootfstype = strdup("ext4");
+    if (read_config_file(c, file) < 0)
+        error_marker("cannot read %s: %s", file, strerror(errno));
+    if (vm_blob) {
+        char why[160];
+        parse_vm_config(c, vm_blob, vm_blob_len, why, sizeof why); /* checked when read */
+    }
+    if (!c->iface) c->iface = xstrdup("eth0");
+    if (!c->restart) c->restart = xstrdup("never");
+    if (!c->rootfstype) c->rootfstype = xstrdup("ext4");
 }
 
 /* ------------------------------------------------------------------ PID 1 duties -- */
@@ -263,14 +408,14 @@ static void ensure_console(void) {
 }
 
 static void load_modules(struct config *c) {
-    for (int i = 0; i < c->nmodules; i++) {
-        int fd = open(c->modules[i], O_RDONLY | O_CLOEXEC);
+    for (size_t i = 0; i < c->modules.count; i++) {
+        int fd = open(c->modules.items[i], O_RDONLY | O_CLOEXEC);
         if (fd < 0) {
-            error_marker("module %s: %s", c->modules[i], strerror(errno));
+            error_marker("module %s: %s", c->modules.items[i], strerror(errno));
             continue;
         }
         if (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST)
-            error_marker("loading module %s: %s", c->modules[i], strerror(errno));
+            error_marker("loading module %s: %s", c->modules.items[i], strerror(errno));
         close(fd);
     }
 }
@@ -403,10 +548,10 @@ static void on_stop(int sig) {
 static void on_alarm(int sig) { (void)sig; }
 
 static pid_t start_workload(struct config *c) {
-    char *argv[MAX_ITEMS + 2];
-    int n = 0;
+    char **argv = xrealloc(NULL, (c->args.count + 2) * sizeof *argv);
+    size_t n = 0;
     argv[n++] = c->exec;
-    for (int i = 0; i < c->nargs && n < MAX_ITEMS + 1; i++) argv[n++] = c->args[i];
+    for (size_t i = 0; i < c->args.count; i++) argv[n++] = c->args.items[i];
     argv[n] = NULL;
 
     int ready[2];
@@ -414,6 +559,7 @@ static pid_t start_workload(struct config *c) {
     pid_t pid = fork();
     if (pid < 0) {
         error_marker("fork: %s", strerror(errno));
+        free(argv);
         return -1;
     }
     if (pid == 0) {
@@ -423,7 +569,7 @@ static pid_t start_workload(struct config *c) {
         signal(SIGTERM, SIG_DFL);
         signal(SIGINT, SIG_DFL);
         setsid();
-        for (int i = 0; i < c->nenv; i++) putenv(c->env[i]);
+        for (size_t i = 0; i < c->env.count; i++) putenv(c->env.items[i]);
         if (c->workdir && chdir(c->workdir) < 0) {
             int err = errno;
             (void)!write(ready[1], &err, sizeof err);
@@ -435,6 +581,7 @@ static pid_t start_workload(struct config *c) {
         _exit(127);
     }
     close(ready[1]);
+    free(argv);
     int err = 0;
     ssize_t got = read(ready[0], &err, sizeof err);
     close(ready[0]);
@@ -482,22 +629,33 @@ static int supervise(pid_t workload, int grace) {
 
 int main(int argc, char **argv) {
     const char *config_path = DEFAULT_CONFIG;
-    const char *cmdline_path = "/proc/cmdline";
+    const char *vm_config_path = DEFAULT_VM_CONFIG;
+    int vm_config_given = 0;
     pid1 = getpid() == 1;
     for (int i = 1; i < argc; i++) {
         /* PID 1 of a process sandbox on the host, not of a VM: supervise only. */
         if (!strcmp(argv[i], "--supervisor")) pid1 = 0;
     }
+    /* A VM's PID 1 takes nothing from argv or its environment: the kernel hands it every
+     * command-line word and name=value it does not know itself, and neither is a channel for
+     * configuration. */
+    if (pid1) {
+        argc = 1;
+        clearenv();
+        setenv("HOME", "/", 1);
+        setenv("TERM", "linux", 1);
+    }
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--supervisor")) continue;
         if (!strcmp(argv[i], "--config") && i + 1 < argc) config_path = argv[++i];
-        else if (!strcmp(argv[i], "--cmdline") && i + 1 < argc) cmdline_path = argv[++i];
-        else if (!pid1 && !strcmp(argv[i], "--help")) {
-            printf("usage: reconciler-init [--config FILE] [--cmdline FILE] [--supervisor]\n");
+        else if (!strcmp(argv[i], "--vm-config") && i + 1 < argc) {
+            vm_config_path = argv[++i];
+            vm_config_given = 1;
+        } else if (!pid1 && !strcmp(argv[i], "--help")) {
+            printf("usage: reconciler-init [--config FILE] [--vm-config FILE] [--supervisor]\n");
             return 0;
         }
     }
-    if (!pid1 && !strcmp(cmdline_path, "/proc/cmdline")) cmdline_path = "/dev/null";
 
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -514,13 +672,19 @@ int main(int argc, char **argv) {
         /* Ctrl-Alt-Del (Firecracker's SendCtrlAltDel) becomes SIGINT: a graceful stop. */
         reboot(RB_DISABLE_CAD);
     }
-    load_cmdline(cmdline_path);
+    /* In host mode only a file named on the command line is read; inside a VM the runtime's
+     * initramfs segment puts it at the default path. */
+    if (pid1 || vm_config_given) load_vm_config(vm_config_path, vm_config_given);
+    if (vm_config_bad) {
+        if (pid1) power_off();
+        return 127;
+    }
     load_config(&c, config_path);
     if (pid1) {
         load_modules(&c);
         if (c.root) {
             if (switch_root(&c) < 0) power_off();
-            /* The root disk carries the workload's own config; the command line still wins. */
+            /* The root disk carries the workload's own config; the per-VM one still wins. */
             load_config(&c, config_path);
         }
         configure_network(&c);
@@ -528,7 +692,9 @@ int main(int argc, char **argv) {
     marker("booted", NULL);
 
     int code = 0;
-    if (!c.exec) {
+    if (c.boot_only) {
+        /* The KVM canary: proving the guest boots is all that is asked. */
+    } else if (!c.exec) {
         error_marker("no exec= in %s; nothing to run", config_path);
         code = 127;
     } else {

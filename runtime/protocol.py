@@ -3,16 +3,18 @@
 Data flow: the executor turns a plan action plus a built artifact into a ``VMSpec`` and hands it
 to the runtime named by the VM's ``runtime`` setting (qemu, firecracker, process). Runtimes keep
 everything about a VM in its own directory (pid file, control socket, console log), so a
-restarted daemon can adopt VMs that outlived it instead of killing or duplicating them.
+restarted daemon can adopt VMs that outlived it instead of killing or duplicating them. Per-VM
+data for the guest init travels as ``VMSpec.guest`` and each runtime hands it to the init in its
+own way (an initramfs segment, a file), never on the kernel command line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from reconciler.guest_config import GuestConfig
 from reconciler.model import RuntimeKind, VMState
 
 
@@ -41,9 +43,8 @@ class VMSpec:
     initrd: Path | None = None
     rootfs: Path | None = None  # ext4 image, attached read-write as the first virtio-blk disk
     executable: Path | None = None  # the process runtime runs this
-    kernel_cmdline: str = ""
-    env: Mapping[str, str] = field(default_factory=dict)
-    args: tuple[str, ...] = ()
+    kernel_cmdline: str = ""  # what the kernel needs; never per-VM data (see ``guest``)
+    guest: GuestConfig = field(default_factory=GuestConfig)  # the init's per-VM configuration
     network: NetworkAttachment | None = None
 
 

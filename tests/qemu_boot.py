@@ -1,7 +1,8 @@
 """Booting built artifacts under QEMU ``-M microvm`` for the tests (TCG here, see DESIGN §11).
 
 A test-side helper, not the runtime: it starts one VM in the foreground, collects the console and
-the init's markers, and forwards one guest TCP port to the host with user networking.
+the init's markers, and forwards one guest TCP port to the host with user networking. Per-VM
+data reaches the init as the runtimes give it: a ``GuestConfig`` in a per-VM initrd.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from reconciler.guest_config import GuestConfig
+from runtime.guest_config import write_vm_initrd
 from runtime.qemu.machine import tcg_kernel_args
 
 
@@ -69,8 +72,10 @@ def boot(
     append: str = "",
     guest_port: int | None = None,
     memory_mib: int = 512,
+    guest: GuestConfig | None = None,
 ) -> BootedVM:
-    """Start the unikernel or microvm artifact in ``artifact``; its console goes to a file."""
+    """Start the unikernel or microvm artifact in ``artifact``; its console goes to a file.
+    ``append`` goes on the kernel command line, ``guest`` to the init."""
     qemu = shutil.which("qemu-system-x86_64")
     assert qemu, "qemu-system-x86_64 is missing: apt-get install qemu-system-x86"
     console = work / "console.log"
@@ -93,8 +98,6 @@ def boot(
         f"file:{console}",
         "-kernel",
         str(artifact / "kernel"),
-        "-initrd",
-        str(artifact / "initramfs.cpio.gz"),
     ]
     if (artifact / "rootfs.ext4").exists():
         disk = work / "rootfs.ext4"
@@ -114,7 +117,13 @@ def boot(
             "-device",
             "virtio-net-device,netdev=n0",
         ]
-        append = f"rc.ip=10.0.2.15/24 rc.gateway=10.0.2.2 {append}"
+        # Without a GuestConfig the init's own default applies: the VM ends with its workload.
+        guest = replace(guest or GuestConfig(restart="never"), address="10.0.2.15/24")
+        guest = replace(guest, gateway="10.0.2.2")
+    initrd = artifact / "initramfs.cpio.gz"
+    if guest is not None:
+        initrd = write_vm_initrd(initrd, guest, work / "initrd.img")
+    argv += ["-initrd", str(initrd)]
     # loglevel=6 after the artifact's "quiet": a test that fails shows where the guest stopped.
     argv += ["-append", f"{cmdline} loglevel=6 {tcg_kernel_args()} {append}".strip()]
     with (work / "qemu.err").open("w") as errors:

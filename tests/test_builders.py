@@ -22,6 +22,7 @@ from builders.kernels import VM_MODULES, KernelRegistry
 from builders.toolchain import require
 from reconciler.cli import main
 from reconciler.errors import BuildError, ToolMissingError
+from reconciler.guest_config import GuestConfig
 
 
 def build(
@@ -279,7 +280,11 @@ def test_every_cache_entry_keeps_its_log_and_gc_keeps_what_runs(
 def test_report_microvm_prints_its_output_and_exit_code(
     example: dict[str, Path], tmp_path: Path
 ) -> None:
-    vm = boot(example["report/microvm"], tmp_path, append="rc.env=REPORT_LIMIT=1000")
+    vm = boot(
+        example["report/microvm"],
+        tmp_path,
+        guest=GuestConfig(env={"REPORT_LIMIT": "1000"}, restart="never"),
+    )
     try:
         assert vm.wait_exit(timeout=180) == 0
         exited = vm.wait_for("workload-exited")
@@ -301,7 +306,7 @@ def test_web_service_answers_http_from_its_vm(
         example[f"web/{target}"],
         tmp_path,
         guest_port=8080,
-        append='rc.hostname=web-0 rc.env="GREETING=hello from a VM"',
+        guest=GuestConfig(hostname="web-0", env={"GREETING": "hello from a VM"}),
     )
     try:
         vm.wait_for("workload-started", timeout=180)

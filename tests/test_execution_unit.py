@@ -14,30 +14,24 @@ from builders.matrix import MatrixBuilder
 from reconciler.errors import NotImplementedFeatureError, VMRuntimeError
 from reconciler.execution.executor import Executor
 from reconciler.execution.health import wait_healthy
-from reconciler.execution.launch import guest_cmdline, launch_config
+from reconciler.execution.launch import guest_config, kernel_cmdline, launch_config
 from reconciler.model import RuntimeKind, Target
 from reconciler.planning import diff
 from reconciler.testing import MemoryStateStore, fleet, workload
 
 
-def test_cmdline_carries_per_vm_data_for_the_init() -> None:
-    desired = fleet(workload("web", env={"GREETING": "hello there", "MODE": "x"}))
+def test_per_vm_data_goes_to_the_init_not_the_kernel_command_line() -> None:
+    desired = fleet(workload("web", env={"GREETING": 'say "hi"\tthere', "MODE": "x"}))
     config = launch_config(desired.vms["web-0"].settings)
-    line = guest_cmdline(
-        "console=ttyS0", config, hostname="web-0", address="10.88.0.2/24", gateway="10.88.0.1"
-    )
-    assert line == (
-        "console=ttyS0 rc.hostname=web-0 rc.ip=10.88.0.2/24 rc.gateway=10.88.0.1 "
-        'rc.env="GREETING=hello there" rc.env=MODE=x rc.restart=always'
-    )
-    bad = fleet(workload("web", env={"Q": 'say "hi"'}))
-    with pytest.raises(VMRuntimeError, match="cannot be passed on the kernel command line"):
-        guest_cmdline(
-            "",
-            launch_config(bad.vms["web-0"].settings),
-            hostname="web-0",
-            address=None,
-            gateway=None,
+    assert kernel_cmdline("console=ttyS0", config) == "console=ttyS0"
+    guest = guest_config(config, hostname="web-0", address="10.88.0.2/24", gateway="10.88.0.1")
+    assert dict(guest.env) == {"GREETING": 'say "hi"\tthere', "MODE": "x"}
+    assert (guest.hostname, guest.address, guest.restart) == ("web-0", "10.88.0.2/24", "always")
+    # Settings read back from a state store are checked again before anything starts.
+    bad = fleet(workload("web", env={"Q": "a\0b"}))
+    with pytest.raises(VMRuntimeError, match="NUL"):
+        guest_config(
+            launch_config(bad.vms["web-0"].settings), hostname="web-0", address=None, gateway=None
         )
 
 

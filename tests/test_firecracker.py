@@ -11,6 +11,7 @@ import shutil
 import socketserver
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from reconciler.model import RuntimeKind
 from runtime.firecracker.api import FirecrackerAPI
 from runtime.firecracker.config import JailerOptions, firecracker_config, jailer_argv
 from runtime.firecracker.driver import FirecrackerRuntime
+from runtime.firecracker.jail import CONFIG_FILE, prepare_chroot
+from runtime.guest_config import GuestConfig, initramfs_segment
 from runtime.protocol import NetworkAttachment, VMSpec
 
 GOLDEN = Path(__file__).parent / "golden" / "firecracker"
@@ -47,7 +50,8 @@ def spec(**extra: Any) -> VMSpec:
         vm_dir=Path("/vms/web-0"),
         kernel=Path("/kernels/vmlinux"),
         initrd=Path("/artifacts/web/initramfs.cpio.gz"),
-        kernel_cmdline="console=ttyS0 rc.hostname=web-0",
+        kernel_cmdline="console=ttyS0",
+        guest=GuestConfig(hostname="web-0", env={"SECRET": "not in the config file"}),
         **extra,
     )
 
@@ -80,6 +84,7 @@ def test_config_matches_golden_and_firecrackers_spec(
 ) -> None:
     config = firecracker_config(spec(**CASES[case]))
     rendered = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    assert "not in the config file" not in rendered  # per-VM data is in the VM's initrd
     golden = GOLDEN / f"{case}.json"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(rendered)
@@ -118,6 +123,75 @@ def test_jailer_command_line() -> None:
         "--config-file",
         "/firecracker.json",
     ]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_jailed_config_uses_paths_inside_the_chroot(
+    case: str, full_vm_configuration: Draft4Validator
+) -> None:
+    config = firecracker_config(spec(**CASES[case]), jailed=True)
+    assert config["boot-source"]["kernel_image_path"] == "/vmlinux"
+    assert config["boot-source"]["initrd_path"] == "/initrd.img"
+    assert [d["path_on_host"] for d in config["drives"]] == (
+        ["/rootfs.ext4"] if case == "microvm-tap" else []
+    )
+    assert list(full_vm_configuration.iter_errors(config)) == []
+
+
+@pytest.mark.root
+def test_chroot_holds_everything_the_jailed_vm_boots(tmp_path: Path) -> None:
+    kernel = tmp_path / "artifact" / "vmlinux"
+    kernel.parent.mkdir()
+    kernel.write_bytes(b"\x7fELF kernel")
+    kernel.chmod(0o644)
+    initramfs = tmp_path / "artifact" / "initramfs.cpio.gz"
+    initramfs.write_bytes(b"\x1f\x8b initramfs")
+    vm_dir = tmp_path / "vms" / "web-0"
+    vm_dir.mkdir(parents=True)
+    rootfs = vm_dir / "rootfs.ext4"
+    rootfs.write_bytes(b"ext4")
+    guest = GuestConfig(hostname="web-0", env={"SECRET": "x\ty"})
+    vm = replace(
+        spec(rootfs=rootfs, network=CASES["microvm-tap"]["network"]),
+        vm_dir=vm_dir,
+        kernel=kernel,
+        initrd=initramfs,
+        guest=guest,
+    )
+    options = JailerOptions(uid=4242, gid=4343, chroot_base=vm_dir / "jail")
+    root = prepare_chroot(vm, options)
+    assert root == vm_dir / "jail" / "firecracker" / "web-0" / "root"
+    assert (root / "vmlinux").read_bytes() == kernel.read_bytes()
+    assert (root / "vmlinux").stat().st_mode & 0o777 == 0o644
+    initrd = (root / "initrd.img").stat()
+    assert (initrd.st_uid, initrd.st_gid, initrd.st_mode & 0o777) == (4242, 4343, 0o600)
+    assert (root / "initrd.img").read_bytes().endswith(initramfs_segment(guest))
+    disk = (root / "rootfs.ext4").stat()
+    assert (disk.st_ino, disk.st_uid) == (rootfs.stat().st_ino, 4242)  # the VM's own copy
+    config = json.loads((root / CONFIG_FILE).read_text())
+    assert config == firecracker_config(vm, jailed=True)
+    # The jailer is told the chroot's paths: the config file and API socket inside it.
+    argv = jailer_argv(vm, options, f"/{CONFIG_FILE}")
+    assert argv[argv.index("--chroot-base-dir") + 1] == str(vm_dir / "jail")
+    assert argv[-4:] == ["--api-sock", "/firecracker.sock", "--config-file", "/firecracker.json"]
+    # A second start replaces everything in place.
+    assert prepare_chroot(vm, options) == root
+
+
+@pytest.mark.root
+def test_the_driver_runs_firecracker_under_the_jailer_when_there_is_one(tmp_path: Path) -> None:
+    runtime = FirecrackerRuntime(binary="firecracker", jailer="no-such-jailer")
+    assert runtime.jailer_options(spec(), "/usr/bin/firecracker") is None
+    fake = tmp_path / "bin" / "jailer"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    runtime = FirecrackerRuntime(binary="firecracker", jailer=str(fake))
+    options = runtime.jailer_options(spec(), "/usr/bin/firecracker")
+    assert options is not None
+    assert options.uid != 0
+    assert options.chroot_base == Path("/vms/web-0/jail")
+    assert options.jailer == fake
 
 
 class _FakeFirecracker(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

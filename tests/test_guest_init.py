@@ -1,4 +1,5 @@
-"""The guest init in host mode: configuration, markers, signals, reaping, static linking."""
+"""The guest init in host mode: configuration, the per-VM configuration file, markers, signals,
+reaping, static linking."""
 
 from __future__ import annotations
 
@@ -10,7 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.guest_config import GuestConfig, encode
+
 GUEST = Path(__file__).resolve().parents[1] / "guest"
+
+# Values that used to add kernel parameters, get cut, or fail at launch on the command line.
+HOSTILE_ENV = {
+    "TAB": "a\tb",
+    "NEWLINE": "line one\nline two\n",
+    "QUOTES": "say \"hi\" and 'bye' \\ `x` $HOME",
+    "CONTROL": "\v\f\r",
+    "NBSP": "non\u00a0breaking caf\u00e9 \u2603",
+    "INJECT": "x rc.exec=/bin/sh init=/bin/sh rc.env=EVIL=1",
+    "EQUALS": "a=b=c",
+    "EMPTY": "",
+    "BIG": "0123456789abcdef" * 512,  # 8 KiB
+}
 
 
 @pytest.fixture(scope="session")
@@ -28,15 +44,32 @@ def markers(output: str) -> list[dict[str, object]]:
 
 
 def run_init(
-    init: Path, tmp_path: Path, config: str, cmdline: str | None = None
+    init: Path, tmp_path: Path, config: str, vm_config: bytes | None = None
 ) -> subprocess.CompletedProcess[str]:
     conf = tmp_path / "init.conf"
     conf.write_text(config)
     argv = [str(init), "--config", str(conf)]
-    if cmdline is not None:
-        (tmp_path / "cmdline").write_text(cmdline)
-        argv += ["--cmdline", str(tmp_path / "cmdline")]
+    if vm_config is not None:
+        (tmp_path / "vm.conf").write_bytes(vm_config)
+        argv += ["--vm-config", str(tmp_path / "vm.conf")]
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+
+
+# The workload prints its arguments, then its environment, NUL-separated and hex-encoded: every
+# byte is visible, nothing can be hidden by the terminal or by a newline inside a value.
+DUMP = (
+    "exec=/bin/sh\narg=-c\n"
+    "arg=printf '%s\\0' \"$0\" \"$@\" | od -An -v -tx1 | tr -d ' \\n'; echo; "
+    "env -0 | od -An -v -tx1 | tr -d ' \\n'; echo\n"
+    "arg=dump\n"
+)
+
+
+def dumped(output: str) -> tuple[list[bytes], dict[bytes, bytes]]:
+    lines = [line for line in output.splitlines() if not line.startswith("@@")]
+    args = bytes.fromhex(lines[0]).split(b"\0")[:-1]
+    env = dict(entry.split(b"=", 1) for entry in bytes.fromhex(lines[1]).split(b"\0") if entry)
+    return args, env
 
 
 def test_runs_the_workload_with_env_workdir_and_exit_code(
@@ -58,15 +91,121 @@ def test_runs_the_workload_with_env_workdir_and_exit_code(
     assert times == sorted(times)
 
 
-def test_kernel_command_line_overrides_and_extends(init_binary: Path, tmp_path: Path) -> None:
+def test_every_byte_of_env_and_args_arrives_and_nothing_else_changes(
+    init_binary: Path, tmp_path: Path
+) -> None:
+    args = ("a b", "tab\there", "--", "rc.exec=/bin/sh", "x" * 8192, "", 'quote"s')
+    blob = encode(GuestConfig(hostname="web-0", env=HOSTILE_ENV, args=args, restart="never"))
+    result = run_init(init_binary, tmp_path, DUMP, blob)
+    assert result.returncode == 0, result.stdout
+    got_args, got_env = dumped(result.stdout)
+    # The artifact's exec and args come first and are untouched; the VM's follow in order.
+    assert got_args == [b"dump", *(a.encode() for a in args)]
+    for name, value in HOSTILE_ENV.items():
+        assert got_env[name.encode()] == value.encode(), name
+    assert b"EVIL" not in got_env
+    assert [e["event"] for e in markers(result.stdout)] == [
+        "booted",
+        "workload-started",
+        "workload-exited",
+    ]
+
+
+def test_the_vm_configuration_extends_the_artifacts(init_binary: Path, tmp_path: Path) -> None:
+    flag = tmp_path / "ran-once"
+    blob = encode(
+        GuestConfig(
+            hostname="web-0", env={"A": "vm", "B": "two words"}, args=("x",), restart="on-failure"
+        )
+    )
     result = run_init(
         init_binary,
         tmp_path,
-        "exec=/bin/false\nenv=A=file\n",
-        'quiet rc.exec=/bin/sh rc.arg=-c "rc.arg=echo $A $B" rc.env="B=two words" rc.env=A=cmd\n',
+        f'exec=/bin/sh\narg=-c\narg=echo "$A $B $0"; [ -e {flag} ] && exit 0; touch {flag}; '
+        "exit 3\nenv=A=artifact\nrestart=never\n",
+        blob,
     )
-    assert result.returncode == 0, result.stdout
-    assert "cmd two words" in result.stdout
+    # The VM's env wins over the artifact's, its args follow the artifact's, and its restart
+    # policy (on-failure) replaces the artifact's (never): the workload ran twice.
+    assert "vm two words x" in result.stdout
+    codes = [e["code"] for e in markers(result.stdout) if e["event"] == "workload-exited"]
+    assert codes == [3, 0]
+
+
+def test_hundreds_of_args_and_env_are_never_dropped(init_binary: Path, tmp_path: Path) -> None:
+    env = {f"V{i}": str(i) for i in range(600)}
+    args = tuple(str(i) for i in range(600))
+    blob = encode(GuestConfig(hostname="web-0", env=env, args=args, restart="never"))
+    result = run_init(init_binary, tmp_path, DUMP, blob)
+    got_args, got_env = dumped(result.stdout)
+    assert got_args[1:] == [a.encode() for a in args]
+    assert all(got_env[k.encode()] == v.encode() for k, v in env.items())
+
+
+GOOD = encode(GuestConfig(hostname="web-0", env={"A": "1"}, args=("x",), restart="never"))
+
+
+@pytest.mark.parametrize(
+    ("blob", "why"),
+    [
+        (b"", "not a reconciler-vm-config 1 file"),
+        (b"rc.env=A=1\n", "not a reconciler-vm-config 1 file"),
+        (GOOD[:-8], "truncated"),  # cut inside the last records: no end
+        (GOOD.replace(b"end 0\n\n", b""), "bad record header"),
+        (GOOD + b"arg 1\nx\n", "data after the end record"),
+        (GOOD.replace(b"env 3\nA=1", b"env 90\nA=1"), "truncated"),
+        (GOOD.replace(b"env 3\n", b"env 3x\n"), "bad length"),
+        (GOOD.replace(b"env 3\n", b"env 999999999\n"), "bad length"),
+        (GOOD.replace(b"env 3\nA=1", b"env 3\n1=A"), "not NAME=value"),
+        (GOOD.replace(b"env 3\nA=1", b"env 3\nA\0B"), "NUL"),
+        (GOOD.replace(b"arg 1\nx", b"exec 1\nx"), "unknown key exec"),
+        (GOOD.replace(b"arg 1\nx", b"module 1\nx"), "unknown key module"),
+        (GOOD.replace(b"arg 1\n", b"Arg 1\n"), "bad key"),
+        (GOOD[:-1] + b"A" * (1024 * 1024), "larger than"),
+    ],
+)
+def test_a_malformed_vm_configuration_stops_before_the_workload(
+    init_binary: Path, tmp_path: Path, blob: bytes, why: str
+) -> None:
+    flag = tmp_path / "ran"
+    result = run_init(init_binary, tmp_path, f"exec=/bin/touch\narg={flag}\n", blob)
+    assert result.returncode == 127
+    assert not flag.exists()
+    events = markers(result.stdout)
+    assert [e["event"] for e in events] == ["error"], result.stdout
+    assert why in str(events[0]["message"])
+
+
+def test_a_missing_vm_configuration_named_on_the_command_line_is_an_error(
+    init_binary: Path, tmp_path: Path
+) -> None:
+    conf = tmp_path / "init.conf"
+    conf.write_text("exec=/bin/true\n")
+    result = subprocess.run(
+        [str(init_binary), "--config", str(conf), "--vm-config", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 127
+    assert "cannot read the VM configuration" in result.stdout
+
+
+def test_the_command_line_is_no_configuration_channel(init_binary: Path, tmp_path: Path) -> None:
+    # The old --cmdline flag (and rc.* tokens) are gone: an unknown flag changes nothing.
+    (tmp_path / "cmdline").write_text("rc.exec=/bin/false rc.env=A=cmd\n")
+    conf = tmp_path / "init.conf"
+    conf.write_text('exec=/bin/sh\narg=-c\narg=echo "A=$A"\n')
+    result = subprocess.run(
+        [str(init_binary), "--config", str(conf), "--cmdline", str(tmp_path / "cmdline")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "A=\n" in result.stdout
 
 
 def test_exec_failure_is_an_error_marker(init_binary: Path, tmp_path: Path) -> None:

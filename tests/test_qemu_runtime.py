@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
+from test_guest_config import HOSTILE, HOSTILE_ARGS
 
 from reconciler.cli import main
+from reconciler.guest_config import GuestConfig
 from reconciler.model import RuntimeKind, VMState
 from runtime.protocol import NetworkAttachment, VMSpec
 from runtime.qemu.argv import qemu_argv
+from runtime.qemu.confine import DROP_SANDBOX, VM_USER, Confinement
 from runtime.qemu.driver import QemuRuntime
 
 GOLDEN = Path(__file__).parent / "golden" / "qemu"
@@ -27,7 +31,8 @@ def spec_for(vm_dir: Path, **extra: object) -> VMSpec:
         vm_dir=vm_dir,
         kernel=Path("/artifacts/web/kernel"),
         initrd=Path("/artifacts/web/initramfs.cpio.gz"),
-        kernel_cmdline="console=ttyS0 panic=-1 quiet rc.hostname=web-0",
+        kernel_cmdline="console=ttyS0 panic=-1 quiet",
+        guest=GuestConfig(hostname="web-0", env={"SECRET": "not on the command line"}),
         **extra,  # type: ignore[arg-type]
     )
 
@@ -48,12 +53,15 @@ def spec_for(vm_dir: Path, **extra: object) -> VMSpec:
     ],
 )
 def test_argv_matches_golden(case: str, extra: dict[str, object]) -> None:
+    confine = Confinement(DROP_SANDBOX, ("-runas", VM_USER), VM_USER)
     argv = qemu_argv(
         spec_for(Path("/vms/web-0"), **extra),
         accel="tcg",
         extra_kernel_args="tsc_early_khz=2600000",
+        confine=confine.argv(Path("/state/qemu-chroot")),
     )
     rendered = "\n".join(argv) + "\n"
+    assert "not on the command line" not in rendered
     golden = GOLDEN / f"{case}.argv"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(rendered)
@@ -124,3 +132,131 @@ def test_check_reports_every_prerequisite_and_probes_kvm(
     kvm_line = next(line for line in out.splitlines() if "KVM usable" in line)
     # Usable or not, the verdict comes from a canary boot, never from /dev/kvm alone.
     assert "canary" in kvm_line or "QEMU failed under KVM" in kvm_line or "/dev/kvm" in kvm_line
+
+
+ENVDUMP_C = r"""
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+extern char **environ;
+static void hex(const char *s) { for (; *s; s++) printf("%02x", (unsigned char)*s); }
+int main(int argc, char **argv) {
+    for (char **e = environ; *e; e++)
+        if (!strncmp(*e, "T_", 2)) { printf("ENV "); hex(*e); printf("\n"); }
+    for (int i = 1; i < argc; i++) { printf("ARG "); hex(argv[i]); printf("\n"); }
+    printf("EXE "); hex(argv[0]); printf("\n");
+    char cmdline[4096] = "";
+    FILE *f = fopen("/proc/cmdline", "r");
+    if (f) { cmdline[fread(cmdline, 1, sizeof cmdline - 1, f)] = 0; fclose(f); }
+    printf("CMDLINE "); hex(cmdline); printf("\n");
+    printf("VMCONF %s\n", access("/etc/reconciler/vm.conf", F_OK) ? "gone" : "present");
+    printf("DUMPED\n");
+    fflush(stdout);
+    for (;;) pause();
+}
+"""
+
+ENVDUMP_FLEET = """apiVersion: reconciler/v1alpha1
+kind: Workload
+metadata: {name: envdump}
+spec:
+  source: {path: envdump, language: c, entrypoint: envdump.c}
+  build: {targets: [unikernel]}
+  deploy: {memoryMiB: 128}
+"""
+
+
+@pytest.fixture(scope="module")
+def envdump_unikernel(tmp_path_factory: pytest.TempPathFactory, session_state: Path) -> Path:
+    """A unikernel whose workload prints its T_* environment, args and /proc/cmdline as hex."""
+    from conftest import FleetRepo
+
+    from builders.cache import ArtifactCache
+
+    root = tmp_path_factory.mktemp("envdump")
+    (root / "fleet").mkdir()
+    repo = FleetRepo(root / "fleet")
+    repo.write("envdump.yaml", ENVDUMP_FLEET)
+    repo.write("envdump/envdump.c", ENVDUMP_C)
+    repo.commit("envdump")
+    common = ["--state-dir", str(session_state), "--cache-dir", str(root / "cache")]
+    assert main(["build", "--repo", str(repo.path), *common, "envdump"]) == 0
+    return next(e.path for e in ArtifactCache(root / "cache").entries())
+
+
+@pytest.mark.qemu
+@pytest.mark.root
+def test_hostile_values_reach_a_confined_vm_byte_for_byte(
+    envdump_unikernel: Path, tmp_path: Path
+) -> None:
+    import time
+
+    artifact = envdump_unikernel
+    spec = VMSpec(
+        name="envdump-0",
+        workload="envdump",
+        fleet="example",
+        runtime=RuntimeKind.QEMU,
+        vcpus=1,
+        memory_mib=128,
+        vm_dir=tmp_path / "envdump-0",
+        kernel=artifact / "kernel",
+        initrd=artifact / "initramfs.cpio.gz",
+        kernel_cmdline=(artifact / "cmdline").read_text().strip(),
+        guest=GuestConfig(hostname="envdump-0", env=HOSTILE, args=HOSTILE_ARGS),
+    )
+    runtime = QemuRuntime(state_dir=tmp_path, accel="tcg")
+    started = runtime.start(spec)
+    log = spec.vm_dir / "console.log"
+    try:
+        assert started.state is VMState.RUNNING
+        assert started.pid is not None
+        deadline = time.monotonic() + 120
+        while "DUMPED" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.5)
+        # The init's markers may land inside a line of the workload's (one console, two
+        # writers): take them out before reading the workload's output.
+        text = re.sub(r"@@reconciler \{[^}]*\}\r?\n?", "", log.read_text(errors="replace"))
+        lines = text.replace("\r\n", "\n").splitlines()
+        found = {line.split(" ", 1)[0]: [] for line in lines if " " in line}
+        for line in lines:
+            if " " in line:
+                found[line.split(" ", 1)[0]].append(line.split(" ", 1)[1].strip())
+        env = dict(bytes.fromhex(v).decode().split("=", 1) for v in found["ENV"])
+        assert env == HOSTILE
+        assert [bytes.fromhex(a).decode() for a in found["ARG"]] == list(HOSTILE_ARGS)
+        assert bytes.fromhex(found["EXE"][0]) == b"/app/workload"  # exec unchanged
+        cmdline = bytes.fromhex(found["CMDLINE"][0]).decode()
+        assert "rc." not in cmdline
+        assert "init=" not in cmdline
+        assert "T_" not in cmdline
+        assert found["VMCONF"] == ["gone"]  # the init removed it after reading
+
+        # Nothing per-VM on QEMU's command line (what `ps` shows).
+        qemu_cmdline = Path(f"/proc/{started.pid}/cmdline").read_bytes()
+        for value in [*HOSTILE.values(), *HOSTILE_ARGS]:
+            assert value.encode() not in qemu_cmdline
+        assert b"envdump-0" in qemu_cmdline  # (its directory is, so it can be adopted)
+
+        # Confined: an unprivileged user, a seccomp filter, no capabilities.
+        status = dict(
+            line.split(":\t", 1)
+            for line in Path(f"/proc/{started.pid}/status").read_text().splitlines()
+        )
+        assert all(int(uid) != 0 for uid in status["Uid"].split())
+        assert status["Seccomp"].strip() == "2"
+        assert status["NoNewPrivs"].strip() == "1"
+        assert int(status["CapEff"], 16) == 0
+        assert os.readlink(f"/proc/{started.pid}/root") == str(tmp_path / "qemu-chroot")
+
+        # Status and adoption still work on the confined VM.
+        assert runtime.status(spec).state is VMState.RUNNING
+        assert QemuRuntime(state_dir=tmp_path, accel="tcg").start(spec).pid == started.pid
+    finally:
+        stopped = runtime.stop(spec, grace_seconds=1)
+    assert stopped.state is VMState.MISSING
+    assert (
+        not Path(f"/proc/{started.pid}/cmdline").exists()
+        or not Path(f"/proc/{started.pid}/cmdline").read_bytes()
+    )

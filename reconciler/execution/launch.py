@@ -2,7 +2,9 @@
 
 Settings are the same canonical mapping the planner compares (``model.vm_settings``), so a VM is
 started from exactly what the plan said, whether the settings come from the desired fleet or,
-for a restart of what runs, from the state store.
+for a restart of what runs, from the state store. Per-VM data for the guest init becomes a
+``GuestConfig`` (``reconciler.guest_config``), never kernel command-line text: the command line
+carries only the artifact's parameters and the manifest's checked ``kernelArgs``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from reconciler.errors import VMRuntimeError
+from reconciler.guest_config import GuestConfig, encode
+from reconciler.guest_values import kernel_args_problem
 
 
 @dataclass(frozen=True)
@@ -46,28 +50,26 @@ def launch_config(settings: Mapping[str, str]) -> LaunchConfig:
     )
 
 
-def _token(key: str, value: str) -> str:
-    if '"' in value or "\n" in value:
-        raise VMRuntimeError(
-            f"{key} value {value!r} cannot be passed on the kernel command line "
-            "(no double quotes or newlines)"
-        )
-    return f'rc.{key}="{value}"' if " " in value else f"rc.{key}={value}"
+def guest_config(
+    config: LaunchConfig, *, hostname: str, address: str | None, gateway: str | None
+) -> GuestConfig:
+    """The init's per-VM configuration; checked here (settings may come from an older state
+    store) so that a value the guest cannot be given fails before the VM is started."""
+    guest = GuestConfig(
+        hostname=hostname,
+        address=address,
+        gateway=gateway,
+        env=dict(config.env),
+        args=tuple(config.args),
+        restart=config.restart_policy,
+    )
+    encode(guest)
+    return guest
 
 
-def guest_cmdline(
-    base: str,
-    config: LaunchConfig,
-    *,
-    hostname: str,
-    address: str | None,
-    gateway: str | None,
-) -> str:
-    """The kernel command line: the artifact's, then per-VM data for the guest init."""
-    parts = [base, config.kernel_args, _token("hostname", hostname)]
-    if address and gateway:
-        parts += [_token("ip", address), _token("gateway", gateway)]
-    parts += [_token("env", f"{k}={v}") for k, v in sorted(config.env.items())]
-    parts += [_token("arg", a) for a in config.args]
-    parts.append(_token("restart", config.restart_policy))
-    return " ".join(p for p in parts if p)
+def kernel_cmdline(base: str, config: LaunchConfig) -> str:
+    """The kernel command line: the artifact's parameters, then the manifest's ``kernelArgs``."""
+    problem = kernel_args_problem(config.kernel_args)
+    if problem:
+        raise VMRuntimeError(problem)
+    return " ".join(p for p in (base, config.kernel_args) if p)

@@ -1,7 +1,8 @@
 """Where a VM lives on this host and how it is described to its runtime.
 
 Every VM has a private directory ``<state dir>/vms/<name>/``: its runtime's pid file, sockets
-and console log, and (microvm target) its own copy of the root disk.
+and console log, its per-VM configuration for the guest init (written by the runtime from
+``VMSpec.guest``) and (microvm target) its own copy of the root disk.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from reconciler.errors import NotImplementedFeatureError
-from reconciler.execution.launch import LaunchConfig, guest_cmdline
+from reconciler.execution.launch import LaunchConfig, guest_config, kernel_cmdline
 from reconciler.model import ObservedVM, RuntimeKind
 from runtime.protocol import NetworkAttachment, Runtime, VMSpec
 
@@ -65,9 +66,8 @@ def vm_spec(
         else None,
         rootfs=rootfs,
         executable=artifact / "workload" if (artifact / "workload").exists() else None,
-        kernel_cmdline=guest_cmdline(base, config, hostname=name, address=address, gateway=gateway),
-        env=config.env,
-        args=tuple(config.args),
+        kernel_cmdline=kernel_cmdline(base, config),
+        guest=guest_config(config, hostname=name, address=address, gateway=gateway),
         network=network,
     )
 

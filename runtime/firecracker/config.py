@@ -1,6 +1,11 @@
 """``VMSpec`` -> Firecracker's ``--config-file`` (the ``FullVmConfiguration`` of its OpenAPI
 spec) and the jailer command line. Pure, golden-tested, and validated in tests against the spec
-with unknown keys rejected, as Firecracker itself rejects them."""
+with unknown keys rejected, as Firecracker itself rejects them.
+
+The initrd is the VM's own (the artifact's initramfs plus the guest init's per-VM configuration,
+written by the driver, see ``runtime/guest_config.py``), so ``boot_args`` carries only what the
+kernel needs. Under the jailer every path is the one inside its chroot (``jail.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,20 +13,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.guest_config import VM_INITRD
 from runtime.protocol import VMSpec
 
 API_SOCKET = "firecracker.sock"
+JAIL_KERNEL = "vmlinux"
+JAIL_ROOTFS = "rootfs.ext4"
 
 
-def firecracker_config(spec: VMSpec, *, extra_kernel_args: str = "") -> dict[str, Any]:
+def firecracker_config(
+    spec: VMSpec, *, extra_kernel_args: str = "", jailed: bool = False
+) -> dict[str, Any]:
+    """The config file; with ``jailed``, paths are those inside the jailer's chroot."""
     if spec.kernel is None:
         raise ValueError(f"VM {spec.name} has no kernel to boot")
     boot: dict[str, Any] = {
-        "kernel_image_path": str(spec.kernel),
+        "kernel_image_path": f"/{JAIL_KERNEL}" if jailed else str(spec.kernel),
         "boot_args": " ".join(p for p in (spec.kernel_cmdline, extra_kernel_args) if p),
     }
     if spec.initrd is not None:
-        boot["initrd_path"] = str(spec.initrd)
+        boot["initrd_path"] = f"/{VM_INITRD}" if jailed else str(spec.vm_dir / VM_INITRD)
     config: dict[str, Any] = {
         "boot-source": boot,
         "drives": [],
@@ -36,7 +47,7 @@ def firecracker_config(spec: VMSpec, *, extra_kernel_args: str = "") -> dict[str
         config["drives"].append(
             {
                 "drive_id": "root",
-                "path_on_host": str(spec.rootfs),
+                "path_on_host": f"/{JAIL_ROOTFS}" if jailed else str(spec.rootfs),
                 "is_root_device": False,  # the initramfs mounts /dev/vda itself
                 "is_read_only": False,
                 "cache_type": "Writeback",
@@ -62,6 +73,10 @@ class JailerOptions:
     chroot_base: Path = Path("/srv/jailer")
     exec_file: Path = Path("/usr/local/bin/firecracker")
     jailer: Path = Path("/usr/local/bin/jailer")
+
+    def chroot(self, vm: str) -> Path:
+        """Where the jailer puts the VM's root: ``<base>/<exec file name>/<id>/root``."""
+        return self.chroot_base / self.exec_file.name / vm / "root"
 
 
 def jailer_argv(spec: VMSpec, options: JailerOptions, config_file: str) -> list[str]:

@@ -3,7 +3,8 @@
 ``/dev/kvm`` existing is not enough (on these machines it is nested PVM, where stock kernels
 hang or QEMU fails to set up the vCPU). The canary boots the given kernel and initramfs under KVM
 with a short deadline and waits for the guest init's "booted" marker; the verdict is cached per
-kernel and QEMU version.
+kernel and QEMU version. The canary's initrd carries a ``boot_only`` configuration for the init,
+so the artifact's workload never runs in it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from reconciler.guest_config import GuestConfig
 from runtime.console import read_markers
+from runtime.guest_config import write_vm_initrd
 
 CANARY_SECONDS = 15.0
 BOOTED = "a canary guest booted under KVM"
@@ -60,6 +63,9 @@ def _canary(kernel: Path, initrd: Path, binary: str) -> tuple[bool, str]:
     with tempfile.TemporaryDirectory(prefix="reconciler-kvm-canary-") as tmp:
         console = Path(tmp) / "console.log"
         errors = Path(tmp) / "qemu.err"
+        canary_initrd = write_vm_initrd(
+            initrd, GuestConfig(hostname="kvm-canary", boot_only=True), Path(tmp) / "initrd.img"
+        )
         argv = [
             binary,
             "-M",
@@ -80,9 +86,9 @@ def _canary(kernel: Path, initrd: Path, binary: str) -> tuple[bool, str]:
             "-kernel",
             str(kernel),
             "-initrd",
-            str(initrd),
+            str(canary_initrd),
             "-append",
-            "console=ttyS0 panic=-1 quiet rc.exec=/no-workload",
+            "console=ttyS0 panic=-1 quiet",
         ]
         with errors.open("w") as err:
             process = subprocess.Popen(

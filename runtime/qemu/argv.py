@@ -2,14 +2,20 @@
 
 Kept to the microvm defaults that work under TCG (DESIGN §11: ``pit=off`` hangs the guest,
 ``rtc=off`` doubles boot time; with ACPI on, the kernel finds the virtio-mmio devices itself).
-The VM is daemonized (``-daemonize`` + ``-pidfile``) so that it outlives the reconciler, and
-everything about it lives in ``spec.vm_dir``: QMP socket, console log and socket, pid file.
+The driver starts QEMU detached from the reconciler (not ``-daemonize``: the seccomp filter
+forbids the fork; see ``confine.py``) so that it outlives it; QEMU writes ``-pidfile``, and
+everything about the VM lives in ``spec.vm_dir``: QMP socket, console log and socket, pid file, and
+the per-VM initrd (the artifact's initramfs plus the guest init's configuration, written by the
+driver; see ``runtime/guest_config.py``), so no per-VM value is on QEMU's command line or the
+guest's. ``confine`` is the ``-sandbox`` and privilege-drop options (``confine.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+from runtime.guest_config import VM_INITRD
 from runtime.protocol import VMSpec
 
 QMP_SOCKET = "qmp.sock"
@@ -19,7 +25,12 @@ PID_FILE = "qemu.pid"
 
 
 def qemu_argv(
-    spec: VMSpec, *, accel: str, extra_kernel_args: str = "", binary: str = "qemu-system-x86_64"
+    spec: VMSpec,
+    *,
+    accel: str,
+    extra_kernel_args: str = "",
+    binary: str = "qemu-system-x86_64",
+    confine: Sequence[str] = (),
 ) -> list[str]:
     if spec.kernel is None:
         raise ValueError(f"VM {spec.name} has no kernel to boot")
@@ -43,7 +54,7 @@ def qemu_argv(
         "-display",
         "none",
         "-no-reboot",
-        "-daemonize",
+        *confine,
         "-pidfile",
         str(vm_dir / PID_FILE),
         "-qmp",
@@ -57,7 +68,7 @@ def qemu_argv(
         str(spec.kernel),
     ]
     if spec.initrd is not None:
-        argv += ["-initrd", str(spec.initrd)]
+        argv += ["-initrd", str(vm_dir / VM_INITRD)]
     if spec.rootfs is not None:
         argv += [
             "-drive",

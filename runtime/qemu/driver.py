@@ -3,6 +3,10 @@
 The VM is daemonized by QEMU itself and found again from its directory (pid file, QMP socket,
 console log), so a reconciler that exits or restarts adopts running VMs instead of killing or
 duplicating them. Health comes from the guest init's console markers, state from QMP.
+
+Every start writes the VM's own initrd (the artifact's initramfs plus the init's per-VM
+configuration) into its directory, and QEMU runs confined (``confine.py``): a seccomp filter,
+and an unprivileged user once it has opened what it needs as root.
 """
 
 from __future__ import annotations
@@ -22,13 +26,17 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from reconciler.errors import ToolMissingError, VMRuntimeError
 from reconciler.model import RuntimeKind, VMState
 from runtime.console import last_event, read_markers
-from runtime.detached import alive, running_pid
+from runtime.detached import alive, launch_detached, running_pid
+from runtime.guest_config import VM_INITRD, write_vm_initrd
 from runtime.protocol import VMSpec, VMStatus
 from runtime.qemu.accel import kvm_usable
 from runtime.qemu.argv import CONSOLE_LOG, PID_FILE, QMP_SOCKET, qemu_argv
+from runtime.qemu.confine import confinement
 from runtime.qemu.machine import tcg_kernel_args
 
 START_SECONDS = 30.0
+QEMU_LOG = "qemu.log"  # QEMU's own stderr: why it failed to start
+CHROOT = "qemu-chroot"  # under the state directory: the empty root confined QEMUs end in
 
 
 class QemuRuntime:
@@ -41,11 +49,13 @@ class QemuRuntime:
         binary: str = "qemu-system-x86_64",
         accel: str = "auto",
         netns: str | None = None,
+        confine: bool = True,
     ) -> None:
         self.state_dir = state_dir
         self.binary = binary
         self.accel = accel
         self.netns = netns  # run VMs inside this network namespace (where their TAPs are)
+        self.confine = confine  # seccomp and an unprivileged user; off only to debug QEMU
 
     def _binary(self) -> str:
         found = shutil.which(self.binary)
@@ -84,32 +94,54 @@ class QemuRuntime:
         log = spec.vm_dir / CONSOLE_LOG
         if log.exists():
             log.replace(spec.vm_dir / f"previous-{CONSOLE_LOG}")
+        if spec.initrd is not None:
+            write_vm_initrd(spec.initrd, spec.guest, spec.vm_dir / VM_INITRD)
+        elif spec.guest.env or spec.guest.args or spec.guest.address:
+            raise VMRuntimeError(f"{spec.name}: no initramfs to carry the VM's configuration")
         accel = self.choose_accel(spec)
+        binary = self._binary()
         argv = qemu_argv(
             spec,
             accel=accel,
-            binary=self._binary(),
+            binary=binary,
             extra_kernel_args=tcg_kernel_args() if accel == "tcg" else "",
+            confine=confinement(binary).argv(self._chroot()) if self.confine else (),
         )
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
-        # -daemonize: the parent returns once the VM is set up; the VM is then a child of
-        # init, not of this process, and survives the reconciler.
-        result = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=START_SECONDS,
-            check=False,
-            start_new_session=True,
-        )
-        if result.returncode != 0:
-            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise VMRuntimeError(f"QEMU could not start VM {spec.name}: {reason}")
+        # Detached: QEMU is re-parented to the host's init, never a child (or a zombie) of
+        # the reconciler, and survives it.
+        qemu_log = spec.vm_dir / QEMU_LOG
+        qemu_log.unlink(missing_ok=True)
+        launched = launch_detached(argv, qemu_log)
+        self._wait_started(spec, launched, qemu_log)
         status = self.status(spec)
         if status.state is not VMState.RUNNING:
             raise VMRuntimeError(f"VM {spec.name} exited right after starting: {status.detail}")
         return status
+
+    def _chroot(self) -> Path:
+        chroot = self.state_dir / CHROOT
+        chroot.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if any(chroot.iterdir()):
+            raise VMRuntimeError(f"{chroot} must be empty: confined QEMUs chroot to it")
+        return chroot
+
+    def _wait_started(self, spec: VMSpec, launched: int, qemu_log: Path) -> None:
+        """Until QEMU has written its pid file and opened its QMP socket, or has exited."""
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline:
+            if self._pid(spec) is not None and (spec.vm_dir / QMP_SOCKET).exists():
+                return
+            if not alive(launched, spec.vm_dir):
+                break
+            time.sleep(0.05)
+        text = qemu_log.read_text(errors="replace") if qemu_log.exists() else ""
+        lines = text.strip().splitlines()
+        reason = lines[-1] if lines else "no output"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(launched, signal.SIGKILL)
+        raise VMRuntimeError(f"QEMU could not start VM {spec.name}: {reason}")
 
     @contextlib.contextmanager
     def _qmp(self, spec: VMSpec) -> Iterator[QEMUMonitorProtocol]:
