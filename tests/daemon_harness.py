@@ -17,11 +17,16 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from process_fleet import network_yaml, new_pool, remove_deployment
+
 ECHO = Path(__file__).resolve().parents[1] / "fleet-example" / "services" / "echo" / "echo.c"
 
-FLEET = """apiVersion: reconciler/v1alpha1
+# Host-process VMs live on a bridge with pool addresses: one of their own for this run.
+BRIDGE, CIDR = new_pool()
+FLEET = f"""apiVersion: reconciler/v1alpha1
 kind: Fleet
-metadata: {name: daemon-test}
+metadata: {{name: daemon-test}}
+{network_yaml(BRIDGE, CIDR)}
 """
 
 WORKLOAD = """---
@@ -47,8 +52,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def echo(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+def echo(port: int, address: str) -> bytes:
+    """Ask the echo server of the VM at ``address`` (its pool address, see ``address_of``)."""
+    with socket.create_connection((address, port), timeout=5) as conn:
         conn.sendall(b"ping\n")
         return conn.recv(16)
 
@@ -186,11 +192,14 @@ def healthy_names(status: dict[str, Any]) -> set[str]:
     return {vm["name"] for vm in status["vms"] if vm["healthy"] and vm["state"] == "running"}
 
 
+def address_of(status: dict[str, Any], vm: str) -> str:
+    return str(vms_by_name(status)[vm]["address"])
+
+
 def kill_vms(state: Path) -> None:
-    """Stop every host-process VM a test started (they outlive daemons by design)."""
-    for pidfile in (state / "vms").glob("*/process.pid"):
-        with contextlib.suppress(OSError, ValueError):
-            os.killpg(int(pidfile.read_text()), signal.SIGKILL)
+    """Stop every host-process VM a test started (they outlive daemons by design), and remove
+    their network namespaces, veths, bridge and firewall tables."""
+    remove_deployment(state, BRIDGE)
 
 
 def supervisor_counts(state: Path) -> dict[str, int]:

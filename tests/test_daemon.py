@@ -15,6 +15,7 @@ import pytest
 from conftest import FleetRepo
 from daemon_harness import (
     ECHO,
+    address_of,
     daemons,
     echo,
     eventually,
@@ -70,7 +71,7 @@ def test_commits_converge_bad_revisions_are_refused_and_drift_is_healed(tmp_path
             120,
             "the second commit converging",
         )
-        assert echo(ports["beta"]) == b"ping\n"
+        assert echo(ports["beta"], address_of(daemon.status(), "beta-0")) == b"ping\n"
 
         # A broken revision is refused; the last good one keeps running and the error shows.
         repo.write("fleet.yaml", fleet_text(ports) + "  replicas: [oops\n")
@@ -84,7 +85,7 @@ def test_commits_converge_bad_revisions_are_refused_and_drift_is_healed(tmp_path
         assert status["last_error"]
         assert broken[:12] in status["daemon"]["last_error"]
         assert daemon.metric("reconciler_last_reconcile_error") == 1.0
-        assert echo(ports["alpha"]) == b"ping\n"
+        assert echo(ports["alpha"], address_of(daemon.status(), "alpha-0")) == b"ping\n"
         cli_status = json.loads(
             reconciler("status", "--state-dir", str(state), "--format", "json").stdout
         )
@@ -108,7 +109,7 @@ def test_commits_converge_bad_revisions_are_refused_and_drift_is_healed(tmp_path
             60,
             "the killed VM being restored",
         )
-        assert echo(ports["alpha"]) == b"ping\n"
+        assert echo(ports["alpha"], address_of(daemon.status(), "alpha-0")) == b"ping\n"
 
         # Suspend: a suspended workload is left as it runs while its revision moves on.
         assert (
@@ -169,7 +170,7 @@ def test_two_daemons_on_the_file_lease_one_acts_and_the_other_takes_over(
         assert healthy_names(status) == {"alpha-0"}
         time.sleep(3)
         assert supervisor_counts(state) == {"alpha-0": 1}, "a VM was duplicated"
-        assert echo(port) == b"ping\n"
+        assert echo(port, address_of(status, "alpha-0")) == b"ping\n"
         print(f"file lease takeover after kill -9: {takeover:.2f} s")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import NetworkError
+from reconciler.guest_config import GuestConfig
 from reconciler.model import NetworkPool, RuntimeKind, VMState
 from runtime.network import AddressAllocator, Links, Network, tap_name
 from runtime.network.firewall import firewall_rules, load_rules
@@ -109,8 +110,10 @@ def test_vm_answers_on_its_own_address_over_its_tap(
         kernel=echo_unikernel / "kernel",
         initrd=echo_unikernel / "initramfs.cpio.gz",
         network=attachment,
-        kernel_cmdline=f"{(echo_unikernel / 'cmdline').read_text().strip()} "
-        f"rc.ip={attachment.address} rc.gateway={attachment.gateway} rc.hostname=echo-0",
+        kernel_cmdline=(echo_unikernel / "cmdline").read_text().strip(),
+        guest=GuestConfig(
+            hostname="echo-0", address=attachment.address, gateway=attachment.gateway
+        ),
     )
     runtime = QemuRuntime(state_dir=tmp_path, accel="tcg", netns=netns)
     assert runtime.start(spec).state is VMState.RUNNING
@@ -152,6 +155,7 @@ def test_firewall_rules_text() -> None:
         nat=True,
     )
     assert 'iifname != "rcab12-*" accept' in rules
+    assert "ether type != { ip, arp } drop" in rules  # no IPv6 around the IPv4 rules
     assert "table bridge reconciler {" in rules
     assert "ip saddr { 10.88.0.2, 10.88.0.3 } ip daddr { 10.88.0.4 } accept" in rules
     assert rules.index("ip saddr 10.88.0.0/24 ip daddr 10.88.0.0/24 drop") > rules.index(
@@ -203,7 +207,43 @@ def test_vms_of_different_workloads_only_talk_when_declared(netns: str) -> None:
             )
             return ping.returncode == 0
 
+        def link_local(name: str) -> str:
+            # An IPv6 link-local address, usable once duplicate address detection is over.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                shown = subprocess.run(
+                    ["ip", "-n", f"{netns}-{name}", "-6", "-o", "addr", "show", "eth0"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                if "fe80::" in shown and "tentative" not in shown:
+                    return shown.split("inet6 ")[1].split("/")[0]
+                time.sleep(0.2)
+            raise AssertionError(f"no link-local address on {name}")
+
+        def reaches6(source: str, target: str) -> bool:
+            address = f"{link_local(target)}%eth0"
+            # Neighbour discovery on a busy host can take more than one ping's wait.
+            ping = subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    f"{netns}-{source}",
+                    "ping",
+                    "-6",
+                    "-c1",
+                    "-w4",
+                    address,
+                ],
+                capture_output=True,
+                check=False,
+            )
+            return ping.returncode == 0
+
         assert reaches("web", "other")  # no rules yet: a plain bridge
+        assert reaches6("web", "other")
         load_rules(
             firewall_rules(
                 "rcfw-",
@@ -217,6 +257,8 @@ def test_vms_of_different_workloads_only_talk_when_declared(netns: str) -> None:
         assert reaches("web", "db")
         assert not reaches("web", "other")
         assert not reaches("other", "db")
+        # IPv6 link-local addresses (every guest kernel has them) do not walk around the rules.
+        assert not reaches6("web", "other")
         host = subprocess.run(
             ["ip", "netns", "exec", netns, "ping", "-c1", "-W1", vms["other"]],
             capture_output=True,
@@ -226,3 +268,98 @@ def test_vms_of_different_workloads_only_talk_when_declared(netns: str) -> None:
     finally:
         for guest in guests:
             subprocess.run(["ip", "netns", "del", guest], check=False)
+
+
+def _netns_names() -> set[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
+
+
+@pytest.mark.root
+def test_host_process_gets_its_own_namespace_on_a_veth(netns: str, tmp_path: Path) -> None:
+    """A host-process VM's port: a named namespace holding its pool address, joined to the fleet
+    bridge by a veth whose host end is named like a TAP; re-attaching changes nothing, switching
+    runtime swaps TAP and veth, and detach or orphan cleanup leave nothing behind."""
+    scope = uuid.uuid4().hex[:4]
+    network = Network(
+        NetworkPool(cidr="10.99.3.0/24", bridge="rcbr-test"),
+        tmp_path / "s.db",
+        netns=netns,
+        scope=scope,
+    )
+    links = Links(netns)
+    try:
+        first = network.attach("web-0", "web", namespace=True)
+        assert network.attach("web-0", "web", namespace=True) == first
+        assert first.tap in _netns_names()
+        assert links.kind_of(first.tap) == "veth"
+        assert links.master_of(first.tap) == "rcbr-test"
+        inside = subprocess.run(
+            ["ip", "-n", first.tap, "-4", "-o", "addr", "show", "eth0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "10.99.3.2/24" in inside
+        shown = subprocess.run(
+            ["ip", "-n", first.tap, "link", "show", "eth0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert first.mac in shown
+        route = subprocess.run(
+            ["ip", "-n", first.tap, "route", "show", "default"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "via 10.99.3.1 dev eth0" in route
+        ping = subprocess.run(
+            ["ip", "netns", "exec", first.tap, "ping", "-c1", "-W2", "10.99.3.1"],
+            capture_output=True,
+            check=False,
+        )
+        assert ping.returncode == 0  # the bridge (the host side) answers from the namespace
+        lo = subprocess.run(
+            ["ip", "-n", first.tap, "-o", "link", "show", "lo"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "UP" in lo
+
+        # The same VM moved to QEMU: a TAP, no namespace; and back.
+        network.attach("web-0", "web")
+        assert links.kind_of(first.tap) == "tun"
+        assert first.tap not in _netns_names()
+        network.attach("web-0", "web", namespace=True)
+        assert links.kind_of(first.tap) == "veth"
+
+        # A namespace left by a killed reconciler, and one whose veth was lost.
+        ghost = network.attach("ghost-0", "ghost", namespace=True)
+        subprocess.run(["ip", "-n", netns, "link", "del", first.tap], check=True)
+        network.attach("web-0", "web", namespace=True)  # repaired
+        assert links.kind_of(first.tap) == "veth"
+        assert sorted(network.cleanup_orphans({"web-0"})) == [ghost.tap]
+        assert ghost.tap not in _netns_names()
+        assert links.names(f"rc{scope}-") == [first.tap]
+
+        network.detach("web-0")
+        assert first.tap not in _netns_names()
+        assert links.names(f"rc{scope}-") == []
+        assert network.allocator.leases() == []
+    finally:
+        for name in _netns_names():
+            if name.startswith(f"rc{scope}-"):
+                subprocess.run(["ip", "netns", "del", name], check=False)
+        network.close()
+
+
+def test_namespace_names_cannot_leave_the_namespace_directory() -> None:
+    from runtime.network.netns import namespace_path
+
+    assert str(namespace_path("rcab12-web-0")) == "/run/netns/rcab12-web-0"
+    for bad in ("../etc", "a/b", ".hidden", "", "x" * 16):
+        with pytest.raises(NetworkError, match="invalid network namespace name"):
+            namespace_path(bad)

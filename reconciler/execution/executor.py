@@ -91,6 +91,11 @@ class Executor:
             # (a recorded VM is adopted or recreated), so the plan finishes the job.
             self.say(f"resuming after an interrupted {intent.action} of {intent.vm}")
             self.store.complete_intent(intent.id, "interrupted")
+        if self.network is not None:
+            # TAPs, veths and namespaces made for a VM that a killed reconciler never recorded.
+            self._guard("removing orphaned network devices")
+            for name in self.network.cleanup_orphans(set(self.store.observed().vms)):
+                self.say(f"removed orphaned network device or namespace {name}")
         report = ApplyReport()
         try:
             for action in plan.actions:  # a runtime that does not exist fails before any change
@@ -213,10 +218,13 @@ class Executor:
         directory.mkdir(parents=True, exist_ok=True)
         if (artifact / "rootfs.ext4").exists() and not (directory / "rootfs.ext4").exists():
             shutil.copyfile(artifact / "rootfs.ext4", directory / "rootfs.ext4")
-        # Host processes share the host's network; VMs get a TAP and an address of the pool.
+        # Every VM gets an address of the pool: a VMM a TAP, a host process a network namespace
+        # of its own on a veth pair.
         attachment = (
-            self.network.attach(record.name, record.workload)
-            if self.network is not None and record.runtime is not RuntimeKind.PROCESS
+            self.network.attach(
+                record.name, record.workload, namespace=record.runtime is RuntimeKind.PROCESS
+            )
+            if self.network is not None
             else None
         )
         spec = vm_spec(
@@ -239,9 +247,7 @@ class Executor:
             state=VMState.PENDING,
             healthy=None,
             pid=None,
-            address=attachment.address.split("/")[0]
-            if attachment
-            else ("127.0.0.1" if record.runtime is RuntimeKind.PROCESS else None),
+            address=attachment.address.split("/")[0] if attachment else None,
         )
         self.store.put_vm(record)  # before the VMM starts: a crash leaves a record to adopt
         self._guard(f"starting {record.name}")
@@ -288,7 +294,7 @@ class Executor:
             return
         addresses: dict[str, list[str]] = {}
         for vm in self.store.observed().vms.values():
-            if vm.address and vm.runtime is not RuntimeKind.PROCESS:
+            if vm.address:
                 addresses.setdefault(vm.workload, []).append(vm.address)
         depends_on = {name: list(w.deploy.depends_on) for name, w in desired.workloads.items()}
         self.network.sync_firewall(addresses, depends_on)
@@ -306,7 +312,7 @@ class Executor:
     def _remove(self, vm: ObservedVM) -> None:
         self._guard(f"removing {vm.name}")
         runtime_for(self.runtimes, vm.runtime).stop(spec_of(vm, self.state_dir), grace_seconds=5.0)
-        if self.network is not None and vm.runtime is not RuntimeKind.PROCESS:
+        if self.network is not None:
             self.network.detach(vm.name)
         shutil.rmtree(vm_dir(self.state_dir, vm.name), ignore_errors=True)
         self.store.remove_vm(vm.name)  # last: until here a crash leaves the record to retry

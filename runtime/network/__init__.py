@@ -1,12 +1,17 @@
-"""VM networking: one bridge per host, one TAP per VM, addresses from the fleet's pool.
+"""VM networking: one bridge per host, one port per VM, addresses from the fleet's pool.
 
     Network.attach(vm) ──▶ allocate address (state db) ──▶ ensure bridge ──▶ ensure TAP
                       ──▶ NetworkAttachment (TAP, MAC, address, gateway) for the runtime
+    Network.attach(vm, namespace=True) ──▶ ... ──▶ ensure the VM's network namespace on a veth
+                      pair (``netns``), configured from the host ──▶ NetworkAttachment whose
+                      ``tap`` names both the host end and the namespace (host processes)
 
-The guest's address reaches its init on the kernel command line (``rc.ip``, ``rc.gateway``).
-``detach`` removes the TAP and returns the address; ``cleanup_orphans`` removes TAPs no known VM
-owns (left by a crash between creating a TAP and recording the VM); ``sync_firewall`` loads the
-nftables rules that keep workloads apart unless declared (``firewall``).
+A microVM's address reaches its init, which configures the guest's interface; a host process's
+namespace is configured here, before it starts. ``detach`` removes the TAP or the veth and the
+namespace and returns the address; ``cleanup_orphans`` removes the ports and namespaces no
+known VM owns (left by a crash between creating them and recording the VM); ``sync_firewall``
+loads the nftables rules that keep workloads apart unless declared (``firewall``), for TAPs and
+veths alike.
 """
 
 from __future__ import annotations
@@ -18,9 +23,23 @@ from reconciler.model import NetworkPool
 from runtime.network.allocator import AddressAllocator, Lease
 from runtime.network.firewall import firewall_rules, load_rules
 from runtime.network.links import Links, scope_for, tap_name
+from runtime.network.netns import (
+    ensure_vm_namespace,
+    namespace_path,
+    namespaces,
+    remove_vm_namespace,
+)
 from runtime.protocol import NetworkAttachment
 
-__all__ = ["AddressAllocator", "Lease", "Links", "Network", "scope_for", "tap_name"]
+__all__ = [
+    "AddressAllocator",
+    "Lease",
+    "Links",
+    "Network",
+    "namespace_path",
+    "scope_for",
+    "tap_name",
+]
 
 
 class Network:
@@ -32,27 +51,49 @@ class Network:
         self.allocator = AddressAllocator(db_path, pool.cidr)
         self.links = Links(netns)
 
-    def attach(self, vm: str, workload: str) -> NetworkAttachment:
+    def attach(self, vm: str, workload: str, *, namespace: bool = False) -> NetworkAttachment:
+        """The VM's port on the fleet bridge: a TAP, or (``namespace``) a network namespace of
+        its own on a veth pair, both named ``attachment.tap``."""
         lease = self.allocator.allocate(vm, workload)
         prefixlen = self.allocator.network.prefixlen
         self.links.ensure_bridge(self.pool.bridge, lease.gateway, prefixlen)
         tap = tap_name(vm, self.scope)
-        self.links.ensure_tap(tap, self.pool.bridge)
+        if namespace:
+            ensure_vm_namespace(
+                self.links,
+                tap,
+                bridge=self.pool.bridge,
+                address=lease.address,
+                gateway=lease.gateway,
+                mac=lease.mac,
+            )
+        else:
+            self.links.ensure_tap(tap, self.pool.bridge)
+            remove_vm_namespace(tap)  # this VM ran as a host process before
         return NetworkAttachment(
             tap=tap, mac=lease.mac, address=lease.address, gateway=lease.gateway
         )
 
     def detach(self, vm: str) -> None:
+        # The host end first: a namespace is destroyed asynchronously, and its veth with it.
         self.links.delete(tap_name(vm, self.scope))
+        remove_vm_namespace(tap_name(vm, self.scope))
         self.allocator.release(vm)
 
     def cleanup_orphans(self, known_vms: set[str]) -> list[str]:
-        """Remove TAPs and addresses of VMs that are not in ``known_vms``; returns their names."""
+        """Remove the TAPs, veths, namespaces and addresses of VMs that are not in
+        ``known_vms``; returns the names of the devices and namespaces removed."""
         known_taps = {tap_name(vm, self.scope) for vm in known_vms}
-        mine = self.links.names(f"rc{self.scope}-")
+        prefix = f"rc{self.scope}-"
+        mine = self.links.names(prefix)
         removed = [tap for tap in mine if tap not in known_taps]
         for tap in removed:
             self.links.delete(tap)
+        for name in namespaces(prefix):
+            if name not in known_taps:
+                remove_vm_namespace(name)
+                if name not in removed:
+                    removed.append(name)
         for lease in self.allocator.leases():
             if lease.vm not in known_vms:
                 self.allocator.release(lease.vm)

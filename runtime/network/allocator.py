@@ -3,6 +3,9 @@
 One row per VM: the same VM always gets the same address and MAC back (a restart or a restarted
 daemon must not renumber the fleet), an address is never handed out twice, and a deleted VM's
 address returns to the pool. The gateway is the pool's first host address (the bridge).
+
+The pool is never materialised: a free address is the lowest host number not in use, found by
+walking the addresses in use (what the table holds), so a /16 costs what its VMs cost.
 """
 
 from __future__ import annotations
@@ -45,11 +48,12 @@ class AddressAllocator:
             self.network = ipaddress.IPv4Network(cidr)
         except ValueError as exc:
             raise NetworkError(f"invalid network pool {cidr!r}: {exc}") from exc
-        hosts = list(self.network.hosts())
-        if len(hosts) < 2:
+        if self.network.prefixlen > 30:
             raise NetworkError(f"network pool {cidr} has no room for VMs; use a /30 or larger")
-        self.gateway = str(hosts[0])
-        self._hosts = hosts[1:]
+        base = int(self.network.network_address)
+        self.gateway = str(ipaddress.IPv4Address(base + 1))
+        # VM addresses: after the gateway, before the broadcast address.
+        self._first, self._last = base + 2, int(self.network.broadcast_address) - 1
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
@@ -73,7 +77,7 @@ class AddressAllocator:
             if row is None:
                 used = {r[0] for r in self._db.execute("SELECT address FROM addresses")}
                 macs = {r[0] for r in self._db.execute("SELECT mac FROM addresses")}
-                free = next((str(h) for h in self._hosts if str(h) not in used), None)
+                free = self._lowest_free(used)
                 if free is None:
                     raise NetworkError(
                         f"the network pool {self.network} is exhausted ({len(used)} VMs); "
@@ -90,6 +94,19 @@ class AddressAllocator:
             self._db.execute("ROLLBACK")
             raise
         return self._lease(row)
+
+    def _lowest_free(self, used: set[str]) -> str | None:
+        taken = set()
+        for address in used:
+            try:
+                taken.add(int(ipaddress.IPv4Address(address)))
+            except ValueError:
+                continue  # not an address of this pool: it takes nothing from it
+        candidate = self._first
+        # At most len(taken) + 1 steps: the pool's size never matters.
+        while candidate in taken:
+            candidate += 1
+        return str(ipaddress.IPv4Address(candidate)) if candidate <= self._last else None
 
     def release(self, vm: str) -> None:
         self._db.execute("DELETE FROM addresses WHERE vm = ?", (vm,))

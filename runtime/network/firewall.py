@@ -2,8 +2,11 @@
 
 Rules are generated as text (pure, golden-tested) and loaded atomically with ``nft -f -``:
 
-* ``bridge <table>``: traffic between two VMs on the fleet bridge is dropped unless both run
-  the same workload, or one declares the other in ``dependsOn``. The rules are stateless (bridge
+* ``bridge <table>``: traffic between two VMs on the fleet bridge (TAPs of microVMs, veths of
+  host processes) is dropped unless both run the same workload, or one declares the other in
+  ``dependsOn``. Only IPv4 and ARP cross between VMs: the rules judge IPv4 addresses, and an
+  IPv6 link-local address (which every guest kernel gives itself) would otherwise walk around
+  them. The rules are stateless (bridge
   conntrack needs ``nf_conntrack_bridge``, which hosts may lack), so a declared dependency opens
   both directions. Traffic between the host and its VMs does not cross the bridge's forward hook
   and is not affected.
@@ -46,6 +49,7 @@ def firewall_rules(
         "        type filter hook forward priority 0; policy accept;",
         # Only frames entering from this fleet's TAP devices are judged.
         f'        iifname != "{tap_prefix}*" accept',
+        "        ether type != { ip, arp } drop",
     ]
     for workload in sorted(addresses):
         own = addresses[workload]

@@ -1,7 +1,10 @@
-"""Bridges and TAP devices with pyroute2, optionally inside a named network namespace.
+"""Bridges, TAP devices and veth pairs with pyroute2, optionally inside a named network namespace.
 
-Every call is idempotent (ensure/delete), because a reconciler resuming after a crash repeats
-whatever step it was in. pyroute2's ``NetlinkError`` becomes a one-line ``NetworkError``.
+A QEMU or Firecracker VM is a TAP device on the fleet bridge; a host-process VM is the host end
+of a veth pair whose other end lives in the VM's own network namespace (``netns``). Both carry
+the same name (``tap_name``), so the firewall and orphan cleanup treat them alike. Every call is
+idempotent (ensure/delete), because a reconciler resuming after a crash repeats whatever step it
+was in. pyroute2's ``NetlinkError`` becomes a one-line ``NetworkError``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from reconciler.errors import NetworkError
 
 TAP_PREFIX = "rc"
 IFNAMSIZ = 15
+OWNER_ALIAS = "reconciler:fleet-bridge"
+"""The interface alias (``ip link show`` prints it) of every bridge reconciler created."""
 
 
 def scope_for(owner: str) -> str:
@@ -54,12 +59,27 @@ class Links:
         return int(found[0]) if found else None
 
     def ensure_bridge(self, name: str, gateway: str, prefixlen: int) -> None:
+        """The fleet bridge, created and marked as ours (``OWNER_ALIAS``) if missing.
+
+        An existing interface of that name that reconciler did not create is refused: the
+        bridge name comes from the fleet repository, and an address and ports added to a host
+        interface (``eth0``, another tool's bridge) would take over the host's networking."""
         with self._ipr() as ipr:
             index = self._index(ipr, name)
             if index is None:
                 ipr.link("add", ifname=name, kind="bridge")
                 index = self._index(ipr, name)
-            assert index is not None
+                assert index is not None
+                ipr.link("set", index=index, ifalias=OWNER_ALIAS)
+            else:
+                alias = ipr.get_links(index)[0].get_attr("IFLA_IFALIAS")
+                if not str(alias or "").startswith(OWNER_ALIAS):
+                    raise NetworkError(
+                        f"interface {name} exists but reconciler did not create it (its alias "
+                        f"is {alias!r}, not {OWNER_ALIAS!r}); refusing to touch it: choose "
+                        "another spec.network.bridge, or delete the interface (if an older "
+                        f"reconciler made it: ip link set {name} alias {OWNER_ALIAS})"
+                    )
             addresses = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
             if gateway not in addresses:
                 ipr.addr("add", index=index, address=gateway, prefixlen=prefixlen)
@@ -77,10 +97,44 @@ class Links:
             if master is None:
                 raise NetworkError(f"bridge {bridge} does not exist; create it first")
             index = self._index(ipr, name)
+            if index is not None and self._kind(ipr, index) != "tun":
+                # The veth of this VM when it ran as a host process: QEMU cannot open that.
+                ipr.link("del", index=index)
+                index = None
             if index is None:
                 ipr.link("add", ifname=name, kind="tuntap", mode="tap")
                 index = self._index(ipr, name)
             assert index is not None
+            ipr.link("set", index=index, master=master, state="up")
+
+    @staticmethod
+    def _kind(ipr: Any, index: int) -> str | None:
+        info = ipr.get_links(index)[0].get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        return str(kind) if kind is not None else None
+
+    def kind_of(self, name: str) -> str | None:
+        """The link's kind ("tun", "veth", "bridge", ...), or None when it does not exist."""
+        with self._ipr() as ipr:
+            index = self._index(ipr, name)
+            return None if index is None else self._kind(ipr, index)
+
+    def add_veth(self, name: str, *, peer: str, peer_netns: str) -> None:
+        """A veth pair: ``name`` here, ``peer`` in the named namespace ``peer_netns``."""
+        with self._ipr() as ipr:
+            ipr.link(
+                "add", ifname=name, kind="veth", peer={"ifname": peer, "net_ns_fd": peer_netns}
+            )
+
+    def enslave(self, name: str, bridge: str) -> None:
+        """Make ``name`` an up port of ``bridge``."""
+        with self._ipr() as ipr:
+            master = self._index(ipr, bridge)
+            if master is None:
+                raise NetworkError(f"bridge {bridge} does not exist; create it first")
+            index = self._index(ipr, name)
+            if index is None:
+                raise NetworkError(f"link {name} does not exist")
             ipr.link("set", index=index, master=master, state="up")
 
     def names(self, prefix: str = TAP_PREFIX + "-") -> list[str]:

@@ -3,17 +3,25 @@
 The same ``reconciler-init`` that is PID 1 inside VMs runs here in host mode as the workload's
 supervisor: it starts the executable with its env and args, prints the same console markers,
 restarts it per its restart policy and forwards SIGTERM with a grace period. Health and status
-therefore work exactly as for VMs. The supervisor is started in a new session, detached from the
-reconciler, inside a bubblewrap sandbox when ``bwrap`` is installed (read-only host, private
-``/tmp``, its own PID namespace so that nothing outlives the supervisor), and found again from
-its pid file, so a restarted reconciler adopts it.
+therefore work exactly as for VMs.
+
+The fleet repository is untrusted and this runs as root, so the supervisor and the workload run
+in a sandbox (``sandbox.py``): their own user namespace as an unprivileged uid with no
+capability, a read-only minimal view of the host whose only writable host path is
+``<vm dir>/work``, private ``/tmp``, their own PID namespace (nothing outlives the supervisor),
+and their own network namespace on the fleet bridge with the VM's pool address
+(``runtime.network.netns``, prepared by the executor through ``Network.attach``). A missing
+sandbox tool is an error, never a bare process.
+
+The sandbox is started detached from the reconciler; the pid file names its PID namespace's
+first process, so a restarted reconciler adopts it, and killing that process ends everything in
+the namespace.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -23,32 +31,36 @@ from reconciler.errors import VMRuntimeError
 from reconciler.model import RuntimeKind, VMState
 from runtime.console import last_event, read_markers
 from runtime.detached import alive, ended_status, launch_detached, running_pid
+from runtime.guest_config import write_config_file
+from runtime.network.netns import namespace_path
+from runtime.process.sandbox import (
+    WORKDIR,
+    HostLayout,
+    sandbox_argv,
+    sandbox_tools,
+    sandbox_uid,
+)
 from runtime.protocol import VMSpec, VMStatus
 
 PID_FILE = "process.pid"
 CONSOLE_LOG = "console.log"
 CONFIG = "init.conf"
+VM_CONFIG = "vm.conf"
 
 
 class ProcessRuntime:
     kind = RuntimeKind.PROCESS
 
-    def __init__(self, *, init_binary: Callable[[], Path], sandbox: bool = True) -> None:
+    def __init__(self, *, init_binary: Callable[[], Path]) -> None:
         self.init_binary = init_binary  # called when a process starts: it may build the init
-        self.sandbox = sandbox and shutil.which("bwrap") is not None
 
     def _pid(self, spec: VMSpec) -> int | None:
         return running_pid(spec.vm_dir / PID_FILE, spec.vm_dir)
 
     def _config(self, spec: VMSpec) -> str:
         assert spec.executable is not None
-        lines = [f"exec={spec.executable}", f"workdir={spec.vm_dir}", "grace=10"]
-        lines += [f"arg={arg}" for arg in spec.args]
-        lines += [f"env={key}={value}" for key, value in sorted(spec.env.items())]
-        # The restart policy travels on the VM command line as rc.restart=...; keep it.
-        for token in spec.kernel_cmdline.split():
-            if token.startswith("rc.restart="):
-                lines.append(f"restart={token.removeprefix('rc.restart=')}")
+        lines = [f"exec={spec.executable}", f"workdir={spec.vm_dir / WORKDIR}", "grace=10"]
+        # Env, args and restart policy: the length-prefixed per-VM file (``--vm-config``).
         return "\n".join(lines) + "\n"
 
     def start(self, spec: VMSpec) -> VMStatus:
@@ -57,55 +69,48 @@ class ProcessRuntime:
             return current  # adopt
         if spec.executable is None:
             raise VMRuntimeError(f"{spec.name}: the process runtime needs an executable artifact")
+        tools = sandbox_tools()  # before anything is written: no sandbox, no start
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         (spec.vm_dir / CONFIG).write_text(self._config(spec))
         log = spec.vm_dir / CONSOLE_LOG
         if log.exists():
             log.replace(spec.vm_dir / f"previous-{CONSOLE_LOG}")
         init = self.init_binary()
+        vm_config = write_config_file(spec.guest, spec.vm_dir / VM_CONFIG)
         argv = [str(init), "--supervisor", "--config", str(spec.vm_dir / CONFIG)]
-        if self.sandbox:
-            # The host read-only, a private /tmp, and on top of it what the workload needs
-            # wherever it lives (a state directory under /tmp would vanish otherwise).
-            argv = [
-                "bwrap",
-                "--ro-bind",
-                "/",
-                "/",
-                "--dev",
-                "/dev",
-                "--proc",
-                "/proc",
-                "--tmpfs",
-                "/tmp",
-                "--ro-bind",
-                str(init),
-                str(init),
-                "--ro-bind",
-                str(spec.executable),
-                str(spec.executable),
-                "--bind",
-                str(spec.vm_dir),
-                str(spec.vm_dir),
-                "--unshare-ipc",
-                "--unshare-uts",
-                "--unshare-pid",
-                "--hostname",
-                spec.name,
-                "--new-session",
-                *argv,
-            ]
-        # Started through a shell that exits at once: the supervisor is re-parented to the
-        # host's init, never a child (or a zombie) of the reconciler.
+        argv += ["--vm-config", str(vm_config)]
+        uid = sandbox_uid(spec.name)
+        workdir = spec.vm_dir / WORKDIR
+        workdir.mkdir(mode=0o700, exist_ok=True)
+        os.chown(workdir, uid, uid, follow_symlinks=False)
+        # Every file the init is told to read, readable by the VM's uid and shown read-only.
+        configs = [Path(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a.endswith("config")]
+        for config in configs:
+            os.chown(config, uid, uid, follow_symlinks=False)
+            os.chmod(config, 0o400)
+        argv = sandbox_argv(
+            name=spec.name,
+            command=argv,
+            read_only=[init, spec.executable, *configs],
+            workdir=workdir,
+            uid=uid,
+            netns=namespace_path(spec.network.tap) if spec.network is not None else None,
+            tools=tools,
+            layout=HostLayout.probe(),
+        )
+        # Started through a shell that exits at once: the sandbox is re-parented to the host's
+        # init, never a child (or a zombie) of the reconciler.
         launcher = launch_detached(argv, log, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
-        # bwrap does not pass signals on: the supervisor to signal is its child, the init.
-        pid = (self._supervisor_pid(launcher) if self.sandbox else None) or launcher
+        # The pid file names the PID namespace's first process (the outer bwrap's child): its
+        # death ends the namespace, and ``stop`` finds the supervisor below it.
+        pid = self._supervisor_pid(launcher) or launcher
         (spec.vm_dir / PID_FILE).write_text(f"{pid}\n")
         return self.status(spec)
 
     @staticmethod
     def _supervisor_pid(parent: int) -> int | None:
-        """The init under bwrap, or None when bwrap already ended (its log tells why)."""
+        """The first process of the sandbox's PID namespace (the outer bwrap's child), or None
+        when bwrap already ended (its log tells why)."""
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
             try:
@@ -131,12 +136,42 @@ class ProcessRuntime:
         pid = self._pid(spec)
         if pid is None:
             return self.status(spec)
+        # The namespace's first process ignores SIGTERM (bwrap, as an init, installs no handler):
+        # the init below it gets it and forwards it to the workload.
+        supervisor = _supervisor_below(pid)
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)  # the init forwards it to the workload
+            os.kill(supervisor or pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_seconds + 1
         while time.monotonic() < deadline and alive(pid, spec.vm_dir):
             time.sleep(0.05)
         if alive(pid, spec.vm_dir):
+            # The namespace's first process: every process of the sandbox dies with it.
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
         return self.status(spec)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _supervisor_below(pid: int) -> int | None:
+    """The guest init under the sandbox's first process ``pid`` (the nearest process that is
+    not bwrap and runs ``--supervisor``), or None. The workload could dress a process up as
+    one; that only costs the grace period before ``stop`` kills the whole namespace."""
+    level = _children(pid)
+    for _depth in range(4):
+        found = []
+        for child in level:
+            try:
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--supervisor" in argv and Path(argv[0].decode(errors="replace")).name != "bwrap":
+                return child
+            found += _children(child)
+        level = found
+    return None
