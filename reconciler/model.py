@@ -128,6 +128,8 @@ class DeploySpec:
     kernel_args: str = ""
     restart_policy: str = "always"
     """``always`` for services; ``never`` for batch jobs, whose VM ends when the job does."""
+    prevent_destroy: bool = False
+    """No plan may delete these VMs (``planning.guard``) until a commit clears the flag."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,9 @@ class FleetSettings:
     network: NetworkPool = NetworkPool()
     kernel: str | None = None
     variables: Mapping[str, Any] = field(default_factory=dict)
+    max_deletions: int | str | None = None
+    """VMs one plan may delete: a count, ``"N%"`` of the fleet, or None for the default
+    (``planning.guard``)."""
     declared: bool = True
     """False when the revision has no Fleet document and these are the built-in defaults."""
 
@@ -478,6 +483,9 @@ def vm_settings(workload: Workload, artifact: ArtifactRef, kernel: str | None) -
         },
         "deploy.dependsOn": sorted(deploy.depends_on),
     }
+    if deploy.prevent_destroy:
+        # Only when set, so that fleets without the flag see no change in their settings.
+        settings["deploy.preventDestroy"] = True
     for key, value in deploy.env.items():
         settings[f"deploy.env.{key}"] = value
     for key, value in workload.labels.items():

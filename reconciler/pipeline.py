@@ -2,6 +2,7 @@
 
     Source.resolve/checkout ──▶ manifests.load_fleet ──▶ DesiredFleet
     StateStore.observed (or the base revision) ──▶ ObservedFleet ──▶ planning.diff ──▶ Plan
+                                                        ──▶ planning.check_deletions (guards)
 
 Commands choose what happens to the plan (render it, save it, execute it); none of them has a
 second way of making one.
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 from reconciler.manifests import ParseCache, load_fleet
 from reconciler.model import DesiredFleet, ObservedFleet, Plan
-from reconciler.planning import diff, observed_from_desired
+from reconciler.planning import check_deletions, diff, observed_from_desired
 from reconciler.source import Source
 
 
@@ -35,17 +36,28 @@ class RevisionLoader:
 
 
 def plan_against_observed(
-    loader: RevisionLoader, rev: str | None, observed: ObservedFleet
+    loader: RevisionLoader,
+    rev: str | None,
+    observed: ObservedFleet,
+    *,
+    force_deletions: bool = False,
 ) -> tuple[DesiredFleet, Plan]:
-    """Desired at ``rev`` against what runs now (the state store refreshed from the runtimes)."""
+    """Desired at ``rev`` against what runs now (the state store refreshed from the runtimes).
+
+    A plan that deletes more than the deletion guards allow raises ``DeletionGuardError``."""
     desired = loader.load(rev)
-    return desired, diff(desired, observed)
+    plan = diff(desired, observed)
+    return desired, check_deletions(plan, desired, observed, force_deletions=force_deletions)
 
 
-def plan_between(loader: RevisionLoader, base: str, head: str | None) -> Plan:
+def plan_between(
+    loader: RevisionLoader, base: str, head: str | None, *, force_deletions: bool = False
+) -> Plan:
     """Desired at ``head`` against the fleet as ``base`` would run it: the pull-request review.
 
-    Needs no runtime and no state store."""
+    Needs no runtime and no state store. Guarded like ``plan_against_observed``."""
     base_fleet = loader.load(base)
     head_fleet = loader.load(head)
-    return diff(head_fleet, observed_from_desired(base_fleet), base=base_fleet)
+    observed = observed_from_desired(base_fleet)
+    plan = diff(head_fleet, observed, base=base_fleet)
+    return check_deletions(plan, head_fleet, observed, force_deletions=force_deletions)

@@ -263,3 +263,94 @@ def test_console_script_and_module_entry_points(fleet_repo: FleetRepo, state_dir
             check=False,
         )
         assert result.returncode == 0, result.stderr
+
+
+# -- A misspelt key, a deleting plan, a protected workload -------------------------------------
+
+
+def test_a_misspelt_api_version_is_refused_by_validate_and_diff(
+    fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = fleet_repo.git("rev-parse", "HEAD")
+    fleet_repo.edit("workloads/echo.yaml", "apiVersion:", "apiVerison:")
+    head = fleet_repo.commit("typo")
+    repo = ("--repo", str(fleet_repo.path), "--state-dir", str(state_dir))
+    expected = (
+        "workloads/echo.yaml:2: $.apiVerison: no apiVersion; did you mean apiVersion "
+        "(found 'apiVerison')?\n"
+        "error: 1 problem in the manifests; nothing was changed\n"
+    )
+    assert run(capsys, "validate", *repo) == (1, "", expected)
+    assert run(capsys, "diff", *repo) == (1, "", expected)
+    assert run(capsys, "diff", *repo, "--base", base, "--head", head) == (1, "", expected)
+
+
+def test_diff_shows_a_plan_over_max_deletions_and_says_it_is_refused(
+    fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet_repo.edit("workloads/web.yaml", "replicas: 2", "replicas: 7")
+    base = fleet_repo.commit("web: 7 replicas")
+    fleet_repo.edit("workloads/web.yaml", "replicas: 7", "replicas: 1")
+    head = fleet_repo.commit("web: 1 replica")
+    common = ("--repo", str(fleet_repo.path), "--state-dir", str(state_dir), "--base", base)
+    code, out, err = run(capsys, "diff", *common, "--head", head)
+    assert code == 1
+    assert "  - vm 'web-6'" in out
+    assert "Warning: this plan is refused: the plan deletes 6 VMs" in out
+    assert err == (
+        "error: refusing the plan: the plan deletes 6 VMs (web-1, web-2, web-3, web-4 and 2 "
+        "more), over the default maxDeletions (25% of the fleet's 9 VMs, at least 5) of 5; "
+        "raise spec.maxDeletions in a commit, or run with --force-deletions\n"
+    )
+    code, out, _ = run(capsys, "diff", *common, "--head", head, "--format", "json")
+    assert code == 1
+    assert json.loads(out)["summary"]["delete"] == 6
+    out_path = state_dir.parent / "plan.json"
+    assert run(capsys, "plan", *common, "--head", head, "-o", str(out_path))[0] == 1
+    assert not out_path.exists()  # a refused plan is not saved
+
+    code, out, err = run(capsys, "diff", *common, "--head", head, "--force-deletions")
+    assert (code, err) == (2, "")
+    assert "refused" not in out
+
+    fleet_repo.edit("fleet.yaml", "  prune: true", "  prune: true\n  maxDeletions: 6")
+    raised = fleet_repo.commit("allow 6 deletions")
+    assert run(capsys, "diff", *common, "--head", raised)[0] == 2
+
+
+def test_prevent_destroy_is_lifted_only_by_a_commit(
+    fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet_repo.edit("workloads/echo.yaml", "  deploy:\n", "  deploy:\n    preventDestroy: true\n")
+    protected = fleet_repo.commit("echo: prevent destroy")
+    (fleet_repo.path / "workloads" / "echo.yaml").unlink()
+    dropped = fleet_repo.commit("drop echo")
+    common = ("--repo", str(fleet_repo.path), "--state-dir", str(state_dir), "--base", protected)
+    for force in ((), ("--force-deletions",)):
+        code, out, err = run(capsys, "diff", *common, "--head", dropped, *force)
+        assert code == 1
+        assert "  - vm 'echo-0'" in out
+        assert "protected by deploy.preventDestroy (echo-0)" in err
+        assert "sets preventDestroy: false on 'echo'" in err
+
+
+def test_template_bombs_are_refused_by_validate_one_line_each(
+    fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_manifests import BOMBS
+
+    for name, text in BOMBS.items():
+        fleet_repo.write(f"workloads/{name}", text)
+    fleet_repo.commit("template bombs")
+    code, out, err = run(
+        capsys, "validate", "--repo", str(fleet_repo.path), "--state-dir", str(state_dir)
+    )
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        "workloads/loops.yaml.j2: template exceeded its CPU limit (5 s)",
+        "workloads/memory.yaml.j2: template exceeded its memory limit (256 MiB)",
+        "workloads/output.yaml.j2: template output exceeds the limit of 1048576 bytes",
+        "workloads/recursion.yaml.j2: template nests or recurses too deeply (a macro calling "
+        "itself?)",
+        "error: 4 problems in the manifests; nothing was changed",
+    ]

@@ -177,3 +177,168 @@ def test_parse_cache_reuses_identical_contents(fleet: Path) -> None:
     entries = len(cache._entries)
     load_fleet(fleet, cache=cache)
     assert len(cache._entries) == entries
+
+
+# -- Nothing under the manifest path is silently skipped -----------------------------------
+
+
+def test_a_misspelt_api_version_is_an_error_not_a_skipped_file(tiny: Path) -> None:
+    (tiny / "a.yaml").write_text(WORKLOAD.format(name="a", extra=""))
+    (tiny / "b.yaml").write_text(
+        WORKLOAD.format(name="b", extra="").replace("apiVersion:", "apiVerison:")
+    )
+    assert problems(tiny) == [
+        "b.yaml:1: $.apiVerison: no apiVersion; did you mean apiVersion (found 'apiVerison')?"
+    ]
+
+
+def test_yaml_that_is_not_a_manifest_outside_source_directories_is_an_error(tiny: Path) -> None:
+    (tiny / "w.yaml").write_text(WORKLOAD.format(name="w", extra=""))
+    (tiny / "notes.yaml").write_text("owner: team-a\n")
+    (tiny / "k8s.yml").write_text("apiVersion: v1\nkind: Service\n---\n- a list\n")
+    found = problems(tiny)
+    assert found[0] == (
+        "k8s.yml:1: $.apiVersion: apiVersion must be 'reconciler/v1alpha1', not 'v1'; if the "
+        "file is not a manifest, exclude it in .reconcilerignore or the Fleet's spec.ignore"
+    )
+    assert found[1].startswith("k8s.yml:4: not a manifest: a list")
+    assert found[2].startswith("notes.yaml:1: not a manifest: no apiVersion")
+    assert len(found) == 3
+
+
+def test_a_misspelt_kind_and_field_say_what_was_meant(tiny: Path) -> None:
+    (tiny / "a.yaml").write_text(WORKLOAD.format(name="a", extra="").replace("kind:", "kidn:"))
+    (tiny / "b.yaml").write_text(WORKLOAD.format(name="b", extra=", preventDestory: true"))
+    found = problems(tiny)
+    assert found[0] == "a.yaml:1: $.kind: no kind; did you mean kind (found 'kidn')?"
+    assert "did you mean 'preventDestroy' (found 'preventDestory')?" in found[1]
+
+
+def test_ignore_file_and_fleet_ignore_exclude_files_on_purpose(tiny: Path) -> None:
+    (tiny / "w.yaml").write_text(WORKLOAD.format(name="w", extra=""))
+    (tiny / "docs").mkdir()
+    (tiny / "docs" / "a.yaml").write_text("owner: team-a\n")
+    (tiny / "docs" / "keep.yaml").write_text(WORKLOAD.format(name="k", extra=""))
+    (tiny / "ci.yml").write_text("jobs: {}\n")
+    (tiny / "deep" / "x").mkdir(parents=True)
+    (tiny / "deep" / "x" / "values.yaml").write_text("a: 1\n")
+    assert len(problems(tiny)) == 3
+    (tiny / ".reconcilerignore").write_text(
+        "# not manifests\ndocs/\n!docs/keep.yaml\nvalues.yaml\n"
+    )
+    # A directory that is ignored stays ignored, as in git: keep.yaml does not come back.
+    assert problems(tiny) == [
+        "ci.yml:1: not a manifest: no apiVersion (a manifest has apiVersion: "
+        "reconciler/v1alpha1); if the file is not a manifest, exclude it in .reconcilerignore "
+        "or the Fleet's spec.ignore"
+    ]
+    (tiny / "fleet.yaml").write_text(
+        "apiVersion: reconciler/v1alpha1\nkind: Fleet\nmetadata: {name: f}\n"
+        "spec: {ignore: ['/ci.yml', '*.yaml']}\n"
+    )
+    # spec.ignore adds to the file; the file holding the Fleet is never ignored by it.
+    desired = load_fleet(tiny)
+    assert desired.fleet.name == "f"
+    assert list(desired.workloads) == []  # w.yaml matches '*.yaml' too
+
+
+def test_source_directories_are_excluded_but_not_documents_that_claim_to_be_manifests(
+    tiny: Path,
+) -> None:
+    (tiny / "w.yaml").write_text(WORKLOAD.format(name="w", extra=""))
+    (tiny / "src" / "tool.yaml").write_text("- any: [tool, config]\n")
+    (tiny / "src" / "conf.yaml.j2").write_text("port: {{ not_a_fleet_variable }}\n")
+    assert list(load_fleet(tiny).workloads) == ["w"]
+    (tiny / "src" / "moved.yaml").write_text(
+        WORKLOAD.format(name="m", extra="").replace("apiVersion:", "apiversion:")
+    )
+    assert problems(tiny) == [
+        "src/moved.yaml:1: $.apiversion: no apiVersion; did you mean apiVersion "
+        "(found 'apiversion')?"
+    ]
+
+
+def test_a_source_path_of_the_manifest_root_excludes_nothing(tiny: Path) -> None:
+    (tiny / "main.c").write_text("int main(void) { return 0; }\n")
+    (tiny / "w.yaml").write_text(
+        WORKLOAD.format(name="w", extra="").replace("path: src", "path: .")
+    )
+    (tiny / "stray.yaml").write_text("replicas: 3\n")
+    assert problems(tiny)[0].startswith("stray.yaml:1: not a manifest")
+
+
+# -- Templates are rendered in a child process under limits ---------------------------------
+
+BOMBS = {
+    "recursion.yaml.j2": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}\n",
+    "memory.yaml.j2": "{{ 'a' * 3000000000 }}\n",
+    "loops.yaml.j2": "{% for i in range(100000) %}{% for j in range(100000) %}"
+    "{% for k in range(100000) %}{% endfor %}{% endfor %}{% endfor %}\n",
+    "output.yaml.j2": "{% for i in range(100000) %}{% for j in range(100000) %}"
+    "{{ 'x' * 100000 }}{% endfor %}{% endfor %}\n",
+}
+
+
+def test_template_bombs_are_one_line_each_and_the_rest_still_renders(tiny: Path) -> None:
+    for name, text in BOMBS.items():
+        (tiny / name).write_text(text)
+    (tiny / "w.yaml.j2").write_text(WORKLOAD.format(name="{{ 'w' }}", extra=""))
+    limits = Limits(template_cpu_seconds=1, template_memory_bytes=64 << 20)
+    found = problems(tiny, limits=limits)
+    assert found == [
+        "loops.yaml.j2: template exceeded its CPU limit (1 s)",
+        "memory.yaml.j2: template exceeded its memory limit (64 MiB)",
+        "output.yaml.j2: template output exceeds the limit of 1048576 bytes",
+        "recursion.yaml.j2: template nests or recurses too deeply (a macro calling itself?)",
+    ]
+    for bomb in BOMBS:
+        (tiny / bomb).unlink()
+    assert list(load_fleet(tiny, limits=limits).workloads) == ["w"]
+
+
+def test_a_template_that_takes_too_long_is_killed_and_the_next_one_renders(tiny: Path) -> None:
+    (tiny / "a.yaml.j2").write_text(BOMBS["loops.yaml.j2"])
+    (tiny / "b.yaml.j2").write_text(WORKLOAD.format(name="{{ 'b' }}", extra=""))
+    # A wall-clock limit under the CPU limit: the parent kills the child, then starts another.
+    limits = Limits(template_cpu_seconds=30, template_seconds=0.5)
+    assert problems(tiny, limits=limits) == ["a.yaml.j2: template exceeded its time limit (0.5 s)"]
+
+
+# -- The network pool and bridge are the fleet's own -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("network", "message"),
+    [
+        ("{cidr: 0.0.0.0/0}", "'0.0.0.0/0': the pool must be an IPv4 network from /16 to /29"),
+        ("{cidr: 10.0.0.0/8}", "'10.0.0.0/8': the pool must be an IPv4 network from /16 to /29"),
+        ("{cidr: 10.0.0.0/30}", "the pool must be an IPv4 network from /16 to /29"),
+        ("{cidr: 8.8.8.0/24}", "the pool 8.8.8.0/24 is not private"),
+        ("{bridge: eth0}", "'eth0': the bridge must be a fleet-owned name"),
+        ("{bridge: rcbr-a-very-long1}", "the bridge must be a fleet-owned name"),
+    ],
+)
+def test_network_pools_and_bridges_that_would_take_the_host_are_refused(
+    tiny: Path, network: str, message: str
+) -> None:
+    (tiny / "fleet.yaml").write_text(
+        "apiVersion: reconciler/v1alpha1\nkind: Fleet\nmetadata: {name: f}\n"
+        f"spec: {{network: {network}}}\n"
+    )
+    found = problems(tiny)
+    assert len(found) == 1
+    assert message in found[0]
+    assert found[0].startswith("fleet.yaml:4: $.spec.network.")
+
+
+def test_largest_pool_and_guard_settings_compile(tiny: Path) -> None:
+    (tiny / "fleet.yaml").write_text(
+        "apiVersion: reconciler/v1alpha1\nkind: Fleet\nmetadata: {name: f}\n"
+        "spec: {network: {cidr: 10.64.0.0/16, bridge: rcbr-prod}, maxDeletions: '10%'}\n"
+    )
+    (tiny / "w.yaml").write_text(WORKLOAD.format(name="w", extra=", preventDestroy: true"))
+    desired = load_fleet(tiny)
+    assert desired.fleet.network.cidr == "10.64.0.0/16"
+    assert desired.fleet.max_deletions == "10%"
+    assert desired.workloads["w"].deploy.prevent_destroy
+    assert desired.vms["w-0"].settings["deploy.preventDestroy"] == "true"

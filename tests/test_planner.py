@@ -210,3 +210,85 @@ def test_max_surge_is_reported_as_not_implemented() -> None:
     assert plan.warnings == (
         "spec.rollout.maxSurge is not implemented yet: replaces stop the old VM first",
     )
+
+
+# -- Deletion guards (planning.guard) -------------------------------------------------------
+
+
+def test_default_max_deletions_refuses_a_plan_that_drops_most_of_the_fleet() -> None:
+    from reconciler.planning import DeletionGuardError, check_deletions
+
+    before = fleet(workload("web", replicas=8), workload("db", replicas=2))
+    after = fleet(workload("db", replicas=2))
+    observed = running(before)
+    plan = diff(after, observed)
+    assert plan.summary()["delete"] == 8
+    with pytest.raises(DeletionGuardError) as refused:
+        check_deletions(plan, after, observed)
+    message = str(refused.value)
+    assert message.startswith("refusing the plan: the plan deletes 8 VMs (web-0, web-1, web-2")
+    assert "over the default maxDeletions (25% of the fleet's 10 VMs, at least 5) of 5" in message
+    assert "--force-deletions" in message
+    # The refused plan says so in its own warnings, for diff to show.
+    assert refused.value.plan.warnings[-1].startswith("this plan is refused: the plan deletes 8")
+    assert refused.value.plan.actions == plan.actions
+    assert check_deletions(plan, after, observed, force_deletions=True) is plan
+
+    # Five deletions, or a quarter of a big fleet, pass by default.
+    small = fleet(workload("db", replicas=2), workload("web", replicas=3))
+    assert check_deletions(diff(after, running(small)), after, running(small))
+    big = fleet(workload("web", replicas=40), workload("db", replicas=2))
+    scaled = fleet(workload("web", replicas=30), workload("db", replicas=2))
+    assert check_deletions(diff(scaled, running(big)), scaled, running(big))
+
+
+@pytest.mark.parametrize(
+    ("setting", "refused"), [(0, True), (8, False), ("50%", True), ("80%", False)]
+)
+def test_max_deletions_setting_as_a_count_or_a_percentage(setting: object, refused: bool) -> None:
+    from reconciler.planning import DeletionGuardError, check_deletions
+
+    before = fleet(workload("web", replicas=8), workload("db", replicas=2))
+    after = fleet(workload("db", replicas=2), max_deletions=setting)
+    observed = running(before)
+    plan = diff(after, observed)
+    if refused:
+        with pytest.raises(DeletionGuardError, match=r"over the Fleet's spec.maxDeletions"):
+            check_deletions(plan, after, observed)
+    else:
+        assert check_deletions(plan, after, observed) is plan
+
+
+def test_prevent_destroy_survives_the_workload_and_no_flag_overrides_it() -> None:
+    from reconciler.planning import DeletionGuardError, check_deletions
+
+    db = workload("db", replicas=2, prevent_destroy=True)
+    before = fleet(db, workload("web"))
+    observed = running(before)
+    assert observed.vms["db-0"].settings["deploy.preventDestroy"] == "true"
+
+    # Scaling down, or dropping the document (the flag lives on in the VMs' settings).
+    for after in (fleet(workload("db", replicas=1, prevent_destroy=True)), fleet(workload("web"))):
+        plan = diff(after, observed)
+        with pytest.raises(DeletionGuardError, match=r"protected by deploy\.preventDestroy") as err:
+            check_deletions(plan, after, observed, force_deletions=True)
+        assert "first apply a commit that sets preventDestroy: false on 'db'" in str(err.value)
+
+    # Clearing the flag is an in-place update; once applied, the deletion may go.
+    cleared = fleet(workload("db", replicas=2), workload("web"))
+    update = diff(cleared, observed)
+    assert actions(update) == [("update", "db-0", "in-place"), ("update", "db-1", "in-place")]
+    assert update.actions[0].changes[0].key == "deploy.preventDestroy"
+    observed = running(cleared)
+    after = fleet(workload("web"))
+    assert check_deletions(diff(after, observed), after, observed).summary()["delete"] == 2
+
+
+def test_suspended_deletions_do_not_count() -> None:
+    from reconciler.planning import check_deletions, suspend_plan
+
+    before = fleet(workload("web", replicas=8), workload("db", replicas=2))
+    after = fleet(workload("db", replicas=2), max_deletions=0)
+    observed = running(before)
+    held = suspend_plan(diff(after, observed), {"web": "migrating"})
+    assert check_deletions(held, after, observed) is held

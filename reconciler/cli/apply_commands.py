@@ -3,6 +3,8 @@
 ``apply`` makes the plan exactly as ``diff`` does (same pipeline), or takes a saved plan and
 refuses it when the revision or the observed state moved since it was made; then the executor
 builds, starts, stops and waits for health. Exit 0 when the fleet converged and is healthy.
+With ``--trusted-key`` only a commit signed by a trusted key is read at all, and a revision
+that does not descend from the applied one is refused unless ``--allow-non-descendant``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,20 @@ from typing import Any
 
 from reconciler.cli.build_commands import add_cache_option, cache_dir
 from reconciler.cli.host import open_host
-from reconciler.cli.options import add_repo_options, add_state_option, revision_loader, state_dir
+from reconciler.cli.options import (
+    add_history_option,
+    add_repo_options,
+    add_state_option,
+    revision_loader,
+    state_dir,
+)
 from reconciler.daemon.leader_file import running_leader
 from reconciler.errors import EXIT_ERROR, EXIT_OK, LeadershipError, PlanError
 from reconciler.execution.status import fleet_status
 from reconciler.model import Plan, short_digest
 from reconciler.pipeline import plan_against_observed
 from reconciler.render import render_text
+from reconciler.source.history import require_descendant
 from reconciler.state import FLEET_WIDE
 
 
@@ -30,8 +39,15 @@ def register(commands: Any) -> None:
     add_repo_options(apply)
     add_state_option(apply)
     add_cache_option(apply)
+    add_history_option(apply)
     apply.add_argument("--rev", default=None, help="revision to apply (default: the ref)")
     apply.add_argument("plan", nargs="?", type=Path, help="a plan saved by `reconciler plan -o`")
+    apply.add_argument(
+        "--force-deletions",
+        action="store_true",
+        help="apply a plan that deletes more VMs than the Fleet's maxDeletions allows "
+        "(never one that deletes a workload's preventDestroy VMs)",
+    )
     apply.set_defaults(handler=run_apply)
 
     status = commands.add_parser("status", help="show the VMs that run and the revisions")
@@ -59,8 +75,17 @@ def run_apply(args: argparse.Namespace) -> int:
     try:
         saved = _saved_plan(args.plan) if args.plan is not None else None
         revision = loader.resolve(saved.head if saved is not None else args.rev)
+        applied = host.store.applied_revision()
+        require_descendant(
+            loader.source,
+            applied.revision if applied else None,
+            revision,
+            allow=args.allow_non_descendant,
+        )
         observed = host.observe()
-        desired, plan = plan_against_observed(loader, revision, observed)
+        desired, plan = plan_against_observed(
+            loader, revision, observed, force_deletions=args.force_deletions
+        )
         if saved is not None:
             if saved.observed_version != observed.version:
                 raise PlanError(

@@ -16,6 +16,7 @@ from reconciler.cli.options import add_repo_options, add_state_option, revision_
 from reconciler.errors import EXIT_CHANGES, EXIT_OK, ConfigError
 from reconciler.model import Plan
 from reconciler.pipeline import plan_against_observed, plan_between
+from reconciler.planning import DeletionGuardError
 from reconciler.render import RENDERERS, render_json
 
 
@@ -41,6 +42,12 @@ def register(commands: Any) -> None:
         sub.add_argument("--base", default=None, help="compare two revisions: the base")
         sub.add_argument("--head", default=None, help="with --base: the head (default: ref)")
         sub.add_argument("--format", choices=sorted(RENDERERS), default="text")
+        sub.add_argument(
+            "--force-deletions",
+            action="store_true",
+            help="plan as apply --force-deletions would: lift the Fleet's maxDeletions "
+            "(never a workload's preventDestroy)",
+        )
         if name == "plan":
             sub.add_argument(
                 "-o", "--out", type=Path, required=True, help="write the plan as JSON here"
@@ -65,17 +72,23 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.base is not None and args.rev is not None:
         raise ConfigError("use either --rev (against the live fleet) or --base/--head, not both")
     loader = revision_loader(args)
+    force = args.force_deletions
     if args.base is not None:
-        return plan_between(loader, args.base, args.head)
+        return plan_between(loader, args.base, args.head, force_deletions=force)
     host = open_host(args)
     try:
-        return plan_against_observed(loader, args.rev, host.observe())[1]
+        return plan_against_observed(loader, args.rev, host.observe(), force_deletions=force)[1]
     finally:
         host.close()
 
 
 def run_diff(args: argparse.Namespace) -> int:
-    plan = make_plan(args)
+    try:
+        plan = make_plan(args)
+    except DeletionGuardError as refused:
+        # The reviewer sees what would happen and why it will not; the plan is not saved.
+        sys.stdout.write(RENDERERS[args.format](refused.plan))
+        raise
     sys.stdout.write(RENDERERS[args.format](plan))
     out: Path | None = getattr(args, "out", None)
     if out is not None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reconciler.build_flags import build_input_problems
+from reconciler.guest_values import deploy_problems
 from reconciler.manifests.paths import SourceTrees, relative
 from reconciler.model import (
     BuildSpec,
@@ -32,6 +34,10 @@ from reconciler.model import (
 )
 
 BUILT_IN_DEPLOY: Mapping[str, Any] = {"replicas": 1, "vcpus": 1, "memoryMiB": 256}
+PRIVATE_POOLS = tuple(
+    ipaddress.IPv4Network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+)
 VM_TARGETS = {Target.UNIKERNEL, Target.MICROVM}
 
 
@@ -71,6 +77,7 @@ def compile_fleet(document: Document | None) -> FleetSettings:
         ),
         kernel=spec.get("kernel"),
         variables=spec.get("variables") or {},
+        max_deletions=spec.get("maxDeletions"),
     )
 
 
@@ -83,8 +90,16 @@ def check_fleet(document: Document, report: Report) -> None:
     except ValueError as exc:
         report(document, ("spec", "network", "cidr"), f"invalid network: {exc}")
         return
-    if network.num_addresses < 4:
-        report(document, ("spec", "network", "cidr"), "the pool needs at least a /30")
+    # The schema bounds the prefix (/16 to /29); a pool must also be private: its gateway
+    # address goes on a host bridge, and the host routes the whole pool onto it.
+    if not any(network.subnet_of(private) for private in PRIVATE_POOLS):
+        report(
+            document,
+            ("spec", "network", "cidr"),
+            f"the pool {network} is not private: use a network inside "
+            + ", ".join(str(p) for p in PRIVATE_POOLS)
+            + " (the host would route it onto the bridge)",
+        )
 
 
 def fleet_defaults(document: Document | None) -> Mapping[str, Any]:
@@ -156,6 +171,9 @@ def compile_workload(
     if document.name in deploy.get("dependsOn", []):
         report(document, ("spec", "deploy", "dependsOn"), "a workload cannot depend on itself")
         ok = False
+    for at, why in deploy_problems(deploy):  # what cannot reach the guest as written
+        report(document, ("spec", "deploy", *at), why)
+        ok = False
 
     resolved = trees.resolve(fleet_dir, source["path"])
     if isinstance(resolved, str):
@@ -171,6 +189,10 @@ def compile_workload(
             ("spec", "source", "entrypoint"),
             f"entrypoint {source['entrypoint']!r} is not a file in {source['path']!r}",
         )
+        ok = False
+    build = spec["build"].get("options") or {}
+    for where, message in build_input_problems(source["language"], source["entrypoint"], build):
+        report(document, ("spec", *where), message)
         ok = False
     if escapes or not ok:
         return None
@@ -211,6 +233,7 @@ def compile_workload(
             args=tuple(deploy.get("args", [])),
             kernel_args=deploy.get("kernelArgs", ""),
             restart_policy=deploy.get("restartPolicy", "always"),
+            prevent_destroy=bool(deploy.get("preventDestroy", False)),
         ),
         source_digest=digest,
         declared_in=document.file,

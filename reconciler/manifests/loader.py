@@ -1,15 +1,31 @@
 """``load_fleet``: one revision's directory in, a ``DesiredFleet`` out, all or nothing.
 
-    find files ─▶ read ─▶ (render *.yaml.j2) ─▶ parse YAML ─▶ JSON Schema ─▶ compile ─▶ assemble
+    find files ─▶ drop ignored ─▶ read ─▶ parse YAML ─▶ (render *.yaml.j2 in a child process)
+          ─▶ JSON Schema ─▶ every other document is an error ─▶ compile ─▶ assemble
 
-Every problem of the revision is collected, then raised in one ``ManifestError``. A
-``ParseCache`` shared between calls parses and validates each distinct file content once, so
-comparing two revisions costs little more than loading one.
+No YAML document under the manifest path is silently skipped: a skipped document is a workload
+that prune deletes. A document that is not a valid manifest is an error with its file, line and
+what looks wrong (``no apiVersion; did you mean apiVersion (found 'apiVerison')?``), unless the
+operator excluded its file on purpose:
+
+* in ``.reconcilerignore`` at the manifest path or the Fleet's ``spec.ignore`` (``ignore.py``);
+* implicitly, inside a directory below the manifest path that a Workload names as its
+  ``source.path``: a workload's own YAML (tool configuration, fixtures) is source, not a
+  manifest. Even there, a document that claims to be a manifest (a ``reconciler/`` apiVersion
+  under any key, or kind ``Fleet`` or ``Workload``) is validated, and a file that mentions
+  ``reconciler/`` and does not parse is an error.
+
+Hidden files and directories (``.github/``) are never read. Every problem of the revision is
+collected, then raised in one ``ManifestError``. A ``ParseCache`` shared between calls parses
+and validates each distinct file content once, so comparing two revisions costs little more
+than loading one.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import posixpath
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +40,11 @@ from reconciler.manifests.compile import (
     compile_workload,
     fleet_defaults,
 )
+from reconciler.manifests.ignore import IGNORE_FILE, IgnoreRules
 from reconciler.manifests.limits import DEFAULT_LIMITS, Limits
 from reconciler.manifests.paths import SourceTrees, find_manifests, is_inside, relative
 from reconciler.manifests.schema import KIND_FILES, SchemaProblem, json_path, validate
-from reconciler.manifests.templates import render_template
+from reconciler.manifests.templates import render_templates
 from reconciler.manifests.yaml_loader import ParsedDocument, YAMLProblem, line_of, parse_documents
 from reconciler.model import API_VERSION, DesiredFleet, Workload, assemble_fleet
 
@@ -71,6 +88,19 @@ class ParseCache:
 
 
 @dataclass
+class _File:
+    """One candidate manifest file and what became of it."""
+
+    rel: str  # relative to the revision root: what messages show
+    key: str  # relative to the manifest path: what ignore patterns and source paths see
+    raw: str
+    templated: bool
+    parsed: _Parsed | None = None
+    problem: Problem | None = None
+    manifest: bool = False  # holds at least one document that is ours
+
+
+@dataclass
 class _Revision:
     root: Path
     fleet_dir: Path
@@ -81,6 +111,8 @@ class _Revision:
     documents: list[Document] = field(default_factory=list)
     declared: set[tuple[str, str]] = field(default_factory=set)
     """Every (kind, name) seen, valid or not: an invalid workload still exists for dependsOn."""
+    sources: set[str] = field(default_factory=set)
+    """Source directories of every Workload seen, relative to the manifest path."""
 
     def report(self, document: Document, path: Sequence[Hashable], message: str) -> None:
         parsed = self.parsed[document.file]
@@ -90,50 +122,71 @@ class _Revision:
             )
         )
 
-    def add_file(self, path: Path, variables: dict[str, Any] | None) -> None:
-        rel = relative(path, self.root)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            self.problems.append(Problem(rel, 0, "", f"cannot read: {exc}"))
+    def in_source(self, key: str) -> bool:
+        return any(key.startswith(directory + "/") for directory in self.sources)
+
+    def add_manifests(self, file: _File) -> None:
+        """The documents of ``file`` if any of them is ours; else it waits for ``classify``."""
+        parsed = file.parsed
+        if parsed is None or parsed.error is not None:
             return
-        if variables is not None:
-            try:
-                text = render_template(text, variables)
-            except YAMLProblem as exc:
-                self.problems.append(Problem(rel, exc.line, "", exc.message))
-                return
-        parsed = self.cache.parse(text, self.limits)
-        self.parsed[rel] = parsed
-        if parsed.error is not None:
-            # A file that does not parse cannot tell whether it is a manifest; only report
-            # it when it looks like one, so workload sources may hold arbitrary YAML.
-            if API_GROUP in text:
-                self.problems.append(Problem(rel, parsed.error.line, "", parsed.error.message))
-            return
+        self.parsed[file.rel] = parsed
         if not any(_is_ours(d.content) for d in parsed.documents):
             return
+        file.manifest = True
         for parsed_doc in parsed.documents:
-            self._add_document(rel, parsed, parsed_doc, templated=variables is not None)
+            self._add_document(file.rel, parsed, parsed_doc, templated=file.templated)
+
+    def classify(self, file: _File) -> None:
+        """A file without manifests: excluded source, or an error for each document in it."""
+        inside = self.in_source(file.key)
+        mentions_us = API_GROUP in file.raw
+        if file.problem is not None:
+            if not inside or mentions_us:
+                self.problems.append(file.problem)
+            return
+        parsed = file.parsed
+        if parsed is None:
+            return  # a template inside a source directory, never rendered
+        if parsed.error is not None:
+            if not inside or mentions_us:
+                self.problems.append(Problem(file.rel, parsed.error.line, "", parsed.error.message))
+            return
+        for parsed_doc in parsed.documents:
+            if inside and not _claims_ours(parsed_doc.content):
+                continue
+            self._foreign(file.rel, parsed, parsed_doc, hint=not inside)
+
+    def _foreign(
+        self, rel: str, parsed: _Parsed, parsed_doc: ParsedDocument, *, hint: bool = True
+    ) -> None:
+        path, message, typo = _not_ours(parsed_doc.content)
+        if hint and not typo:
+            message += (
+                f"; if the file is not a manifest, exclude it in {IGNORE_FILE} "
+                "or the Fleet's spec.ignore"
+            )
+        line = parsed.line(parsed_doc.index, path) if path else parsed_doc.line
+        self.problems.append(Problem(rel, line, json_path(path) if path else "", message))
 
     def _add_document(
         self, rel: str, parsed: _Parsed, parsed_doc: ParsedDocument, *, templated: bool
     ) -> None:
         content = parsed_doc.content
         where = Problem(rel, parsed_doc.line, "$", "")
-        if not isinstance(content, dict):
-            self.problems.append(_with(where, "a manifest document must be a mapping"))
+        if not isinstance(content, dict) or content.get("apiVersion") != API_VERSION:
+            self._foreign(rel, parsed, parsed_doc, hint=False)
             return
-        api, kind = content.get("apiVersion"), content.get("kind")
-        if api != API_VERSION:
-            self.problems.append(
-                _with(where, f"apiVersion must be {API_VERSION!r}, not {api!r}", "$.apiVersion")
-            )
-            return
+        kind = content.get("kind")
         if kind not in KIND_FILES:
+            typo = _close_key(content, "kind") if kind is None else None
             self.problems.append(
                 _with(
-                    where, f"unknown kind {kind!r}; expected one of {sorted(KIND_FILES)}", "$.kind"
+                    where,
+                    f"no kind; did you mean kind (found {typo!r})?"
+                    if typo
+                    else f"unknown kind {kind!r}; expected one of {sorted(KIND_FILES)}",
+                    "$.kind",
                 )
             )
             return
@@ -146,6 +199,8 @@ class _Revision:
                 )
             )
             return
+        if kind == "Workload":
+            self._note_source(content)
         if parsed_doc.index not in parsed.schema:
             parsed.schema[parsed_doc.index] = validate(kind, content)
         name = (content.get("metadata") or {}).get("name")
@@ -157,13 +212,116 @@ class _Revision:
         if not schema_problems:
             self.documents.append(document)
 
+    def _note_source(self, content: dict[str, Any]) -> None:
+        spec = content.get("spec")
+        source = spec.get("source") if isinstance(spec, dict) else None
+        declared = source.get("path") if isinstance(source, dict) else None
+        if not isinstance(declared, str) or declared.startswith("/"):
+            return
+        directory = posixpath.normpath(declared)
+        # Only a directory below the manifest path excludes anything: a source path of "."
+        # (or above) would exclude every manifest, typos included.
+        if directory != "." and not directory.startswith("../") and directory != "..":
+            self.sources.add(directory)
+
 
 def _is_ours(content: Any) -> bool:
     return isinstance(content, dict) and str(content.get("apiVersion", "")).startswith(API_GROUP)
 
 
+def _claims_ours(content: Any) -> bool:
+    """A document that means to be a manifest, whatever its keys look like."""
+    if not isinstance(content, dict):
+        return False
+    if content.get("kind") in KIND_FILES:
+        return True
+    return any(
+        isinstance(value, str) and value.strip().lower().startswith(API_GROUP)
+        for value in content.values()
+    )
+
+
+def _close_key(content: dict[str, Any], wanted: str) -> str | None:
+    """The key of ``content`` that looks like a misspelt ``wanted`` (case and typos)."""
+    keys = [k for k in content if isinstance(k, str) and k != wanted]
+    lowered = {k.lower(): k for k in keys}
+    close = difflib.get_close_matches(wanted.lower(), list(lowered), n=1, cutoff=0.75)
+    return lowered[close[0]] if close else None
+
+
+def _not_ours(content: Any) -> tuple[tuple[Hashable, ...], str, bool]:
+    """(JSON path, message, whether it looks like a typo) for a document that is not one of
+    ours."""
+    if not isinstance(content, dict):
+        kind = "list" if isinstance(content, list) else type(content).__name__
+        return (
+            (),
+            f"not a manifest: a {kind}, where a manifest is a mapping starting with "
+            f"apiVersion: {API_VERSION}",
+            False,
+        )
+    if "apiVersion" in content:
+        return (
+            ("apiVersion",),
+            f"apiVersion must be {API_VERSION!r}, not {content['apiVersion']!r}",
+            False,
+        )
+    typo = _close_key(content, "apiVersion")
+    if typo is not None:
+        return (typo,), f"no apiVersion; did you mean apiVersion (found {typo!r})?", True
+    return (), f"not a manifest: no apiVersion (a manifest has apiVersion: {API_VERSION})", False
+
+
 def _with(where: Problem, message: str, path: str | None = None) -> Problem:
     return Problem(where.file, where.line, where.path if path is None else path, message)
+
+
+def _read_ignore_file(rev: _Revision) -> IgnoreRules:
+    path = rev.fleet_dir / IGNORE_FILE
+    rel = relative(path, rev.root)
+    if not path.exists() and not path.is_symlink():
+        return IgnoreRules()
+    if not is_inside(path.resolve(), rev.root) or not path.resolve().is_file():
+        rev.problems.append(Problem(rel, 0, "", "must be a file inside the repository"))
+        return IgnoreRules()
+    try:
+        if path.stat().st_size > rev.limits.max_file_bytes:
+            raise ValueError(f"over the limit of {rev.limits.max_file_bytes} bytes")
+        return IgnoreRules.parse(path.read_text(encoding="utf-8").splitlines())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        rev.problems.append(Problem(rel, 0, "", f"cannot read: {exc}"))
+        return IgnoreRules()
+
+
+def _fleet_ignore(files: Sequence[_File]) -> tuple[_File | None, IgnoreRules]:
+    """The file of the first Fleet document and its ``spec.ignore`` rules. A malformed list is
+    left for the schema to report."""
+    for file in files:
+        if file.parsed is None or file.parsed.error is not None:
+            continue
+        for parsed_doc in file.parsed.documents:
+            content = parsed_doc.content
+            if not (_is_ours(content) and content.get("kind") == "Fleet"):
+                continue
+            spec = content.get("spec")
+            patterns = spec.get("ignore") if isinstance(spec, dict) else None
+            if isinstance(patterns, list) and all(isinstance(p, str) for p in patterns):
+                try:
+                    return file, IgnoreRules.parse(patterns)
+                except ValueError:
+                    pass
+            return file, IgnoreRules()
+    return None, IgnoreRules()
+
+
+def _read(rev: _Revision, path: Path) -> _File:
+    rel = relative(path, rev.root)
+    key = relative(path, rev.fleet_dir)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return _File(rel, key, "", False, problem=Problem(rel, 0, "", f"cannot read: {exc}"))
+    return _File(rel, key, raw, path.name.endswith(".j2"))
 
 
 def load_fleet(
@@ -191,15 +349,40 @@ def load_fleet(
     rev = _Revision(root, fleet_dir, limits, cache or ParseCache())
     found = find_manifests(root, fleet_dir, limits)
     rev.problems.extend(found.problems)
+    ignored = _read_ignore_file(rev)
+    files = [_read(rev, p) for p in found.files if not ignored.ignores(relative(p, fleet_dir))]
 
-    templates = [p for p in found.files if p.name.endswith(".j2")]
-    for path in found.files:
-        if not path.name.endswith(".j2"):
-            rev.add_file(path, None)
+    for file in files:
+        if not file.templated and file.problem is None:
+            file.parsed = rev.cache.parse(file.raw, limits)
+    fleet_file, fleet_ignored = _fleet_ignore(files)
+    if fleet_ignored:
+        files = [f for f in files if f is fleet_file or not fleet_ignored.ignores(f.key)]
+    for file in files:
+        if not file.templated:
+            rev.add_manifests(file)
+
     fleets = [d for d in rev.documents if d.kind == "Fleet"]
     variables = dict((fleets[0].content.get("spec") or {}).get("variables") or {}) if fleets else {}
-    for path in templates:
-        rev.add_file(path, variables)
+    # A template inside a known source directory that does not mention us is source; every
+    # other template is rendered, all of them in one child process.
+    templates = [
+        f
+        for f in files
+        if f.templated and f.problem is None and (API_GROUP in f.raw or not rev.in_source(f.key))
+    ]
+    if templates:
+        outcomes = render_templates([(f.rel, f.raw) for f in templates], variables, limits)
+        for file in templates:
+            outcome = outcomes[file.rel]
+            if outcome.text is None:
+                file.problem = Problem(file.rel, outcome.line, "", outcome.message)
+            else:
+                file.parsed = rev.cache.parse(outcome.text, limits)
+                rev.add_manifests(file)
+    for file in files:
+        if not file.manifest:
+            rev.classify(file)
 
     if len(rev.documents) > limits.max_documents:
         rev.problems.append(

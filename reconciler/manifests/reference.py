@@ -37,6 +37,8 @@ def _type(node: Mapping[str, Any]) -> str:
     if "enum" in node:
         return " \\| ".join(f"`{v}`" for v in node["enum"])
     kind = node.get("type", "")
+    if isinstance(kind, list):
+        return " \\| ".join(str(k) for k in kind)
     if kind == "array":
         items = node.get("items", {})
         inner = _type(items) if "enum" in items or "type" in items else "object"

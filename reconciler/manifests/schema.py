@@ -7,6 +7,7 @@ once per process.
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
@@ -103,9 +104,33 @@ def _problem(error: ValidationError) -> SchemaProblem:
         message = f"expected {expected_text}, got {_type_name(leaf.instance)} {leaf.instance!r}"
     elif leaf.validator == "additionalProperties":
         message = message.replace("Additional properties are not allowed", "unknown field")
+        message += _did_you_mean(leaf.instance, leaf.schema)
     elif leaf.validator == "pattern" and isinstance(leaf.instance, str):
-        message = f"{leaf.instance!r} does not match {leaf.validator_value!r}"
+        # A schema may say in words what its pattern means ("x-message"), for fields whose
+        # regular expression is a poor explanation (a bridge name, a network).
+        hint = leaf.schema.get("x-message") if isinstance(leaf.schema, Mapping) else None
+        message = (
+            f"{leaf.instance!r}: {hint}"
+            if hint
+            else f"{leaf.instance!r} does not match {leaf.validator_value!r}"
+        )
     return SchemaProblem(tuple(leaf.absolute_path), message)
+
+
+def _did_you_mean(instance: Any, schema: Any) -> str:
+    """The hint for an unknown field close to a known one (``; did you mean 'preventDestroy'
+    (found 'preventDestory')?``): a typo in a key must say which key was meant."""
+    if not isinstance(instance, Mapping) or not isinstance(schema, Mapping):
+        return ""
+    known = list(schema.get("properties", {}))
+    hints = []
+    for key in instance:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+        if close:
+            hints.append(f"{close[0]!r} (found {key!r})")
+    return f"; did you mean {', '.join(hints)}?" if hints else ""
 
 
 def _type_name(value: Any) -> str:

@@ -6,7 +6,15 @@ same function serves ``reconciler diff`` (which renders the plan) and ``reconcil
 """
 
 from reconciler.planning.diff import diff, observed_from_desired
+from reconciler.planning.guard import DeletionGuardError, check_deletions
 from reconciler.planning.rules import disruption_of
 from reconciler.planning.suspend import suspend_plan
 
-__all__ = ["diff", "disruption_of", "observed_from_desired", "suspend_plan"]
+__all__ = [
+    "DeletionGuardError",
+    "check_deletions",
+    "diff",
+    "disruption_of",
+    "observed_from_desired",
+    "suspend_plan",
+]

@@ -30,6 +30,9 @@ _RULES: tuple[tuple[str, Disruption], ...] = (
     ("deploy.health", Disruption.IN_PLACE),
     ("deploy.dependsOn", Disruption.IN_PLACE),
     ("metadata.labels.", Disruption.IN_PLACE),
+    # A promise about future plans (``guard``), recorded on the VM so that removing the
+    # workload from the revision cannot remove the promise with it.
+    ("deploy.preventDestroy", Disruption.IN_PLACE),
 )
 
 
