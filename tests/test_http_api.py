@@ -7,16 +7,29 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from reconciler.daemon.http_api import TOKEN_REQUIRED, OperatorServer
+from reconciler.daemon.http_api import TOKEN_REQUIRED, OperatorServer, host_allowed
+from reconciler.daemon.http_server import Limits
 from reconciler.daemon.metrics import DaemonMetrics
-from reconciler.daemon.webhooks import WebhookRejected, verify_delivery
+from reconciler.daemon.redaction import Redactor, env_values
+from reconciler.daemon.webhooks import (
+    MAX_JSON_DEPTH,
+    MalformedBody,
+    WebhookRejected,
+    parse_json,
+    verify_delivery,
+)
 from reconciler.errors import LeadershipError, ReconcilerError
 
 TOKEN = "s3cret-token"
@@ -591,3 +604,356 @@ def test_status_page_is_html_without_scripts(client: Client) -> None:
     assert '<meta http-equiv="refresh" content="5">' in html
     assert '<tr data-vm="web-0"' in html
     assert "<script" not in html
+
+
+# -- hardening: the transport (slowloris, deadlines, limits, a bounded pool) ----------------------
+
+
+def _port(server: OperatorServer) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def _raw(port: int, data: bytes, *, timeout: float = 10) -> bytes:
+    """Send ``data`` on a fresh connection and read the whole answer (the server closes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(data)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_two_hundred_trickling_connections_do_not_stop_healthz(
+    token_server: OperatorServer, view: FakeView, metrics: DaemonMetrics
+) -> None:
+    token_server.view, token_server.metrics = view, metrics
+    port = _port(token_server)
+    tricklers = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(200)]
+    try:
+        for conn in tricklers:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        for round_ in range(3):
+            for conn in tricklers:
+                conn.sendall(b"a")  # still sending: a thread-per-connection server holds 200
+            started = time.monotonic()
+            assert Client(token_server.url).get("/healthz") == (200, b"ok\n"), round_
+            assert time.monotonic() - started < 2
+    finally:
+        for conn in tricklers:
+            conn.close()
+
+
+def test_the_oldest_unfinished_connection_makes_room_for_a_new_one(view: FakeView) -> None:
+    server = OperatorServer(
+        view,
+        DaemonMetrics(),
+        listen="127.0.0.1:0",
+        token=None,
+        webhook_secret=None,
+        limits=Limits(max_pending=5),
+    )
+    server.start()
+    try:
+        port = _port(server)
+        tricklers = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+        for conn in tricklers:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+        assert Client(server.url).get("/healthz") == (200, b"ok\n")
+        # The first connections were evicted (with a 503 they may read), the newest still wait.
+        assert _status_of(tricklers[0].recv(4096)) == 503
+        for conn in tricklers:
+            conn.close()
+    finally:
+        server.close()
+
+
+def test_a_trickled_request_is_cut_off_at_the_whole_request_deadline(view: FakeView) -> None:
+    server = OperatorServer(
+        view,
+        DaemonMetrics(),
+        listen="127.0.0.1:0",
+        token=None,
+        webhook_secret=None,
+        limits=Limits(request_deadline=1.0),
+    )
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", _port(server)), timeout=10) as conn:
+            started = time.monotonic()
+            conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+            answer = b""
+            # A byte every 0.2 s: each recv is quick, only a deadline on the whole request ends it.
+            for _ in range(50):
+                try:
+                    conn.sendall(b"X")
+                except OSError:
+                    break
+                conn.settimeout(0.2)
+                try:
+                    answer = conn.recv(4096)
+                except TimeoutError:
+                    continue
+                break
+            elapsed = time.monotonic() - started
+        assert _status_of(answer) == 408
+        assert b"within 1 s" in answer
+        assert 0.9 < elapsed < 3
+    finally:
+        server.close()
+
+
+def test_headers_are_bounded_in_size_and_count(client: Client) -> None:
+    port = int(client.url.rsplit(":", 1)[1])
+    huge = b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * (20 << 10) + b"\r\n\r\n"
+    assert _status_of(_raw(port, huge)) == 431
+    many = b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150))
+    assert _status_of(_raw(port, many + b"\r\n")) == 431
+    assert _status_of(_raw(port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")) == 200
+
+
+def test_a_full_pool_answers_503_at_once(view: FakeView) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowView(FakeView):
+        def status(self) -> dict[str, Any]:
+            entered.set()
+            release.wait(10)
+            return super().status()
+
+    server = OperatorServer(
+        SlowView(),
+        DaemonMetrics(),
+        listen="127.0.0.1:0",
+        token=None,
+        webhook_secret=None,
+        limits=Limits(workers=1, max_queued=1),
+    )
+    server.start()
+    slow = threading.Thread(target=Client(server.url).get, args=("/api/status",))
+    try:
+        slow.start()
+        assert entered.wait(5)
+        started = time.monotonic()
+        assert Client(server.url).get("/healthz")[0] == 503
+        assert time.monotonic() - started < 2
+    finally:
+        release.set()
+        slow.join(10)
+        server.close()
+
+
+def test_a_bad_content_length_is_400(client: Client) -> None:
+    port = int(client.url.rsplit(":", 1)[1])
+    for length in (b"abc", b"-1", b"1e3"):
+        request = b"POST /api/reconcile HTTP/1.1\r\nContent-Length: " + length + b"\r\n\r\n"
+        assert _status_of(_raw(port, request)) == 400, length
+    short = b"POST /api/reconcile HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(short)
+        conn.shutdown(socket.SHUT_WR)  # the client gives up: no answer owed, no thread held
+        assert conn.recv(4096) == b""
+
+
+# -- hardening: malformed bodies are a 400 with one line, never a 500 or a traceback --------------
+
+NESTED = b"[" * 10_000 + b"]" * 10_000
+NESTED_OBJECT = b'{"a":' * 10_000 + b"1" + b"}" * 10_000
+
+
+@pytest.mark.parametrize("body", [NESTED, NESTED_OBJECT, b"\xff{", b'{"a": tru'])
+def test_signed_malformed_webhook_bodies_are_400_without_a_traceback(
+    client: Client, view: FakeView, body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    deliveries = {
+        "github": {"X-Hub-Signature-256": _sign(body), "X-GitHub-Event": "push"},
+        "gitlab": {"X-Gitlab-Token": SECRET.decode(), "X-Gitlab-Event": "Push Hook"},
+        "generic": {"X-Reconciler-Signature": _sign(body)},
+    }
+    for kind, headers in deliveries.items():
+        status, payload = client.json("POST", f"/webhook/{kind}", body=body, headers=headers)
+        assert status == 400, kind
+        assert "\n" not in payload["error"]
+    status, payload = client.json(
+        "POST", "/api/suspend", body=body, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert status == 400
+    assert view.reconciles == []
+    assert view.suspended == {}
+    assert [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] == []
+    assert "Traceback" not in caplog.text
+
+
+def test_parse_json_limits_depth() -> None:
+    assert parse_json(b'{"a": [[1]]}') == {"a": [[1]]}
+    deep = "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)
+    with pytest.raises(MalformedBody, match="nests deeper"):
+        parse_json(deep)
+    ok = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert parse_json(ok) is not None
+    with pytest.raises(MalformedBody, match="not UTF-8"):
+        parse_json(b"\xff")
+
+
+# -- hardening: Host names (DNS rebinding) --------------------------------------------------------
+
+
+def test_a_foreign_host_name_is_refused(client: Client) -> None:
+    port = int(client.url.rsplit(":", 1)[1])
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost:1"):
+        status, _, raw = client.request("GET", "/api/status", headers={"Host": host})
+        assert status == 421, host
+        assert "--allowed-host" in json.loads(raw)["error"]
+    for host in (
+        f"127.0.0.1:{port}",
+        f"localhost:{port}",
+        "localhost",
+        f"[::1]:{port}",
+        "10.1.2.3",
+    ):
+        assert client.request("GET", "/healthz", headers={"Host": host})[0] == 200, host
+    # Webhooks and commands too: the check comes before any route.
+    assert client.post("/api/reconcile", {}, token=TOKEN)[0] == 202
+    status, _, _ = client.request(
+        "POST",
+        "/api/reconcile",
+        body=b"{}",
+        headers={"Host": "evil.example", "Authorization": f"Bearer {TOKEN}"},
+    )
+    assert status == 421
+
+
+def test_allowed_host_names(view: FakeView) -> None:
+    server = OperatorServer(
+        view,
+        DaemonMetrics(),
+        listen="127.0.0.1:0",
+        token=None,
+        webhook_secret=None,
+        allowed_hosts=["Reconciler.Example.org"],
+    )
+    server.start()
+    try:
+        port = _port(server)
+        client = Client(server.url)
+        good = {"Host": f"reconciler.example.org:{port}"}
+        assert client.request("GET", "/healthz", headers=good)[0] == 200
+        assert client.request("GET", "/healthz", headers={"Host": "other.example.org"})[0] == 421
+    finally:
+        server.close()
+
+
+def test_host_allowed_parses_every_form() -> None:
+    names = frozenset({"fleet.example"})
+    assert host_allowed("fleet.example", names, 9180)
+    assert host_allowed("FLEET.example.:9180", names, 9180)
+    assert host_allowed("[::1]:9180", names, 9180)
+    assert host_allowed("192.0.2.1", names, 9180)
+    assert not host_allowed("fleet.example:80", names, 9180)
+    assert not host_allowed("[::1", names, 9180)
+    assert not host_allowed("[::1]x", names, 9180)
+    assert not host_allowed("", names, 9180)
+    assert not host_allowed("a:b:c", names, 9180)
+    assert not host_allowed("localhost.evil", names, 9180)
+
+
+def test_allowed_host_option_is_validated(tmp_path: Path) -> None:
+    from reconciler.daemon.settings import DaemonSettings
+    from reconciler.errors import ConfigError
+
+    base = {"repo": ".", "state_dir": tmp_path, "cache_dir": tmp_path}
+    DaemonSettings(**base, allowed_hosts=("fleet.example.org",)).validated()  # type: ignore[arg-type]
+    for bad in ("evil.example:80", "a b", "", "http://x"):
+        with pytest.raises(ConfigError, match="--allowed-host"):
+            DaemonSettings(**base, allowed_hosts=(bad,)).validated()  # type: ignore[arg-type]
+
+
+# -- hardening: what unauthenticated readers see --------------------------------------------------
+
+
+def test_answers_are_scrubbed_of_credentials_and_secret_values(
+    token_server: OperatorServer, view: FakeView, metrics: DaemonMetrics
+) -> None:
+    leaky = "https://user:s3cret@git.example/fleet.git"
+    view.status_doc["daemon"]["repo"] = f"the remote {leaky}"
+    view.status_doc["last_error"] = f"cannot fetch {leaky}: TOPSECRET rejected"
+    view.status_doc["vms"][0]["detail"] = "exited: API_KEY=TOPSECRET"
+    view.status_doc["vms"][0]["env"] = {"API_KEY": "TOPSECRET", "N": "1"}
+    view.status_doc["leader"]["lease_error"] = "cannot connect: host=db password=hunter2 user=x"
+    view.event_log[0]["message"] = f"fetch {leaky} failed"
+    view.is_ready = (False, "lease error at postgresql://admin:hunter2@db/leases")
+    token_server.view, token_server.metrics = view, metrics
+    token_server.redactor.remember(["TOPSECRET"])
+    client = Client(token_server.url)
+    bodies = [client.get(path)[1] for path in ("/", "/api/status", "/api/events", "/readyz")]
+    for body in bodies:
+        text = body.decode()
+        for secret in ("s3cret", "TOPSECRET", "hunter2", "user:"):
+            assert secret not in text
+    status = json.loads(bodies[1])
+    assert status["vms"][0]["env"] == {"API_KEY": "***", "N": "***"}  # keys only
+    assert status["daemon"]["repo"] == "the remote https://***@git.example/fleet.git"
+    assert TOKEN not in b"".join(bodies).decode()
+
+
+def test_redactor_masks_by_value_and_by_key() -> None:
+    redactor = Redactor(["TOPSECRET", "ab"])  # too short to mask inside text
+    assert redactor.text("x TOPSECRET y ab") == "x *** y ab"
+    data = {
+        "token": "t",
+        "webhook_secret": None,
+        "settings": {"deploy.env.KEY": '"v"', "deploy.vcpus": "1"},
+        "list": ["https://u:p@h/x", 3, True],
+    }
+    assert redactor.json(data) == {
+        "token": "***",
+        "webhook_secret": None,
+        "settings": {"deploy.env.KEY": "***", "deploy.vcpus": "1"},
+        "list": ["https://***@h/x", 3, True],
+    }
+    settings = {
+        "deploy.env.A": '"TOPSECRET"',
+        "deploy.env.PORT": '"8080"',  # short, not named secret: masking it garbles addresses
+        "deploy.env.API_KEY": '"k3y!"',  # short but named secret
+        "deploy.env.N": "12345678",
+        "x": '"not an env value"',
+    }
+    assert env_values(settings) == ["TOPSECRET", "k3y!", "12345678"]
+
+
+def test_expect_100_continue_is_answered_before_the_body(client: Client, view: FakeView) -> None:
+    port = int(client.url.rsplit(":", 1)[1])
+    body = json.dumps({"reason": "x" * 2000}).encode()
+    head = (
+        f"POST /api/reconcile HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(head)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        conn.sendall(body)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert _status_of(answer) == 202
+    assert answer.count(b"100 Continue") == 0
+    assert len(view.reconciles) == 1
+
+
+def test_settings_keep_secrets_out_of_repr(tmp_path: Path) -> None:
+    from reconciler.daemon.settings import DaemonSettings
+
+    settings = DaemonSettings(
+        repo=".",
+        state_dir=tmp_path,
+        cache_dir=tmp_path,
+        lease="postgresql://admin:hunter2@db/leases",
+        token="TOPSECRET-TOKEN",
+        webhook_secret=b"TOPSECRET-HOOK",
+    )
+    assert "hunter2" not in repr(settings)
+    assert "TOPSECRET" not in repr(settings)

@@ -113,3 +113,18 @@ def test_a_state_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     os.chown(state, 4321, 4321)
     with pytest.raises(StateError, match="belongs to uid 4321"):
         open_state_store(state)
+
+
+def test_checking_modes_never_creates_sqlites_companion_files(tmp_path: Path) -> None:
+    """SQLite's last connection deletes ``-wal`` and ``-shm`` on close; a mode check that
+    recreated one behind its back (an empty ``-shm`` beside no ``-wal``) left a store that no
+    connection could open while a daemon was reading it."""
+    from reconciler.state.paths import private_file
+
+    shm = tmp_path / "state.db-shm"
+    assert private_file(shm, create=False) == []
+    assert not shm.exists()
+    store = open_state_store(tmp_path)
+    store.close()
+    assert not shm.exists()
+    assert not (tmp_path / "state.db-wal").exists()

@@ -20,6 +20,7 @@ import pytest
 
 from reconciler.daemon.http_api import OperatorServer
 from reconciler.daemon.metrics import DaemonMetrics
+from reconciler.daemon.redaction import Redactor
 
 APPLIED = "0123456789abcdef0123456789abcdef01234567"
 ATTEMPTED = "fedcba9876543210fedcba9876543210fedcba98"
@@ -205,13 +206,16 @@ def run_chromium(url: str, tmp_path: Path, *extra: str) -> str:
 def serve() -> Iterator[Any]:
     servers: list[OperatorServer] = []
 
-    def start(status: dict[str, Any], events: list[dict[str, Any]]) -> str:
+    def start(
+        status: dict[str, Any], events: list[dict[str, Any]], secrets: list[str] | None = None
+    ) -> str:
         server = OperatorServer(
             PageView(status, events),
             DaemonMetrics(),
             listen="127.0.0.1:0",
             token="t",
             webhook_secret=None,
+            redactor=Redactor(secrets or []),
         )
         server.start()
         servers.append(server)
@@ -317,3 +321,35 @@ def test_chromium_renders_a_screenshot(serve: Any, tmp_path: Path) -> None:
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1280, 900)
     assert len(data) > 10_000  # a rendered page, not a blank image
+
+
+def test_the_page_shows_no_credential_or_secret(serve: Any, tmp_path: Path) -> None:
+    leaky = "https://deploy:s3cret@git.example/org/fleet.git"
+    status = {
+        **FAILING_STATUS,
+        "last_error": f"cannot fetch {leaky}",
+        "vms": [_vm("api-0", False, detail="exited: API_TOKEN=TOPSECRET", env={"K": "TOPSECRET"})],
+        "daemon": {"id": "d0", "repo": f"the remote {leaky}", "last_error": None},
+    }
+    events = [{**EVENTS[0], "message": f"fetch {leaky} failed: TOPSECRET"}]
+    html = run_chromium(serve(status, events, ["TOPSECRET"]), tmp_path, "--dump-dom")
+    dom = parse_dom(html)
+    assert "https://***@git.example/org/fleet.git" in dom.by_id("last-error").text()
+    assert "API_TOKEN=***" in dom.by_id("vms").text()
+    assert "s3cret" not in html
+    assert "TOPSECRET" not in html
+
+
+def test_a_rebound_dns_name_gets_no_page(serve: Any, tmp_path: Path) -> None:
+    """DNS rebinding: a page on rebind.example whose name now resolves to the daemon. The
+    browser sends ``Host: rebind.example:PORT``, and the daemon refuses to answer it."""
+    url = serve(FAILING_STATUS, EVENTS)
+    port = url.rsplit(":", 1)[1].rstrip("/")
+    html = run_chromium(
+        f"http://rebind.example:{port}/",
+        tmp_path,
+        "--dump-dom",
+        "--host-resolver-rules=MAP rebind.example 127.0.0.1",
+    )
+    assert "production" not in html
+    assert "--allowed-host" in html

@@ -13,17 +13,27 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from email.message import Message as HTTPMessage
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from reconciler.cli.build_commands import add_cache_option, cache_dir
-from reconciler.cli.options import add_repo_options, add_state_option, state_dir
+from reconciler.cli.options import (
+    add_history_option,
+    add_repo_options,
+    add_state_option,
+    repo_credential,
+    state_dir,
+)
 from reconciler.daemon.leader_file import TOKEN_FILE, running_leader
 from reconciler.daemon.logs import configure_logging
+from reconciler.daemon.redaction import Redactor
 from reconciler.daemon.settings import DaemonSettings
 from reconciler.errors import EXIT_OK, ConfigError, LeadershipError
 from reconciler.leadership import LeaseSettings
+from reconciler.redact import redact_url
 from reconciler.state import open_state_store
 
 
@@ -48,6 +58,14 @@ def register(commands: Any) -> None:
     daemon.add_argument(
         "--listen", default="127.0.0.1:9180", help="HTTP address of the API, metrics and page"
     )
+    daemon.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name the HTTP server answers to (repeatable); requests naming any other "
+        "host than an IP address or localhost are refused (DNS rebinding)",
+    )
     daemon.add_argument("--poll-interval", type=float, default=30.0, metavar="S")
     daemon.add_argument("--poll-jitter", type=float, default=5.0, metavar="S")
     daemon.add_argument(
@@ -61,14 +79,14 @@ def register(commands: Any) -> None:
         type=Path,
         help="shared secret of webhooks (default: $RECONCILER_WEBHOOK_SECRET; none: disabled)",
     )
-    daemon.add_argument(
-        "--trusted-key",
-        type=Path,
-        action="append",
-        default=[],
-        help="apply only commits signed by this OpenPGP or SSH public key (repeatable)",
-    )
+    add_history_option(daemon)  # --trusted-key/--revoked-key come with the repo options
     daemon.add_argument("--no-watch", action="store_true", help="no file watch on a local repo")
+    daemon.add_argument(
+        "--force-deletions",
+        action="store_true",
+        help="apply plans that delete more VMs than the Fleet's maxDeletions allows (for a "
+        "one-off restart; never overrides a workload's preventDestroy)",
+    )
     daemon.add_argument("--log-format", choices=["plain", "json"], default="plain")
     daemon.add_argument("--id", default=None, help="this replica's name (default: host-pid)")
     daemon.set_defaults(handler=run_daemon)
@@ -124,7 +142,12 @@ def daemon_settings(args: argparse.Namespace) -> DaemonSettings:
         token=_read_secret(args.token_file, "RECONCILER_API_TOKEN"),
         webhook_secret=secret.encode() if secret else None,
         trusted_keys=tuple(args.trusted_key),
+        revoked_keys=tuple(args.revoked_key),
+        repo_credential=repo_credential(args),
+        allow_non_descendant=args.allow_non_descendant,
         watch=not args.no_watch,
+        force_deletions=args.force_deletions,
+        allowed_hosts=tuple(args.allowed_host),
         **extra,
     ).validated()
 
@@ -132,8 +155,29 @@ def daemon_settings(args: argparse.Namespace) -> DaemonSettings:
 def run_daemon(args: argparse.Namespace) -> int:
     from reconciler.daemon.loop import Daemon  # noqa: PLC0415 (psycopg, APScheduler: daemon only)
 
-    configure_logging(args.log_format, args.verbose)
-    return Daemon(daemon_settings(args)).run()
+    redactor = Redactor()  # what the daemon learns to be secret is masked in its log from then on
+    configure_logging(args.log_format, args.verbose, redactor)
+    return Daemon(daemon_settings(args), redactor=redactor).run()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: following it would send the bearer token to wherever the
+    answer points (another host, another port, a plain-HTTP downgrade)."""
+
+    def redirect_request(  # noqa: PLR0917 (the standard library's signature)
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        return None
+
+
+# No proxy either: $http_proxy would receive the token; the daemon is asked directly.
+_TOKEN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
 
 
 def _call_leader(args: argparse.Namespace, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +199,9 @@ def _call_leader(args: argparse.Namespace, path: str, body: dict[str, Any]) -> d
                 f"no API token: set RECONCILER_API_TOKEN or read {directory / TOKEN_FILE} "
                 f"({exc.strerror})"
             ) from exc
+    shown = redact_url(url)
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ConfigError(f"--url must be an http:// or https:// URL, not {shown!r}")
     request = urllib.request.Request(
         url.rstrip("/") + path,
         data=json.dumps(body).encode(),
@@ -162,16 +209,23 @@ def _call_leader(args: argparse.Namespace, path: str, body: dict[str, Any]) -> d
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with _TOKEN_OPENER.open(request, timeout=10) as response:
             payload = response.read()
     except urllib.error.HTTPError as exc:
-        try:
-            reason = json.loads(exc.read()).get("error", exc.reason)
-        except ValueError:
-            reason = exc.reason
-        raise LeadershipError(f"the daemon at {url} refused: {reason}") from exc
+        with exc:
+            if 300 <= exc.code < 400:
+                target = redact_url(exc.headers.get("Location") or "elsewhere")
+                raise LeadershipError(
+                    f"the daemon at {shown} redirects to {target}; not followed, so the API "
+                    "token goes nowhere else: pass the daemon's own address with --url"
+                ) from exc
+            try:
+                reason = json.loads(exc.read()).get("error", exc.reason)
+            except (ValueError, AttributeError, RecursionError):
+                reason = exc.reason
+        raise LeadershipError(f"the daemon at {shown} refused: {reason}") from exc
     except OSError as exc:
-        raise LeadershipError(f"cannot reach the daemon at {url}: {exc}") from exc
+        raise LeadershipError(f"cannot reach the daemon at {shown}: {exc}") from exc
     try:
         answer: dict[str, Any] = json.loads(payload or b"{}")
     except ValueError:

@@ -1,9 +1,11 @@
 """One reconcile cycle of the daemon: the same pipeline as ``reconciler apply``, plus the rules
 that keep a fleet running when a revision is bad.
 
-    fetch ─▶ resolve head ─▶ verify signature? ─▶ load desired ─▶ observe ─▶ diff ─▶ suspend
-          ─▶ converge (build, waves, health)
-                    │ the head is refused (unsigned, invalid, failed to build or to get healthy)
+    fetch ─▶ resolve head ─▶ verify signature? ─▶ descends from the applied revision?
+          ─▶ load desired ─▶ observe ─▶ diff ─▶ suspend
+          ─▶ deletion guards ─▶ converge (build, waves, health)
+                    │ the head is refused (unsigned, invalid, too destructive, failed to build or
+                    │ to get healthy, or anything else that went wrong with it, bugs included)
                     └─▶ recorded as attempted and failed; the cycle converges onto the last
                         applied revision instead, which heals drift and keeps it running
 
@@ -12,7 +14,10 @@ Rules (Flux and Argo CD behave the same way):
 - a head that failed is retried with exponential back-off; a newer head is tried at once;
 - every cycle heals drift (a dead VM, a VM changed by hand) against the newest revision that is
   allowed to run;
-- suspended workloads (or a suspended fleet) are left as they run.
+- suspended workloads (or a suspended fleet) are left as they run;
+- a revision is untrusted input: whatever it makes go wrong (an unexpected exception, a
+  ``RecursionError``, a ``MemoryError``) refuses that revision, with the traceback in the log,
+  and the daemon goes on serving the last good one. Only a fencing error stops the cycle.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Protocol
 from reconciler.daemon.backoff import Backoff
 from reconciler.errors import (
     BuildError,
+    LeadershipError,
     ManifestError,
     NotImplementedFeatureError,
     SourceError,
@@ -37,7 +43,8 @@ from reconciler.execution.host import Host
 from reconciler.leadership.fence import Fence
 from reconciler.model import DesiredFleet
 from reconciler.pipeline import RevisionLoader
-from reconciler.planning import diff, suspend_plan
+from reconciler.planning import DeletionGuardError, check_deletions, diff, suspend_plan
+from reconciler.source.history import require_descendant
 
 log = logging.getLogger("reconciler.daemon")
 
@@ -73,7 +80,13 @@ class ReconcileCycle:
     backoff: Backoff = field(default_factory=Backoff)
     clock: Callable[[], float] = time.time
     event: Callable[[str, str, str], None] = lambda kind, subject, message: None
+    loaded: Callable[[DesiredFleet], None] = lambda desired: None
+    """Told of every revision loaded, before it runs: the daemon learns its secret values."""
     fleet_name: str | None = None  # of the revision converged last, for status pages
+    force_deletions: bool = False
+    """Lift the Fleet's maxDeletions guard (``planning.guard``); never preventDestroy."""
+    allow_non_descendant: bool = False
+    """Apply a head that does not descend from the applied revision (``source.history``)."""
     _desired: dict[str, DesiredFleet] = field(default_factory=dict)
 
     def run(self, fence: Fence) -> CycleResult:
@@ -97,17 +110,32 @@ class ReconcileCycle:
                 try:
                     if self.verify is not None:
                         self.verify(head)
+                    applied = self.host.store.applied_revision()
+                    require_descendant(
+                        self.loader.source,
+                        applied.revision if applied else None,
+                        head,
+                        allow=self.allow_non_descendant,
+                    )
                     desired = self._load(head)
                 except (SourceError, ManifestError) as err:
                     problem = self._refuse(head, _one_line(head, err))
+                except Exception as exc:  # a revision must never stop the daemon
+                    problem = self._refuse(head, _crashed(head, "loading", exc))
                 else:
-                    return self._converge(fence, head, head, desired, problem)
+                    try:
+                        return self._converge(fence, head, head, desired, problem)
+                    except LeadershipError:
+                        raise  # fenced: this replica must stop acting, not heal
+                    except Exception as exc:  # as above
+                        problem = self._refuse(head, _crashed(head, "applying", exc))
         return self._heal(fence, head, problem)
 
     def _load(self, revision: str) -> DesiredFleet:
         cached = self._desired.get(revision)
         if cached is None:
             cached = self.loader.load(revision)
+            self.loaded(cached)
             # A revision's desired fleet never changes; keep the head and the last good one.
             self._desired = dict(list(self._desired.items())[-1:])
             self._desired[revision] = cached
@@ -153,6 +181,12 @@ class ReconcileCycle:
         fence.check("observing the fleet")
         observed = self.host.refresh()
         plan = suspend_plan(diff(desired, observed), store.suspensions())
+        try:
+            plan = check_deletions(plan, desired, observed, force_deletions=self.force_deletions)
+        except DeletionGuardError as err:
+            if is_head:
+                return self._heal(fence, head, self._refuse(target, f"{target[:12]}: {err}"))
+            return CycleResult("failed", head, None, error=f"{problem}; healing refused: {err}")
         if not plan.has_changes:
             unsettled = self.host.settle_health(
                 observed, fence, say=self._say, superseded=lambda: self.newer_than(target)
@@ -220,6 +254,20 @@ class ReconcileCycle:
     @staticmethod
     def _say(line: str) -> None:
         log.info("%s", line)
+
+
+def _crashed(revision: str, doing: str, exc: BaseException) -> str:
+    """The one line of a failure nobody expected; its traceback goes to the log."""
+    log.error("%s revision %s failed unexpectedly", doing, revision[:12], exc_info=exc)
+    kind = (
+        "nested too deeply"
+        if isinstance(exc, RecursionError)
+        else "ran out of memory"
+        if isinstance(exc, MemoryError)
+        else "internal error"
+    )
+    verb = "loaded" if doing == "loading" else "applied"
+    return f"{revision[:12]} could not be {verb}: {kind} ({type(exc).__name__}: {exc}); see the log"
 
 
 def _one_line(revision: str | None, err: SourceError | ManifestError) -> str:

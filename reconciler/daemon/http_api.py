@@ -1,10 +1,10 @@
 """The daemon's HTTP endpoints: probes, metrics, the JSON API, webhooks and the status page.
 
     Prometheus, kubelet/systemd probes, operators, GitHub/GitLab
-        │ HTTP (ThreadingHTTPServer, one thread per request)
+        │ HTTP (http_server.ConnectionServer: whole requests under a deadline, bounded workers)
         ▼
-    OperatorServer ──reads/asks──▶ DaemonView (implemented by daemon.loop.Daemon)
-                   ──render()───▶ DaemonMetrics
+    OperatorServer ──Host check──▶ route ──reads/asks──▶ DaemonView (daemon.loop.Daemon)
+                   ──render()───▶ DaemonMetrics          every answer scrubbed by a Redactor
 
 This layer only reads the ``DaemonView`` and the metrics: it never opens the state store, git or
 a runtime, so it can be tested with an in-memory view. State-changing endpoints need
@@ -14,26 +14,45 @@ configured secret and are verified by ``webhooks.verify_delivery``.
     GET  /healthz  /readyz  /metrics  /api/status  /api/events?limit=N  /
     POST /api/reconcile  /api/suspend  /api/resume          (bearer token)
     POST /webhook/github  /webhook/gitlab  /webhook/generic  (signature or token)
+
+Threat model: reads are unauthenticated, so what they show is scrubbed (``redaction``: URL
+credentials, secret values such as env values, secret-named keys). A web page on any site can
+make a browser on the operator's machine send requests here, and by DNS rebinding read the
+answers under its own name: every request whose ``Host`` is not an IP address, ``localhost``,
+the listen name or an ``--allowed-host`` name is refused with 421. Malformed requests (bodies
+that are not JSON or nest too deep, bad lengths, oversized or trickled headers) get a 4xx with
+one line, never a 500 or a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import io
+import ipaddress
 import json
 import logging
 import socket
-import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, cast
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 
+from reconciler.daemon.http_server import ConnectionServer, Limits
 from reconciler.daemon.metrics import DaemonMetrics
-from reconciler.daemon.status_page import render_status_page
+from reconciler.daemon.redaction import Redactor
+from reconciler.daemon.status_page import EVENTS_SHOWN, render_page
 from reconciler.daemon.view import DaemonView
-from reconciler.daemon.webhooks import KINDS, MAX_BODY_BYTES, WebhookRejected, verify_delivery
+from reconciler.daemon.webhooks import (
+    KINDS,
+    MAX_BODY_BYTES,
+    MalformedBody,
+    WebhookRejected,
+    parse_json,
+    verify_delivery,
+)
 from reconciler.errors import ConfigError, LeadershipError, ReconcilerError
 
 log = logging.getLogger("reconciler.http")
@@ -43,7 +62,6 @@ EVENTS_MAX = 1000
 TOKEN_REQUIRED = "state-changing endpoints are disabled: start the daemon with a token"
 WEBHOOKS_DISABLED = "webhooks are disabled"
 JSON_TYPE = "application/json"
-DRAIN_LIMIT_BYTES = 32 << 20
 # The status page loads nothing from anywhere and runs no script; say so to the browser.
 PAGE_POLICY = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
 
@@ -90,15 +108,37 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    # A restarted daemon must rebind at once while old connections sit in TIME_WAIT.
-    allow_reuse_address = True
-    operator: OperatorServer
+def host_allowed(header: str, names: Iterable[str], port: int) -> bool:
+    """Whether a ``Host`` header names this daemon: any IP address (no DNS name, so no
+    rebinding), ``localhost`` or one of ``names``, with this ``port`` if it has one."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return False
+        given_port = rest[1:] if rest else None
+    elif value.count(":") == 1:
+        host, _, given_port = value.partition(":")
+    else:
+        host, given_port = value, None
+    if given_port is not None and (not given_port.isdigit() or int(given_port) != port):
+        return False
+    host = host.rstrip(".")
+    if not host:
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost" or host in {name.lower().rstrip(".") for name in names}
+    return True
 
 
-class _IPv6HTTPServer(_HTTPServer):
-    address_family = socket.AF_INET6
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class OperatorServer:
@@ -112,6 +152,9 @@ class OperatorServer:
         listen: str = "127.0.0.1:9180",
         token: str | None,
         webhook_secret: bytes | None,
+        allowed_hosts: Iterable[str] = (),
+        redactor: Redactor | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.view = view
         self.metrics = metrics
@@ -119,8 +162,24 @@ class OperatorServer:
         self._host, self._port = parse_listen(listen)
         self._token = token or None
         self._webhook_secret = webhook_secret or None
-        self._server: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        names = {name.strip().lower() for name in allowed_hosts if name.strip()}
+        if not _is_ip(self._host):
+            names.add(self._host.lower())  # --listen myhost:9180 serves under that name
+        self._allowed_names = frozenset(names)
+        self.redactor = redactor or Redactor()
+        # The secrets this server holds are masked wherever they might be echoed.
+        self.redactor.remember(
+            [
+                s
+                for s in (
+                    token,
+                    webhook_secret.decode("utf-8", "replace") if webhook_secret else None,
+                )
+                if s
+            ]
+        )
+        self._limits = limits or Limits(max_body_bytes=MAX_BODY_BYTES)
+        self._server: ConnectionServer | None = None
         self._routes: dict[str, dict[str, Route]] = {
             "/": {"GET": self._page},
             "/healthz": {"GET": self._healthz},
@@ -139,44 +198,46 @@ class OperatorServer:
     def start(self) -> None:
         if self._server is not None:
             raise RuntimeError("the operator server is already started")
-        server_class = _IPv6HTTPServer if ":" in self._host else _HTTPServer
         try:
-            server = server_class((self._host, self._port), _Handler)
+            server = ConnectionServer(self._host, self._port, self._answer, self._limits)
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen on {self.listen}: {exc.strerror or exc}; "
                 "choose another --listen address"
             ) from exc
-        server.operator = self
         self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
-        )
-        self._thread.start()
+        self._port = server.address[1]  # the real port when listen asked for port 0
+        server.start()
 
     @property
     def url(self) -> str:
         """The bound address (the real port when ``listen`` asked for port 0)."""
         if self._server is None:
             raise RuntimeError("the operator server is not started")
-        host, port = self._server.server_address[:2]
-        host = str(host)
+        host, port = self._server.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def close(self) -> None:
         server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        if server is not None:
+            server.close()
+
+    def _answer(self, sock: socket.socket, address: tuple[str, int], raw: bytes) -> None:
+        """Answer one complete request (a worker thread of the transport)."""
+        _Handler(sock, address, self, raw)
 
     # -- dispatch -------------------------------------------------------------------------------
 
     def handle(self, request: Request) -> Response:
         """Route one request and turn failures into JSON errors; never raises."""
+        host = request.headers.get("host")
+        if host is not None and not host_allowed(host, self._allowed_names, self._port):
+            shown = self.redactor.text(" ".join(host.split())[:100])
+            return error_response(
+                421,
+                f"this daemon is not served under the name {shown!r}: use its address, or start "
+                "it with --allowed-host NAME",
+            )
         methods = self._routes.get(request.path)
         if methods is None:
             return error_response(404, f"no such endpoint: {request.path}")
@@ -191,11 +252,12 @@ class OperatorServer:
         try:
             return route(request)
         except LeadershipError as err:
-            return error_response(409, str(err))
+            return error_response(409, self.redactor.text(str(err)))
         except ReconcilerError as err:
             # A GET failed on the daemon's side (the store did not answer): not the client's
             # fault. A POST was refused for what it asked (unknown workload, not suspended).
-            return error_response(503 if request.method in ("GET", "HEAD") else 400, str(err))
+            status = 503 if request.method in ("GET", "HEAD") else 400
+            return error_response(status, self.redactor.text(str(err)))
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             return error_response(500, "internal error; the daemon's log has the details")
@@ -207,14 +269,15 @@ class OperatorServer:
 
     def _readyz(self, _request: Request) -> Response:
         ready, reason = self.view.ready()
-        return text_response(200 if ready else 503, reason or ("ready" if ready else "not ready"))
+        reason = self.redactor.text(reason) if reason else ("ready" if ready else "not ready")
+        return text_response(200 if ready else 503, reason)
 
     def _metrics(self, _request: Request) -> Response:
         body, content_type = self.metrics.render()
         return Response(200, body, content_type)
 
     def _status(self, _request: Request) -> Response:
-        return json_response(200, self.view.status())
+        return json_response(200, self.redactor.json(self.view.status()))
 
     def _events(self, request: Request) -> Response:
         values = request.query.get("limit", [])
@@ -226,10 +289,13 @@ class OperatorServer:
                     400, f"limit must be an integer from 1 to {EVENTS_MAX}, not {values[-1]!r}"
                 )
             limit = int(raw)
-        return json_response(200, self.view.events(limit))
+        return json_response(200, self.redactor.json(self.view.events(limit)))
 
     def _page(self, _request: Request) -> Response:
-        html = render_status_page(self.view)
+        html = render_page(
+            self.redactor.json(self.view.status()),
+            self.redactor.json(self.view.events(EVENTS_SHOWN)),
+        )
         return Response(
             200,
             html.encode(),
@@ -260,9 +326,9 @@ class OperatorServer:
         if refused is not None:
             return refused, None, ""
         try:
-            payload = json.loads(request.body) if request.body.strip() else {}
-        except ValueError as exc:
-            return error_response(400, f"the body is not JSON: {exc}"), None, ""
+            payload = parse_json(request.body) if request.body.strip() else {}
+        except MalformedBody as exc:
+            return error_response(400, str(exc)), None, ""
         if not isinstance(payload, dict):
             return error_response(400, "the body must be a JSON object"), None, ""
         workload = payload.get("workload")
@@ -302,7 +368,7 @@ class OperatorServer:
         try:
             delivery = verify_delivery(kind, request.headers, request.body, self._webhook_secret)
         except WebhookRejected as rejected:
-            log.info("webhook %s rejected: %s", kind, rejected.reason)
+            log.info("webhook %s rejected (%d): %s", kind, rejected.status, rejected.reason)
             return error_response(rejected.status, rejected.reason)
         if not delivery.trigger:
             log.info("webhook: %s", delivery.reason)
@@ -312,15 +378,44 @@ class OperatorServer:
         return json_response(202, {"accepted": True, "reason": delivery.reason})
 
 
+class _SocketWriter(io.BufferedIOBase):
+    """What ``BaseHTTPRequestHandler`` writes to: straight to the socket, nothing buffered."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._sock.sendall(data)
+        with memoryview(data) as view:
+            return view.nbytes
+
+
 class _Handler(BaseHTTPRequestHandler):
+    """Parses one complete request (already read by the transport, under its deadline and
+    limits) with the standard library's parser, and writes the answer."""
+
     server_version = "reconciler"
     sys_version = ""
-    # A client that stops sending must not hold a thread forever.
-    timeout = 30
 
-    @property
-    def operator(self) -> OperatorServer:
-        return cast(_HTTPServer, self.server).operator
+    def __init__(
+        self, sock: socket.socket, address: tuple[str, int], operator: OperatorServer, raw: bytes
+    ) -> None:
+        # Not socketserver's constructor: the request is already in memory.
+        self.request = self.connection = sock
+        self.client_address = address
+        self.operator = operator
+        self.rfile = io.BytesIO(raw)
+        self.wfile = _SocketWriter(sock)
+        self.close_connection = True
+        # OSError: the client went away (a probe timing out); nothing to tell it any more.
+        with contextlib.suppress(OSError):
+            self.handle()
+
+    def handle_expect_100(self) -> bool:
+        return True  # the transport said 100 Continue before it read the body
 
     def do_GET(self) -> None:
         self._serve("GET")
@@ -345,6 +440,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         started = time.monotonic()
+        self.close_connection = True  # one request per connection (see http_server)
         split = urllib.parse.urlsplit(self.path)
         body = self._read_body()
         if isinstance(body, Response):
@@ -373,48 +469,32 @@ class _Handler(BaseHTTPRequestHandler):
         length_header = self.headers.get("Content-Length")
         if length_header is None:
             if self.headers.get("Transfer-Encoding"):
-                self.close_connection = True
                 return error_response(411, "send the body with a Content-Length")
             return b""
-        try:
-            length = int(length_header)
-        except ValueError:
-            self.close_connection = True
-            return error_response(400, f"bad Content-Length {length_header!r}")
-        if length < 0:
-            self.close_connection = True
-            return error_response(400, f"bad Content-Length {length_header!r}")
+        text = length_header.strip()
+        if not text.isdigit():
+            return error_response(400, f"bad Content-Length {length_header[:40]!r}")
+        length = int(text)
         if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            # Closing with unread data makes the kernel reset the connection, and the client
-            # would see that instead of the 413; a moderately large body is read and dropped.
-            if length <= DRAIN_LIMIT_BYTES:
-                remaining = length
-                while remaining > 0:
-                    chunk = self.rfile.read(min(remaining, 1 << 16))
-                    if not chunk:
-                        break
-                    remaining -= len(chunk)
+            # The transport read and dropped the body, so the client reads this answer.
             return error_response(413, f"body of {length} bytes is over the 1 MiB limit")
-        return self.rfile.read(length) if length else b""
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            return error_response(400, "the body is shorter than its Content-Length")
+        return body
 
     def _send(self, response: Response, *, head: bool) -> None:
-        try:
-            self.send_response(response.status)
-            self.send_header("Content-Type", response.content_type)
-            self.send_header("Content-Length", str(len(response.body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            for name, value in response.headers.items():
-                self.send_header(name, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if not head:
-                self.wfile.write(response.body)
-        except (BrokenPipeError, ConnectionResetError):
-            # The client went away (a probe timing out); nothing to tell it any more.
-            self.close_connection = True
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if not head:
+            self.wfile.write(response.body)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass  # _serve logs one line per request, with its duration

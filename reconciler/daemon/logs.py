@@ -3,6 +3,10 @@
 JSON lines carry ``ts``, ``level``, ``logger``, ``msg`` and every field passed with
 ``extra={...}`` (``revision``, ``term``, ``outcome``, ``duration_s`` ...), so a log shipper can
 index them without parsing prose.
+
+Every line is scrubbed before it is formatted (``RedactingFilter`` on the handler): an error
+message that quotes ``https://user:token@host/fleet.git``, a libpq ``password=``, or a value the
+daemon knows to be secret (an env value, the API token) never reaches a journal.
 """
 
 from __future__ import annotations
@@ -13,7 +17,41 @@ import sys
 import time
 from typing import Any
 
+from reconciler.daemon.redaction import Redactor
+
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record in place: its message (arguments merged), the text of its
+    exception and every string passed with ``extra={...}`` go through the ``Redactor``.
+
+    On the handler, not on a logger: a logger's filters do not see its children's records."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.redactor.text(record.getMessage())
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redactor.text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redactor.text(record.stack_info)
+        for key, value in list(record.__dict__.items()):
+            if key not in _STANDARD and isinstance(value, str):
+                setattr(record, key, self.redactor.text(value))
+        return True
+
+
+def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    # exc_text is what the RedactingFilter left; formatting exc_info again would undo it.
+    if record.exc_text:
+        return record.exc_text
+    return formatter.formatException(record.exc_info) if record.exc_info else ""
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,8 +66,8 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:
+            entry["exc"] = _exception_text(self, record)
         return json.dumps(entry, default=str)
 
 
@@ -45,14 +83,17 @@ class PlainFormatter(logging.Formatter):
         when = time.strftime("%H:%M:%S", time.localtime(record.created))
         line = f"{when} {record.levelname:<7} {record.name}: {record.getMessage()}"
         line = f"{line} {fields}" if fields else line
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:
+            line += "\n" + _exception_text(self, record)
         return line
 
 
-def configure_logging(log_format: str, verbosity: int) -> None:
+def configure_logging(log_format: str, verbosity: int, redactor: Redactor | None = None) -> None:
+    """One stderr handler on the root logger; ``redactor`` is the daemon's, so the secret
+    values it learns later are masked in the log too."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else PlainFormatter())
+    handler.addFilter(RedactingFilter(redactor or Redactor()))
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)

@@ -27,6 +27,7 @@ from reconciler.daemon.cycle import CommitVerifier, CycleResult, ReconcileCycle
 from reconciler.daemon.http_api import OperatorServer
 from reconciler.daemon.leader_file import TOKEN_FILE, write_leader
 from reconciler.daemon.metrics import DaemonMetrics
+from reconciler.daemon.redaction import Redactor, env_values
 from reconciler.daemon.settings import DaemonSettings
 from reconciler.daemon.triggers import Poller, RepositoryWatcher, TriggerQueue
 from reconciler.errors import LeadershipError, ReconcilerError, StaleTermError
@@ -36,6 +37,7 @@ from reconciler.leadership.elector import Elector
 from reconciler.leadership.fence import Fence
 from reconciler.leadership.file_lease import FileLease
 from reconciler.leadership.protocol import Lease
+from reconciler.model import DesiredFleet, ObservedFleet
 from reconciler.pipeline import RevisionLoader
 from reconciler.source import open_source
 from reconciler.source.signatures import SignatureVerifier, TrustedKeys
@@ -75,15 +77,27 @@ def api_token(settings: DaemonSettings) -> str:
 class Daemon:
     """The loop, and the ``DaemonView`` the HTTP server shows."""
 
-    def __init__(self, settings: DaemonSettings, lease: Lease | None = None) -> None:
+    def __init__(
+        self,
+        settings: DaemonSettings,
+        lease: Lease | None = None,
+        redactor: Redactor | None = None,
+    ) -> None:
         self.settings = settings.validated()
         self.started_at = time.time()
+        # Shared with the log handler (cli) and the HTTP server: what it learns is masked in
+        # logs, events and every answer.
+        self.redactor = redactor or Redactor()
         self.metrics = DaemonMetrics()
         self.queue = TriggerQueue()
         self._stopping = threading.Event()
         self.host: Host = open_host_at(settings.state_dir)
         source = open_source(
-            settings.repo, ref=settings.ref, cache_dir=settings.state_dir / "git", fetch=False
+            settings.repo,
+            ref=settings.ref,
+            cache_dir=settings.state_dir / "git",
+            fetch=False,
+            credential=settings.repo_credential,
         )
         self.source = source
         if not source.remote:
@@ -95,6 +109,9 @@ class Daemon:
             verify=self._verifier(),
             newer_than=self._newer_head_waits,
             event=self._event,
+            loaded=self._remember_desired,
+            force_deletions=settings.force_deletions,
+            allow_non_descendant=settings.allow_non_descendant,
         )
         self._head_checked_at = 0.0
         self._newer_head: str | None = None
@@ -111,7 +128,10 @@ class Daemon:
             listen=settings.listen,
             token=api_token(settings),
             webhook_secret=settings.webhook_secret,
+            allowed_hosts=settings.allowed_hosts,
+            redactor=self.redactor,
         )
+        self._remember_observed(self.host.store.observed())  # VMs adopted from a previous run
         self._claimed: Fence | None = None
         self._lost_reason: str | None = None
         self.last_result: CycleResult | None = None
@@ -122,7 +142,7 @@ class Daemon:
         if not self.settings.trusted_keys:
             return None
         verifier = SignatureVerifier(
-            TrustedKeys.from_paths(self.settings.trusted_keys),
+            TrustedKeys.from_paths(self.settings.trusted_keys, self.settings.revoked_keys),
             self.settings.state_dir / "signatures",
         )
         verifier.prepare()  # a bad key file or a missing gpg fails the start, not the first poll
@@ -293,8 +313,17 @@ class Daemon:
             },
         )
 
+    def _remember_desired(self, desired: DesiredFleet) -> None:
+        for vm in desired.vms.values():
+            self.redactor.remember(env_values(vm.settings))
+
+    def _remember_observed(self, observed: ObservedFleet) -> None:
+        for vm in observed.vms.values():
+            self.redactor.remember(env_values(vm.settings))
+
     def _refresh_metrics(self, store: SQLiteStateStore) -> None:
         observed = store.observed()
+        self._remember_observed(observed)
         applied, attempted = store.applied_revision(), store.attempted_revision()
         self.metrics.set_revisions(
             applied.revision if applied else None,
@@ -311,8 +340,8 @@ class Daemon:
         fence = self._claimed
         self.host.store.record_event(
             kind,
-            subject,
-            message,
+            self.redactor.text(subject),
+            self.redactor.text(message),
             term=term if term is not None else (fence.term if fence else None),
         )
 
@@ -353,8 +382,10 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         with self._reader() as store:
+            observed = store.observed()
+            self._remember_observed(observed)
             status = fleet_status(
-                store.observed(),
+                observed,
                 store.applied_revision(),
                 store.attempted_revision(),
                 store.suspensions(),
@@ -371,7 +402,7 @@ class Daemon:
             "head": result.head if result else None,
             "converged_to": result.converged_to if result else None,
             "backoff_until": self.cycle.backoff.retry_at(self.cycle.backoff.revision or "") or None,
-            "repo": self.source.describe(),
+            "repo": self.redactor.text(self.source.describe()),
             "poll_interval": self.settings.poll_interval,
         }
         return status

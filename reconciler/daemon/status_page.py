@@ -1,9 +1,11 @@
 """The daemon's read-only status page (``GET /``): server-rendered HTML, no JavaScript.
 
-    DaemonView.status() + events(50) ──page_context──▶ templates/status.html.j2 ──▶ HTML
+    DaemonView.status() + events(50) ──Redactor.json (http_api)──▶ page_context
+        ──▶ templates/status.html.j2 ──▶ HTML
 
-The page reads only the ``DaemonView`` (never the store, git or runtimes), shows the same data
-as ``/api/status`` and ``reconciler status``, refreshes itself every few seconds with a meta tag,
+The page is rendered from the same scrubbed status and events that ``/api/status`` and
+``/api/events`` answer with (never the store, git or runtimes), shows the same data as
+``reconciler status``, refreshes itself every few seconds with a meta tag,
 and loads nothing from elsewhere. jinja2 autoescapes every value: VM details, error messages and
 event text come from guests, git and manifests, so they are untrusted.
 
@@ -18,8 +20,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jinja2
-
-from reconciler.daemon.view import DaemonView
 
 EVENTS_SHOWN = 50
 REFRESH_SECONDS = 5
@@ -155,8 +155,3 @@ def render_page(
     status: Mapping[str, Any], events: list[dict[str, Any]], *, now: float | None = None
 ) -> str:
     return _ENV.get_template("status.html.j2").render(page_context(status, events, now=now))
-
-
-def render_status_page(view: DaemonView) -> str:
-    """The page for ``GET /``, from the view's current status and newest events."""
-    return render_page(view.status(), view.events(EVENTS_SHOWN))

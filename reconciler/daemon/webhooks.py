@@ -12,7 +12,11 @@ payload is therefore only used to describe the delivery in logs and events.
 - ``github``: ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the raw body>`` and
   ``X-GitHub-Event`` (``push`` triggers, ``ping`` is accepted without triggering).
 - ``gitlab``: ``X-Gitlab-Token`` equal to the secret, and ``X-Gitlab-Event``.
-- ``generic``: ``X-Reconciler-Signature: sha256=<hex HMAC-SHA256 of the raw body>``.
+- ``generic``: ``X-Reconciler-Signature: sha256=<hex HMAC-SHA256 of the raw body>``; the body
+  is empty or JSON (``{"reason": ...}`` is logged).
+
+Bodies are parsed by ``parse_json`` only after the signature matched, and a malformed one (not
+UTF-8, not JSON, nested too deep) is a 400 with one line, never an exception in the server.
 """
 
 from __future__ import annotations
@@ -28,11 +32,61 @@ from typing import Any
 
 MAX_BODY_BYTES = 1 << 20
 KINDS = ("github", "gitlab", "generic")
+# Real deliveries nest a handful of levels; a signed body nested thousands deep is an attack on
+# the parser (RecursionError) and on whatever walks the result, not a push.
+MAX_JSON_DEPTH = 64
 
 # GitHub events that move a branch or tag; everything else is acknowledged and ignored.
 _GITHUB_TRIGGERS = frozenset({"push"})
 _GITLAB_TRIGGERS = frozenset({"Push Hook", "Tag Push Hook"})
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+class MalformedBody(ValueError):
+    """A request body that is not acceptable JSON; the message is one line for the client."""
+
+
+def parse_json(body: bytes | str) -> Any:
+    """JSON of a request body, or ``MalformedBody``: never a ``RecursionError`` or a traceback.
+
+    Bodies are untrusted (a webhook is verified first, but the sender's system is not ours):
+    invalid UTF-8, invalid JSON and nesting deeper than ``MAX_JSON_DEPTH`` are all refused with
+    one line.
+    """
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+    except UnicodeDecodeError as exc:
+        raise MalformedBody(f"the body is not UTF-8 (byte {exc.start})") from exc
+    try:
+        value = json.loads(text)
+    except RecursionError as exc:
+        raise MalformedBody(f"the body nests deeper than {MAX_JSON_DEPTH} levels") from exc
+    except ValueError as exc:
+        raise MalformedBody(f"the body is not JSON: {_first_line(exc)}") from exc
+    if _depth_exceeds(value, MAX_JSON_DEPTH):
+        raise MalformedBody(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Iterative (a recursive walk is what the limit protects against)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: list[Any] = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 class WebhookRejected(Exception):
@@ -61,7 +115,7 @@ def verify_delivery(
 
     Raises ``WebhookRejected``: 413 for a body over 1 MiB, 401 for a missing or wrong signature,
     400 for a signed delivery that cannot be understood (no event header, a body that is not
-    JSON). ``headers`` are looked up case-insensitively.
+    JSON or nests too deep: ``parse_json``). ``headers`` are looked up case-insensitively.
     """
     if kind not in KINDS:
         raise WebhookRejected(404, f"unknown webhook kind {kind!r}: use {', '.join(KINDS)}")
@@ -97,9 +151,9 @@ def _payload(body: bytes, *, form_field: str | None = None) -> dict[str, Any]:
     if form_field and text.startswith(form_field + "="):
         text = urllib.parse.parse_qs(text).get(form_field, [""])[0]
     try:
-        payload = json.loads(text) if text.strip() else {}
-    except ValueError as exc:
-        raise WebhookRejected(400, f"the body is not JSON: {exc}") from exc
+        payload = parse_json(text) if text.strip() else {}
+    except MalformedBody as exc:
+        raise WebhookRejected(400, str(exc)) from exc
     if not isinstance(payload, dict):
         raise WebhookRejected(400, "the body is not a JSON object")
     return payload
@@ -158,11 +212,11 @@ def _gitlab(headers: Mapping[str, str], body: bytes, secret: bytes) -> WebhookDe
 def _generic(headers: Mapping[str, str], body: bytes, secret: bytes) -> WebhookDelivery:
     _check_hmac("X-Reconciler-Signature", headers.get("x-reconciler-signature"), body, secret)
     reason = "generic webhook"
-    # Any signed body triggers; a JSON object may say why, for the logs.
+    # Any signed JSON body (or an empty one) triggers; an object may say why, for the logs.
     try:
-        payload = json.loads(body) if body.strip() else None
-    except ValueError:
-        payload = None
+        payload = parse_json(body) if body.strip() else None
+    except MalformedBody as exc:
+        raise WebhookRejected(400, str(exc)) from exc
     if isinstance(payload, dict) and payload.get("reason"):
         reason += f": {_clean(payload['reason'])}"
     return WebhookDelivery("generic", "generic", True, reason)

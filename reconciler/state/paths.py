@@ -48,14 +48,26 @@ def private_state_dir(path: Path) -> list[str]:
         ) from exc
 
 
-def private_file(path: Path) -> list[str]:
-    """Create ``path`` empty and 0600 if missing, else make it 0600; returns what was tightened."""
-    fd = os.open(path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+def private_file(path: Path, *, create: bool = True) -> list[str]:
+    """Make ``path`` 0600 (creating it empty when ``create``); returns what was tightened.
+
+    Path-based on purpose: closing any descriptor of a file drops every POSIX lock this process
+    holds on it, and SQLite locks its files that way, so opening a store file that another
+    connection of this process uses (the daemon's threads each have one) would corrupt the
+    store. ``create=False`` is for SQLite's ``-wal`` and ``-shm``, which the last connection to
+    close deletes: recreating one behind SQLite's back leaves a store nobody can open."""
+    if create:
+        try:
+            # O_EXCL: only a file made just now, which nobody can hold a lock on yet.
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE_MODE))
+            return []
+        except FileExistsError:
+            pass
     try:
-        mode = os.fstat(fd).st_mode & 0o777
+        mode = path.stat().st_mode & 0o777
         if mode & 0o077:
-            os.fchmod(fd, PRIVATE_FILE_MODE)
+            os.chmod(path, PRIVATE_FILE_MODE)
             return [f"{path} ({mode:o} -> 600)"]
-        return []
-    finally:
-        os.close(fd)
+    except FileNotFoundError:
+        pass  # a companion file that SQLite removed meanwhile
+    return []

@@ -25,6 +25,7 @@ from reconciler.errors import StateError
 from reconciler.leadership.fence import Fence
 from reconciler.model import ObservedFleet, ObservedVM, RuntimeKind, Target, VMState
 from reconciler.planning.suspend import FLEET_WIDE
+from reconciler.redact import redact_text
 from reconciler.state.paths import private_file, private_state_dir
 from reconciler.state.protocol import Event, Intent, RevisionRecord
 
@@ -92,10 +93,10 @@ class SQLiteStateStore:
         self.fence: Fence | None = None
         tightened = private_state_dir(path.parent)
         try:
-            # SQLite gives the -wal and -shm files the database file's mode: 0600 for all three.
-            tightened += [
-                t for p in _store_files(path) if p.exists() or p == path for t in private_file(p)
-            ]
+            # SQLite gives new -wal and -shm files the database file's mode: 0600 for all three.
+            tightened += private_file(path)
+            for companion in _companion_files(path):
+                tightened += private_file(companion, create=False)
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in _write).
             self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -188,7 +189,7 @@ class SQLiteStateStore:
         with self._write(fenced=False, bump=False):
             self._db.execute(
                 "INSERT INTO events (at, kind, subject, message, term) VALUES (?,?,?,?,?)",
-                (time.time(), kind, subject, message, term),
+                (time.time(), kind, redact_text(subject), redact_text(message), term),
             )
             # A daemon runs for months: keep the newest events, not all of them.
             self._db.execute(
@@ -289,7 +290,8 @@ class SQLiteStateStore:
         with self._write():
             self._db.execute(
                 "INSERT INTO revisions (revision, outcome, message, at) VALUES (?,?,?,?)",
-                (revision, outcome, message, time.time()),
+                # Messages quote git remotes; credentials in them are never stored.
+                (revision, outcome, redact_text(message), time.time()),
             )
 
     def _last_revision(self, where: str) -> RevisionRecord | None:
@@ -351,8 +353,8 @@ def _vm_from_row(row: tuple[object, ...]) -> ObservedVM:
     )
 
 
-def _store_files(db: Path) -> list[Path]:
-    return [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+def _companion_files(db: Path) -> list[Path]:
+    return [db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
 
 
 def open_state_store(state_dir: Path) -> SQLiteStateStore:
