@@ -176,6 +176,9 @@ def bwrap_argv(bwrap: str, host: HostView, work: str, step: Step) -> list[str]:
     ]
     if step.network:
         argv.append("--share-net")
+    # The private /tmp first: the Python (a virtualenv may live under /tmp) and the other
+    # read-only paths are bound on top of it, not hidden by it.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     argv += ["--ro-bind", "/usr", "/usr"]
     for path, target in sorted(host.links.items()):
         argv += ["--symlink", target, path]
@@ -185,7 +188,6 @@ def bwrap_argv(bwrap: str, host: HostView, work: str, step: Step) -> list[str]:
         argv += ["--ro-bind", path, path]
     for path in host.python:
         argv += ["--ro-bind", path, path]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     argv += ["--bind", work, BUILD_ROOT]
     for source, inside in step.read_only:
         argv += ["--ro-bind", source, inside]
