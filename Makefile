@@ -39,7 +39,7 @@ lint: venv
 typecheck: lint
 
 unit: venv
-	$(BIN)/pytest -m "not qemu and not root and not postgres"
+	$(BIN)/pytest -n 2 -m "not qemu and not root and not postgres and not slow"
 
 # A local PostgreSQL cluster for the postgres-marked tests (idempotent; no systemd needed).
 postgres:

@@ -16,7 +16,6 @@ Usage: ``sudo .venv/bin/python bench/bench_apply.py [--out bench/results/apply.m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import shutil
@@ -28,25 +27,22 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT))
+sys.path[:0] = [str(PROJECT), str(PROJECT / "tests")]  # the project, and the test kit
+
+from support.kernel import register_kernel  # noqa: E402
+from support.process_fleet import new_pool, remove_deployment  # noqa: E402
+from support.qemu import artifact_spec, boot, wait_for_event  # noqa: E402
+from support.repo import FleetRepo  # noqa: E402
 
 from builders.cache import ArtifactCache  # noqa: E402
-from builders.kernels import KernelRegistry  # noqa: E402
-from reconciler.model import RuntimeKind  # noqa: E402
-from runtime.console import read_markers  # noqa: E402
-from runtime.network import scope_for  # noqa: E402
-from runtime.protocol import VMSpec  # noqa: E402
 from runtime.qemu.driver import QemuRuntime  # noqa: E402
 from runtime.qemu.machine import tcg_kernel_args  # noqa: E402
 
 
 def wait_marker(log: Path, event: str, timeout: float = 180) -> float:
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        if any(m["event"] == event for m in read_markers(log)):
-            return time.perf_counter()
-        time.sleep(0.01)
-    raise RuntimeError(f"no {event} in {log}")
+    """When (``time.perf_counter()``) the console log ``log`` showed ``event``."""
+    wait_for_event(log, event, timeout)
+    return time.perf_counter()
 
 
 def reconciler(*argv: str) -> tuple[float, float]:
@@ -67,89 +63,28 @@ def reconciler(*argv: str) -> tuple[float, float]:
     return time.perf_counter() - start, int(out[-1]) / 1024
 
 
-def teardown(state: Path) -> None:
-    for pidfile in (state / "vms").glob("*/qemu.pid"):
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int(pidfile.read_text()), 9)
-    scope = scope_for(str(state.resolve()))
-    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True).stdout
-    for line in links.splitlines():
-        name = line.split()[0].split("@")[0]
-        if name.startswith(f"rc{scope}-") or name == "rcbrbench":
-            subprocess.run(["ip", "link", "del", name], check=False)
-    subprocess.run(
-        ["nft", "delete", "table", "bridge", f"reconciler{scope}"], capture_output=True, check=False
-    )
+def teardown(state: Path, bridge: str) -> None:
+    """Stop the VMs of ``state``, remove their network, and forget them."""
+    remove_deployment(state, bridge)
     shutil.rmtree(state / "vms", ignore_errors=True)
     for db in state.glob("state.db*"):
         db.unlink()
 
 
 def bare_qemu(artifact: Path, work: Path) -> float:
-    log = work / "bare.log"
-    log.unlink(missing_ok=True)
-    shutil.copyfile(artifact / "rootfs.ext4", work / "bare.ext4")
-    argv = [
-        "qemu-system-x86_64",
-        "-M",
-        "microvm",
-        "-accel",
-        "tcg",
-        "-cpu",
-        "max",
-        "-m",
-        "256M",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-serial",
-        f"file:{log}",
-        "-kernel",
-        str(artifact / "kernel"),
-        "-initrd",
-        str(artifact / "initramfs.cpio.gz"),
-        "-drive",
-        f"id=root,file={work / 'bare.ext4'},format=raw,if=none",
-        "-device",
-        "virtio-blk-device,drive=root",
-        "-append",
-        f"{(artifact / 'cmdline').read_text().strip()} {tcg_kernel_args()}",
-    ]
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    """Seconds from starting QEMU on the runtime's command line, by hand, to workload started."""
+    vm = boot(artifact, work / "bare", memory_mib=256, kernel_log=False)
     try:
-        return wait_marker(log, "workload-started") - start
+        return wait_marker(vm.console, "workload-started") - vm.started
     finally:
-        process.kill()
-        process.wait()
+        vm.stop()
 
 
 def runtime_vm(artifact: Path, work: Path, runtime: QemuRuntime) -> tuple[float, float]:
     """(start to workload-started, stop) seconds through the QEMU runtime."""
     vm_dir = work / "vm"
     shutil.rmtree(vm_dir, ignore_errors=True)
-    vm_dir.mkdir()
-    rootfs = None
-    if (artifact / "rootfs.ext4").exists():
-        rootfs = vm_dir / "rootfs.ext4"
-        shutil.copyfile(artifact / "rootfs.ext4", rootfs)
-    spec = VMSpec(
-        name="bench-0",
-        workload="bench",
-        fleet="bench",
-        runtime=RuntimeKind.QEMU,
-        vcpus=1,
-        memory_mib=256,
-        vm_dir=vm_dir,
-        kernel=artifact / "kernel",
-        initrd=artifact / "initramfs.cpio.gz",
-        rootfs=rootfs,
-        kernel_cmdline=(artifact / "cmdline").read_text().strip(),
-    )
+    spec = artifact_spec(artifact, vm_dir, "bench-0", fleet="bench", memory_mib=256)
     start = time.perf_counter()
     runtime.start(spec)
     started = wait_marker(vm_dir / "console.log", "workload-started") - start
@@ -218,38 +153,22 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="reconciler-bench-apply-"))
-    state = root / "state"
-    deb = (
-        subprocess.run(
-            ["bash", str(PROJECT / "deploy" / "fetch-debian-kernel.sh"), str(root / "deb")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
-    KernelRegistry(state / "kernels").import_path(Path(deb))
-    repo = root / "fleet"
-    shutil.copytree(PROJECT / "fleet-example", repo)
-    fleet = (repo / "fleet.yaml").read_text().replace("rcbr0", "rcbrbench")
-    (repo / "fleet.yaml").write_text(fleet.replace("10.88.0.0/24", "10.87.0.0/24"))
-    for git in (
-        ["init", "-q", "-b", "main"],
-        ["add", "-A"],
-        ["-c", "user.email=b@example.invalid", "-c", "user.name=b", "commit", "-qm", "f"],
-    ):
-        subprocess.run(["git", "-C", str(repo), *git], check=True)
-    common = ["--repo", str(repo), "--state-dir", str(state)]
+    state = register_kernel(root / "state")
+    fleet = FleetRepo.of_fleet_example(root / "fleet")
+    bridge, cidr = new_pool()  # a bridge and pool of its own: a demo may run on this host
+    fleet.edit("fleet.yaml", "bridge: rcbr0", f"bridge: {bridge}")
+    fleet.edit("fleet.yaml", "cidr: 10.88.0.0/24", f"cidr: {cidr}")
+    fleet.commit("on the benchmark's own pool")
+    common = ["--repo", str(fleet.path), "--state-dir", str(state)]
     try:
         subprocess.run(
             [sys.executable, "-m", "reconciler", "build", *common], check=True, capture_output=True
         )
         applies = []
         for _ in range(args.runs):
-            teardown(state)
+            teardown(state, bridge)
             applies.append(reconciler("apply", *common))
-        teardown(state)
+        teardown(state, bridge)
         artifact = next(
             e.path
             for e in ArtifactCache(state / "artifacts").entries()
@@ -269,7 +188,7 @@ def main() -> int:
         ours_uk = [runtime_vm(unikernel, work, runtime) for _ in range(args.runs)]
         virt = [libvirt_vm(unikernel, work) for _ in range(args.runs)]
     finally:
-        teardown(state)
+        teardown(state, bridge)
     median = statistics.median
     apply_s = median(a[0] for a in applies)
     peak = max(a[1] for a in applies)

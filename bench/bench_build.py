@@ -13,10 +13,8 @@ Needs a registered kernel: it fetches Debian's cloud kernel itself.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -25,63 +23,33 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT))
+sys.path[:0] = [str(PROJECT), str(PROJECT / "tests")]  # the project, and the test kit
+
+from support.kernel import register_kernel  # noqa: E402
+from support.qemu import boot  # noqa: E402
+from support.repo import FleetRepo  # noqa: E402
 
 from builders.cache import ArtifactCache  # noqa: E402
 from builders.images import guest_init, make_ext4, stage_rootfs  # noqa: E402
-from builders.kernels import KernelRegistry  # noqa: E402
 from reconciler.cli import main as reconciler  # noqa: E402
-from runtime.qemu.machine import tcg_kernel_args  # noqa: E402
 
 
 def boot_seconds(artifact: Path, work: Path) -> tuple[float, float]:
     """(wall seconds from QEMU start to the workload-started marker, guest-reported seconds)."""
-    console = work / "console.log"
-    console.unlink(missing_ok=True)
-    argv = [
-        "qemu-system-x86_64",
-        "-M",
-        "microvm",
-        "-accel",
-        "tcg",
-        "-m",
-        "512",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        f"file:{console}",
-        "-kernel",
-        str(artifact / "kernel"),
-        "-initrd",
-        str(artifact / "initramfs.cpio.gz"),
-    ]
-    if (artifact / "rootfs.ext4").exists():
-        shutil.copyfile(artifact / "rootfs.ext4", work / "root.ext4")
-        argv += [
-            "-drive",
-            f"id=root,file={work / 'root.ext4'},format=raw,if=none",
-            "-device",
-            "virtio-blk-device,drive=root",
-        ]
-    argv += ["-append", f"{(artifact / 'cmdline').read_text().strip()} {tcg_kernel_args()}"]
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    vm = boot(artifact, work, kernel_log=False)
     try:
-        while time.perf_counter() - start < 120:
-            text = console.read_text(errors="replace") if console.exists() else ""
-            for line in text.splitlines():
-                if '"workload-started"' in line:
-                    wall = time.perf_counter() - start
-                    return wall, float(json.loads(line.split(" ", 1)[1])["t"])
-            time.sleep(0.01)
-        raise RuntimeError(f"no workload-started marker from {artifact}")
+        marker = vm.wait_for("workload-started", timeout=120)
+        return time.perf_counter() - vm.started, float(marker["t"])
     finally:
-        process.kill()
-        process.wait()
+        vm.stop()
+
+
+def timed_build(repo: Path, state: Path, cache: Path) -> tuple[int, float]:
+    """(exit code, wall seconds) of ``reconciler build`` of every workload and target."""
+    started = time.perf_counter()
+    common = ["--repo", str(repo), "--state-dir", str(state), "--cache-dir", str(cache)]
+    code = reconciler(["build", *common, "--format", "json"])
+    return code, time.perf_counter() - started
 
 
 def main() -> int:
@@ -92,57 +60,11 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="reconciler-bench-") as tmp:
         root = Path(tmp)
-        state = root / "state"
-        deb = (
-            subprocess.run(
-                ["bash", str(PROJECT / "deploy" / "fetch-debian-kernel.sh"), str(root / "deb")],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        KernelRegistry(state / "kernels").import_path(Path(deb))
-        repo = root / "fleet"
-        shutil.copytree(PROJECT / "fleet-example", repo)
-        for git in (
-            ["init", "-q", "-b", "main"],
-            ["add", "-A"],
-            ["-c", "user.email=b@example.invalid", "-c", "user.name=b", "commit", "-qm", "fleet"],
-        ):
-            subprocess.run(["git", "-C", str(repo), *git], check=True)
+        state = register_kernel(root / "state")
+        repo = FleetRepo.of_fleet_example(root / "fleet").path
         cache = root / "cache"
-        started = time.perf_counter()
-        code = reconciler(
-            [
-                "build",
-                "--repo",
-                str(repo),
-                "--state-dir",
-                str(state),
-                "--cache-dir",
-                str(cache),
-                "--format",
-                "json",
-            ]
-        )
-        cold = time.perf_counter() - started
-        started = time.perf_counter()
-        reconciler(
-            [
-                "build",
-                "--repo",
-                str(repo),
-                "--state-dir",
-                str(state),
-                "--cache-dir",
-                str(cache),
-                "--format",
-                "json",
-            ]
-        )
-        warm = time.perf_counter() - started
+        code, cold = timed_build(repo, state, cache)
+        _, warm = timed_build(repo, state, cache)
         entries = {
             (e.manifest["workload"], e.manifest["target"]): e
             for e in ArtifactCache(cache).entries()

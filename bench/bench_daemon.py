@@ -37,20 +37,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT / "tests"))
+sys.path[:0] = [str(PROJECT), str(PROJECT / "tests")]  # the project, and the test kit
 
-from conftest import FleetRepo  # noqa: E402
-from daemon_harness import (  # noqa: E402
-    ECHO,
+from support.daemons import (  # noqa: E402
     Daemon,
-    eventually,
+    fleet_repo,
     fleet_text,
-    free_port,
     healthy_names,
     kill_vms,
-    slow_echo_source,
     supervisor_counts,
 )
+from support.repo import FleetRepo  # noqa: E402
+from support.waiting import eventually, free_port  # noqa: E402
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -66,14 +64,7 @@ def summary(values: list[float]) -> str:
 
 
 def new_repo(scratch: Path, workloads: dict[str, int]) -> FleetRepo:
-    path = scratch / "fleet"
-    path.mkdir(parents=True)
-    repo = FleetRepo(path)
-    repo.write("fleet.yaml", fleet_text(workloads))
-    repo.write("echo/echo.c", ECHO.read_text())
-    repo.write("slow/echo.c", slow_echo_source())
-    repo.commit("bench fleet")
-    return repo
+    return fleet_repo(scratch / "fleet", workloads)
 
 
 def timed(probe: Callable[[], bool], timeout: float, what: str) -> float:

@@ -23,6 +23,7 @@ from builders.toolchain import pyinstaller_version, python_version, version_of
 from reconciler.errors import BuildError, ReconcilerError
 from reconciler.model import (
     ArtifactRef,
+    BuildStatus,
     DesiredFleet,
     Language,
     Target,
@@ -59,7 +60,7 @@ class BuildResult:
     workload: str
     target: Target
     digest: str  # the plan's input digest
-    status: str  # "built" | "cached" | "failed"
+    status: BuildStatus
     seconds: float
     cache_key: str | None = None
     path: Path | None = None
@@ -142,7 +143,9 @@ class MatrixBuilder:
                     message = f"not built: the executable of {name} failed"
                     self.progress(BuildEvent(name, target, "failed", message))
                     results.append(
-                        BuildResult(name, target, ref.input_digest, "failed", 0.0, error=message)
+                        BuildResult(
+                            name, target, ref.input_digest, BuildStatus.FAILED, 0.0, error=message
+                        )
                     )
                     continue
                 result, entry = self._one(desired, workload, ref, executable)
@@ -178,14 +181,26 @@ class MatrixBuilder:
                 seconds = time.monotonic() - started
                 self.progress(BuildEvent(workload.name, target, "cached"))
                 return BuildResult(
-                    workload.name, target, ref.input_digest, "cached", seconds, key, entry.path
+                    workload.name,
+                    target,
+                    ref.input_digest,
+                    BuildStatus.CACHED,
+                    seconds,
+                    key,
+                    entry.path,
                 ), entry
             job = _Job(workload, ref, key, staging, log, kernel, init)
             entry = self._build(desired, job, executable)
             seconds = time.monotonic() - started
             self.progress(BuildEvent(workload.name, target, "built", f"{seconds:.1f} s"))
             return BuildResult(
-                workload.name, target, ref.input_digest, "built", seconds, key, entry.path
+                workload.name,
+                target,
+                ref.input_digest,
+                BuildStatus.BUILT,
+                seconds,
+                key,
+                entry.path,
             ), entry
         except ReconcilerError as err:
             message = str(err)
@@ -199,7 +214,7 @@ class MatrixBuilder:
                 workload.name,
                 target,
                 ref.input_digest,
-                "failed",
+                BuildStatus.FAILED,
                 time.monotonic() - started,
                 error=message,
             ), None

@@ -18,7 +18,9 @@
  *     (hostname, address, env, args, restart policy) into a small cpio archive appended to the
  *     artifact's initramfs. Its records are length-prefixed, so any value (spaces, quotes,
  *     newlines, non-ASCII, '=') arrives byte for byte; a malformed file is refused as a whole and
- *     the workload does not start.
+ *     the workload does not start. Its `volume` records name disks that are mounted (found by
+ *     virtio serial, else by ext4 label) before the workload starts; one that cannot be mounted
+ *     stops the boot, so a workload never writes its data to the wrong disk.
  *
  * Run as an ordinary process (not PID 1) it is in host mode: no mounts, modules, network or
  * power-off, just the workload, the markers, signal forwarding and the exit code. The tests and
@@ -26,6 +28,7 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <net/if.h>
@@ -42,6 +45,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -76,6 +80,7 @@ struct config {
     struct list args;
     struct list env;
     struct list modules;
+    struct list volumes; /* "<serial> <fstype> <mount path>" */
 };
 
 static int pid1;
@@ -251,6 +256,26 @@ static int valid_env(const char *value) {
     return 1;
 }
 
+/* A volume record: "<serial> ext4 <absolute path>", serial 1-16 of [a-z0-9-], the path made of
+ * [A-Za-z0-9._-] names (the host checks the same and refuses the reserved places). */
+static int valid_volume(const char *value) {
+    const char *space = strchr(value, ' ');
+    if (!space || space == value || space - value > 16) return 0;
+    for (const char *p = value; p < space; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '-')) return 0;
+    if (strncmp(space + 1, "ext4 /", 6)) return 0;
+    const char *path = space + 6;
+    if (!path[1]) return 0;
+    for (const char *p = path; *p; p++) {
+        int name = (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+                   (*p >= '0' && *p <= '9') || *p == '.' || *p == '_' || *p == '-';
+        if (!name && !(*p == '/' && p[1] && p[1] != '/')) return 0;
+        if (*p == '/' && p[1] == '.' && (!p[2] || p[2] == '/' || (p[2] == '.' && (!p[3] || p[3] == '/'))))
+            return 0;
+    }
+    return 1;
+}
+
 /* Check the per-VM configuration and, with `c`, apply it. Returns 0, or -1 with the reason in
  * `why`. Only per-VM keys are accepted: what runs, its modules and root disk come from the
  * artifact alone. Every length is checked against what is left of the buffer. */
@@ -323,6 +348,9 @@ static int parse_vm_config(struct config *c, const char *blob, size_t len, char 
             if (c) apply(c, key, copy);
         } else if (!strcmp(key, "boot-only")) {
             if (c) c->boot_only = !strcmp(copy, "1");
+        } else if (!strcmp(key, "volume")) {
+            ok = valid_volume(copy);
+            if (ok && c) add_item(&c->volumes, copy);
         } else {
             snprintf(why, why_size, "unknown key %s", key);
             free(copy);
@@ -330,7 +358,8 @@ static int parse_vm_config(struct config *c, const char *blob, size_t len, char 
         }
         free(copy);
         if (!ok) {
-            snprintf(why, why_size, "record %s is not NAME=value", key);
+            snprintf(why, why_size, "record %s is not %s", key,
+                     strcmp(key, "volume") ? "NAME=value" : "<serial> ext4 <path>");
             return -1;
         }
     }
@@ -447,6 +476,109 @@ static int switch_root(struct config *c) {
         chdir("/") < 0) {
         error_marker("switch to root %s: %s", c->root, strerror(errno));
         return -1;
+    }
+    return 0;
+}
+
+/* Read a small sysfs attribute without its trailing newline; "" when absent. */
+static void read_attribute(const char *path, char *out, size_t size) {
+    out[0] = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    ssize_t n = read(fd, out, size - 1);
+    close(fd);
+    if (n < 0) n = 0;
+    out[n] = 0;
+    out[strcspn(out, "\n")] = 0;
+}
+
+/* The ext4 label of /dev/<name> ("" when it is no ext4): the way to find a volume on a VMM
+ * that cannot set a virtio serial (Firecracker). */
+static void read_ext4_label(const char *name, char *out, size_t size) {
+    char dev[300];
+    unsigned char super[136];
+    out[0] = 0;
+    snprintf(dev, sizeof dev, "/dev/%s", name);
+    int fd = open(dev, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    ssize_t n = pread(fd, super, sizeof super, 1024);
+    close(fd);
+    if (n != (ssize_t)sizeof super || super[56] != 0x53 || super[57] != 0xEF) return;
+    size_t len = strnlen((const char *)super + 120, 16);
+    if (len >= size) return;
+    memcpy(out, super + 120, len);
+    out[len] = 0;
+}
+
+/* The /dev/vdX whose serial (or else ext4 label) is `serial`, never the disk that holds /. */
+static int find_volume(const char *serial, char *device, size_t size) {
+    struct stat root;
+    if (stat("/", &root) < 0) return -1;
+    DIR *dir = opendir("/sys/block");
+    if (!dir) return -1;
+    int found = -1;
+    struct dirent *entry;
+    while (found < 0 && (entry = readdir(dir))) {
+        if (strncmp(entry->d_name, "vd", 2)) continue;
+        char path[320], value[64];
+        unsigned major_id, minor_id;
+        snprintf(path, sizeof path, "/sys/block/%s/dev", entry->d_name);
+        read_attribute(path, value, sizeof value);
+        if (sscanf(value, "%u:%u", &major_id, &minor_id) == 2 &&
+            makedev(major_id, minor_id) == root.st_dev)
+            continue;
+        snprintf(path, sizeof path, "/sys/block/%s/serial", entry->d_name);
+        read_attribute(path, value, sizeof value);
+        if (!value[0]) read_ext4_label(entry->d_name, value, sizeof value);
+        if (!strcmp(value, serial)) {
+            snprintf(device, size, "/dev/%s", entry->d_name);
+            found = 0;
+        }
+    }
+    closedir(dir);
+    return found;
+}
+
+static void make_dirs(const char *path) {
+    char buffer[512];
+    snprintf(buffer, sizeof buffer, "%s", path);
+    for (char *p = buffer + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        mkdir(buffer, 0755);
+        *p = '/';
+    }
+    mkdir(buffer, 0755);
+}
+
+/* Mount every volume before the workload starts; -1 (after an error marker) when one cannot
+ * be, since the workload would otherwise write its data to the root disk and lose it. */
+static int mount_volumes(struct config *c) {
+    for (size_t i = 0; i < c->volumes.count; i++) {
+        char record[512];
+        snprintf(record, sizeof record, "%s", c->volumes.items[i]);
+        char *serial = record;
+        char *fstype = strchr(serial, ' ');
+        *fstype++ = 0;
+        char *target = strchr(fstype, ' ');
+        *target++ = 0;
+        char device[300];
+        int found = -1;
+        /* The disk may appear a moment after virtio_blk loaded. */
+        for (int attempt = 0; attempt < 150 && found < 0; attempt++) {
+            found = find_volume(serial, device, sizeof device);
+            if (found < 0) usleep(20000);
+        }
+        if (found < 0) {
+            error_marker("volume %s: no disk with that serial or label", serial);
+            return -1;
+        }
+        make_dirs(target);
+        if (mount(device, target, fstype, MS_NOSUID | MS_NODEV, NULL) < 0) {
+            error_marker("volume %s: mount %s on %s: %s", serial, device, target, strerror(errno));
+            return -1;
+        }
+        marker("volume-mounted", "\"name\":\"%s\",\"device\":\"%s\"", serial, device);
     }
     return 0;
 }
@@ -688,6 +820,7 @@ int main(int argc, char **argv) {
             load_config(&c, config_path);
         }
         configure_network(&c);
+        if (mount_volumes(&c) < 0) power_off();
     }
     marker("booted", NULL);
 

@@ -5,13 +5,16 @@ exactly once, in ``reconciler.cli.main``, into one line on stderr and an exit co
 exceptions (GitPython, jsonschema, subprocess, psycopg, pyroute2 ...) are caught at the edge that
 calls them and re-raised as one of these with ``raise ... from exc``.
 
-Tree::
+Tree (``T``: terminal, see below)::
 
     ReconcilerError            exit 1   anything the user can fix; never shown as a traceback
     ├── ConfigError                     bad flags, settings or environment
     ├── SourceError                     git: unreachable remote, unknown ref, bad checkout
-    ├── ManifestError                   invalid documents; carries every ``Problem`` at once
+    │   ├── SignatureError         T    a commit unsigned, or not signed by a trusted key
+    │   └── NotDescendantError     T    a head that does not descend from the applied revision
+    ├── ManifestError              T    invalid documents; carries every ``Problem`` at once
     ├── PlanError                       a saved plan that is stale or unreadable
+    │   └── DeletionGuardError     T    (``planning.guard``) a plan that deletes too much
     ├── StateError                      the state store cannot be read or written
     ├── BuildError                      a build failed or a tool is missing
     │   └── ToolMissingError            names the tool and how to install it
@@ -20,11 +23,19 @@ Tree::
     ├── LeadershipError                 the lease cannot be taken, renewed or reached
     │   └── StaleTermError              a write or action carried a term that is no longer current
     ├── SupersededError                 a rollout stopped waiting: a newer revision arrived
-    └── NotImplementedFeatureError      a capability that is not built yet, said plainly
+    └── NotImplementedFeatureError T    a capability that is not built yet, said plainly
 
 Exit codes follow Terraform's ``-detailed-exitcode`` for ``diff``: 0 no changes, 2 changes,
 1 error. Every error therefore exits 1; the subclasses exist so callers can react to the kind of
 failure (the daemon keeps the last good revision on a ``ManifestError``, for instance).
+
+Terminal or transient (``ReconcilerError.terminal``, as Flux's controllers tell a stalled
+reconcile from one to requeue): a *terminal* error is a property of the input, so the same
+commit will fail the same way however often it is tried (invalid manifests, a bad signature, a
+head that is not a descendant, a plan over the deletion guards, a feature not built yet); the
+daemon parks such a revision until the head moves. A *transient* one (the default: a build that
+may succeed next time, a VMM that failed to start, an unreachable remote, a busy store) is
+retried with exponential back-off.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ class ReconcilerError(Exception):
     """Base of every expected failure. ``str(err)`` is the one line shown to the user."""
 
     exit_code: int = EXIT_ERROR
+    terminal: bool = False
+    """The same input always fails the same way: retrying it cannot help (module docstring)."""
 
     def lines(self) -> list[str]:
         """The lines printed on stderr for this error (one, unless a subclass has more)."""
@@ -54,6 +67,20 @@ class ConfigError(ReconcilerError):
 
 class SourceError(ReconcilerError):
     """The fleet repository could not be read at the requested revision."""
+
+
+class SignatureError(SourceError):
+    """A commit is unsigned, or its signature is bad or not by a trusted (unrevoked, unexpired)
+    key. Its signature will not change: terminal."""
+
+    terminal = True
+
+
+class NotDescendantError(SourceError):
+    """A head that does not descend from the applied revision (a rollback, a rewritten
+    history), or whose descent cannot be checked. Asking again gives the same answer: terminal."""
+
+    terminal = True
 
 
 @dataclass(frozen=True, order=True)
@@ -76,6 +103,8 @@ class Problem:
 
 class ManifestError(ReconcilerError):
     """A revision is invalid. All its problems are collected and reported together."""
+
+    terminal = True
 
     def __init__(self, problems: Iterable[Problem], summary: str = "") -> None:
         self.problems: Sequence[Problem] = sorted(set(problems))
@@ -132,6 +161,8 @@ class SupersededError(ReconcilerError):
 
 class NotImplementedFeatureError(ReconcilerError):
     """A capability that the project does not have yet. Raised instead of a silent no-op."""
+
+    terminal = True
 
     def __init__(self, feature: str) -> None:
         super().__init__(f"{feature} is not implemented yet in this version of reconciler")

@@ -18,10 +18,11 @@ string except NUL arrives byte for byte::
     end 0\\n\\n
 
 Keys: ``hostname``, ``ip``, ``gateway``, ``restart``, ``boot-only`` (scalars), ``env``
-(``NAME=value``) and ``arg`` (repeatable, in order); the limits are those the manifests are
-checked against (``reconciler.guest_values``). The init refuses any other key, a record cut
-short, or a missing ``end``, so a new kind of entry (secret env, files, volumes) is a new key
-that both sides learn together; the init's digest is part of every artifact's cache key.
+(``NAME=value``), ``arg`` (repeatable, in order) and ``volume`` (``<serial> <fs> <path>``,
+repeatable: a disk the init mounts before the workload starts); the limits are those the
+manifests are checked against (``reconciler.guest_values``). The init refuses any other key,
+a record cut short, or a missing ``end``, so a new kind of entry (secret env, files) is a new
+key that both sides learn together; the init's digest is part of every artifact's cache key.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from reconciler.errors import VMRuntimeError
-from reconciler.guest_values import MAX_CONFIG_BYTES, value_problems
+from reconciler.guest_values import (
+    MAX_CONFIG_BYTES,
+    VOLUME_NAME,
+    mount_path_problem,
+    value_problems,
+)
 
 HEADER = b"reconciler-vm-config 1\n"
 RESTART_POLICIES = ("always", "on-failure", "never")
@@ -41,6 +47,16 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # a DNS 
 
 class GuestConfigError(VMRuntimeError):
     """A per-VM value that the guest init cannot be given."""
+
+
+@dataclass(frozen=True)
+class GuestVolume:
+    """A disk for the init to mount: found by ``serial`` (its virtio serial, or else its ext4
+    label), whatever order the disks appear in."""
+
+    serial: str
+    mount_path: str
+    filesystem: str = "ext4"
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,7 @@ class GuestConfig:
     # per-VM file only, kept apart so that nothing logs or compares them with the settings.
     secret_env: Mapping[str, str] = field(default_factory=dict)
     boot_only: bool = False
+    volumes: tuple[GuestVolume, ...] = ()
 
 
 def _record(key: str, value: str) -> bytes:
@@ -82,6 +99,12 @@ def _check(config: GuestConfig) -> list[str]:
     overlap = sorted(set(config.env) & set(config.secret_env))
     if overlap:
         problems.append(f"env {overlap[0]} is both a plain and a secret value")
+    for volume in config.volumes:
+        if not VOLUME_NAME.fullmatch(volume.serial) or volume.filesystem != "ext4":
+            problems.append(f"volume {volume.serial!r} ({volume.filesystem}) cannot be mounted")
+        problem = mount_path_problem(volume.mount_path)
+        if problem:
+            problems.append(f"volume {volume.serial}: {problem}")
     env = {**config.env, **config.secret_env}
     for path, message in value_problems(env, config.args):
         at = ".".join(str(p) for p in path)
@@ -103,6 +126,9 @@ def encode(config: GuestConfig) -> bytes:
     for env in (config.env, config.secret_env):
         parts += [_record("env", f"{k}={v}") for k, v in sorted(env.items())]
     parts += [_record("arg", a) for a in config.args]
+    parts += [
+        _record("volume", f"{v.serial} {v.filesystem} {v.mount_path}") for v in config.volumes
+    ]
     parts.append(_record("restart", config.restart))
     if config.boot_only:
         parts.append(_record("boot-only", "1"))

@@ -157,4 +157,116 @@ def deploy_problems(deploy: Mapping[str, object]) -> list[tuple[tuple[str | int,
         problem = kernel_args_problem(kernel_args)
         if problem:
             problems.append((("kernelArgs",), problem))
+    volumes = deploy.get("volumes")
+    if isinstance(volumes, list):
+        problems += volume_problems(volumes)
+    return problems
+
+
+# ------------------------------------------------------------------------------- volumes --
+
+# A volume's name is the disk's virtio serial (at most 20 bytes) and its ext4 label (at most
+# 16), which is how the init finds it whatever order the disks appear in.
+VOLUME_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,14}[a-z0-9])?")
+MAX_VOLUMES = 8
+MIN_VOLUME_MIB = 16  # below this mkfs.ext4 leaves no room for a journal and data
+MAX_VOLUME_MIB = 1024 * 1024  # 1 TiB: sparse, but a typo should not promise a petabyte
+MOUNT_PATH = re.compile(r"(/[A-Za-z0-9._-]+)+")
+MAX_MOUNT_PATH_BYTES = 255
+# Where a volume may not be mounted: over what the init mounts itself (/dev, /proc, /sys, /tmp),
+# over what makes the guest run (the programs and libraries, /etc and the init's
+# /etc/reconciler, the workload in /app, the initramfs's /init and /newroot) or, in the process
+# runtime's sandbox, over the host's /usr, /etc and library links. Below them too.
+RESERVED_MOUNT_PATHS = (
+    "/app",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/init",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/newroot",
+    "/proc",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/tmp",
+    "/usr",
+)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + "/")
+
+
+def mount_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be where a volume is mounted in the guest, or None."""
+    if not path.startswith("/") or path == "/":
+        return "mountPath must be an absolute path below /, such as /data"
+    if len(path.encode()) > MAX_MOUNT_PATH_BYTES:
+        return f"mountPath is longer than {MAX_MOUNT_PATH_BYTES} bytes"
+    if not MOUNT_PATH.fullmatch(path):
+        return (
+            "mountPath must be /-separated names of [A-Za-z0-9._-] (no empty, trailing or "
+            "whitespace parts)"
+        )
+    if any(part in (".", "..") for part in path.split("/")):
+        return "mountPath may not contain . or .. parts"
+    for reserved in RESERVED_MOUNT_PATHS:
+        if _under(path, reserved):
+            return f"mountPath {path} would hide {reserved}, which the guest needs"
+    return None
+
+
+def volume_problems(volumes: list[object]) -> list[tuple[tuple[str | int, ...], str]]:
+    """Problems with ``deploy.volumes`` (manifest-shaped), with their JSON paths."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    if len(volumes) > MAX_VOLUMES:
+        problems.append((("volumes",), f"at most {MAX_VOLUMES} volumes per VM"))
+    names: set[str] = set()
+    paths: list[tuple[str, int]] = []
+    for index, volume in enumerate(volumes):
+        at: tuple[str | int, ...] = ("volumes", index)
+        if not isinstance(volume, Mapping):
+            continue  # the schema reports the shape
+        name = volume.get("name")
+        if isinstance(name, str):
+            if not VOLUME_NAME.fullmatch(name):
+                problems.append(
+                    (
+                        (*at, "name"),
+                        f"volume name {name!r} must be 1-16 of [a-z0-9-], "
+                        "starting and ending with a letter or digit",
+                    )
+                )
+            elif name in names:
+                problems.append(((*at, "name"), f"volume {name!r} is declared twice"))
+            names.add(name)
+        size = volume.get("sizeMiB")
+        if isinstance(size, int) and not MIN_VOLUME_MIB <= size <= MAX_VOLUME_MIB:
+            problems.append(
+                ((*at, "sizeMiB"), f"sizeMiB must be {MIN_VOLUME_MIB} to {MAX_VOLUME_MIB}")
+            )
+        if volume.get("filesystem", "ext4") != "ext4":
+            problems.append(((*at, "filesystem"), "the only filesystem is ext4"))
+        if volume.get("reclaimPolicy", "retain") not in ("retain", "delete"):
+            problems.append(((*at, "reclaimPolicy"), "reclaimPolicy is retain or delete"))
+        path = volume.get("mountPath")
+        if isinstance(path, str):
+            problem = mount_path_problem(path)
+            if problem:
+                problems.append(((*at, "mountPath"), problem))
+            else:
+                for other, other_index in paths:
+                    if _under(path, other) or _under(other, path):
+                        problems.append(
+                            (
+                                (*at, "mountPath"),
+                                f"mountPath {path} overlaps volumes[{other_index}] at {other}",
+                            )
+                        )
+                paths.append((path, index))
     return problems

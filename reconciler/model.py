@@ -28,6 +28,10 @@ from typing import Any
 API_VERSION = "reconciler/v1alpha1"
 PLAN_FORMAT_VERSION = 1
 
+# What a suspension names instead of a workload when the whole fleet is suspended (``reconciler
+# suspend`` without a workload); no workload name can be "*".
+FLEET_WIDE = "*"
+
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -68,6 +72,35 @@ class RuntimeKind(StrEnum):
     PROCESS = "process"
 
 
+class RestartPolicy(StrEnum):
+    """What the guest init does when the workload exits (``deploy.restartPolicy``)."""
+
+    ALWAYS = "always"  # services: restart it, whatever its exit code
+    ON_FAILURE = "on-failure"  # restart it after a non-zero exit; a clean exit ends the VM
+    NEVER = "never"  # batch jobs: the VM ends when the job does
+
+
+class HealthKind(StrEnum):
+    CONSOLE = "console"
+    TCP = "tcp"
+    HTTP = "http"
+
+
+class BuildStatus(StrEnum):
+    """How one artifact of a build came to be (``builders.matrix.BuildResult.status``)."""
+
+    BUILT = "built"
+    CACHED = "cached"
+    FAILED = "failed"
+
+
+class RevisionOutcome(StrEnum):
+    """What the state store records of a revision that was tried."""
+
+    APPLIED = "applied"
+    FAILED = "failed"
+
+
 # --------------------------------------------------------------------------------------------
 # Desired state
 # --------------------------------------------------------------------------------------------
@@ -81,7 +114,7 @@ class HealthCheck:
     ``port`` on the VM's address succeeds. ``http``: ``GET path`` on ``port`` answers 2xx/3xx.
     """
 
-    kind: str
+    kind: HealthKind
     port: int | None = None
     path: str | None = None
     timeout_seconds: float = 5.0
@@ -113,6 +146,22 @@ class BuildSpec:
 
 
 @dataclass(frozen=True)
+class VolumeSpec:
+    """A disk of one VM that outlives the VM's restarts and replaces (``deploy.volumes``).
+
+    Each replica has its own, created once under the state directory and mounted by the guest
+    init at ``mount_path`` before the workload starts. ``reclaim_policy``: what a prune of the
+    VM does with it, ``retain`` (kept for ``reconciler volumes rm``) or ``delete``.
+    """
+
+    name: str
+    size_mib: int
+    mount_path: str
+    filesystem: str = "ext4"
+    reclaim_policy: str = "retain"
+
+
+@dataclass(frozen=True)
 class DeploySpec:
     target: Target
     runtime: RuntimeKind
@@ -126,10 +175,10 @@ class DeploySpec:
     kernel: str | None = None
     args: tuple[str, ...] = ()
     kernel_args: str = ""
-    restart_policy: str = "always"
-    """``always`` for services; ``never`` for batch jobs, whose VM ends when the job does."""
+    restart_policy: RestartPolicy = RestartPolicy.ALWAYS
     prevent_destroy: bool = False
     """No plan may delete these VMs (``planning.guard``) until a commit clears the flag."""
+    volumes: tuple[VolumeSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -471,26 +520,85 @@ def vm_settings(workload: Workload, artifact: ArtifactRef, kernel: str | None) -
         "deploy.args": list(deploy.args),
         "deploy.restartPolicy": deploy.restart_policy,
         "deploy.ports": [[p.name, p.port, p.protocol] for p in deploy.ports],
-        "deploy.health": None
-        if deploy.health is None
-        else {
-            "kind": deploy.health.kind,
-            "port": deploy.health.port,
-            "path": deploy.health.path,
-            "timeoutSeconds": deploy.health.timeout_seconds,
-            "intervalSeconds": deploy.health.interval_seconds,
-            "startPeriodSeconds": deploy.health.start_period_seconds,
-        },
+        HEALTH_KEY: None if deploy.health is None else _health_setting(deploy.health),
         "deploy.dependsOn": sorted(deploy.depends_on),
     }
     if deploy.prevent_destroy:
         # Only when set, so that fleets without the flag see no change in their settings.
         settings["deploy.preventDestroy"] = True
+    for volume in deploy.volumes:
+        # Only when declared, like preventDestroy. The reclaim policy is a key of its own: the
+        # host alone reads it (at prune time), so changing it disturbs nothing.
+        settings[f"{VOLUME_KEY}{volume.name}"] = {
+            "sizeMiB": volume.size_mib,
+            "mountPath": volume.mount_path,
+            "filesystem": volume.filesystem,
+        }
+        settings[f"{VOLUME_RECLAIM_KEY}{volume.name}"] = volume.reclaim_policy
     for key, value in deploy.env.items():
         settings[f"deploy.env.{key}"] = value
     for key, value in workload.labels.items():
         settings[f"metadata.labels.{key}"] = value
     return {key: canonical_json(value) for key, value in settings.items()}
+
+
+HEALTH_KEY = "deploy.health"
+
+
+def _health_setting(check: HealthCheck) -> dict[str, Any]:
+    return {
+        "kind": check.kind,
+        "port": check.port,
+        "path": check.path,
+        "timeoutSeconds": check.timeout_seconds,
+        "intervalSeconds": check.interval_seconds,
+        "startPeriodSeconds": check.start_period_seconds,
+    }
+
+
+def health_check_of(settings: Mapping[str, str]) -> HealthCheck | None:
+    """The health check a VM's flat settings declare (inverse of ``vm_settings``): the host
+    probes the same ``HealthCheck`` the manifest compiled to, not a loose mapping."""
+    raw = settings.get(HEALTH_KEY)
+    value = json.loads(raw) if raw else None
+    if not isinstance(value, dict):
+        return None
+    port, path = value.get("port"), value.get("path")
+    return HealthCheck(
+        kind=HealthKind(value.get("kind") or HealthKind.CONSOLE),
+        port=int(port) if port is not None else None,
+        path=str(path) if path is not None else None,
+        timeout_seconds=float(value.get("timeoutSeconds", HealthCheck.timeout_seconds)),
+        interval_seconds=float(value.get("intervalSeconds", HealthCheck.interval_seconds)),
+        start_period_seconds=float(
+            value.get("startPeriodSeconds", HealthCheck.start_period_seconds)
+        ),
+    )
+
+
+VOLUME_KEY = "deploy.volumes."
+VOLUME_RECLAIM_KEY = "deploy.volumeReclaim."
+
+
+def volumes_of(settings: Mapping[str, str]) -> tuple[VolumeSpec, ...]:
+    """The volumes a VM's flat settings declare, by name (inverse of ``vm_settings``)."""
+    volumes = []
+    for key, raw in sorted(settings.items()):
+        if not key.startswith(VOLUME_KEY):
+            continue
+        name = key.removeprefix(VOLUME_KEY)
+        value = json.loads(raw)
+        reclaim = settings.get(f"{VOLUME_RECLAIM_KEY}{name}")
+        volumes.append(
+            VolumeSpec(
+                name=name,
+                size_mib=int(value["sizeMiB"]),
+                mount_path=str(value["mountPath"]),
+                filesystem=str(value.get("filesystem", "ext4")),
+                reclaim_policy=str(json.loads(reclaim)) if reclaim else "retain",
+            )
+        )
+    return tuple(volumes)
 
 
 def vm_name(workload: str, ordinal: int) -> str:

@@ -12,10 +12,17 @@ MARKER = "@@reconciler "
 
 
 def read_markers(console_log: Path) -> list[dict[str, Any]]:
-    """Every well-formed marker of the log, in order; a missing log has none."""
-    try:
-        text = console_log.read_text(errors="replace")
-    except FileNotFoundError:
+    """Every well-formed marker of the log, in order; a missing log has none. The markers of
+    bytes rotated out of the log (``<log>.markers``, see ``console_log.py``) come first."""
+    text = ""
+    for part in (console_log.with_name(f"{console_log.name}.markers"), console_log):
+        try:
+            text += part.read_text(errors="replace")
+        except FileNotFoundError:
+            continue
+        if text and not text.endswith("\n"):
+            text += "\n"
+    if not text:
         return []
     markers: list[dict[str, Any]] = []
     for line in text.splitlines():

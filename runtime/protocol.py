@@ -29,6 +29,16 @@ class NetworkAttachment:
 
 
 @dataclass(frozen=True)
+class VolumeAttachment:
+    """One volume of a VM, prepared by the executor (``runtime.volumes``) before start."""
+
+    name: str  # also the disk's virtio serial and ext4 label
+    path: Path  # the ext4 image (VM runtimes) or the directory (process runtime)
+    mount_path: str  # where the guest, or the process sandbox, sees it
+    directory: bool = False
+
+
+@dataclass(frozen=True)
 class VMSpec:
     """Everything a runtime needs to start one VM; built by the executor, never by a runtime."""
 
@@ -46,6 +56,7 @@ class VMSpec:
     kernel_cmdline: str = ""  # what the kernel needs; never per-VM data (see ``guest``)
     guest: GuestConfig = field(default_factory=GuestConfig)  # the init's per-VM configuration
     network: NetworkAttachment | None = None
+    volumes: tuple[VolumeAttachment, ...] = ()  # extra disks (or bind mounts), in order
 
 
 @dataclass(frozen=True)

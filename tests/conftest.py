@@ -1,63 +1,23 @@
-"""Shared fixtures: scratch fleet repositories built with the real git CLI."""
+"""Shared fixtures over the test kit (``support``): scratch fleet repositories built with the
+real git CLI, Debian's kernel, a built unikernel, and PostgreSQL databases."""
 
 from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-PROJECT = Path(__file__).resolve().parents[1]
-FLEET_EXAMPLE = PROJECT / "fleet-example"
-
-
-class FleetRepo:
-    """A git repository in a temporary directory, with helpers to edit and commit."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.git("init", "-q", "-b", "main")
-        self.git("config", "user.email", "operator@example.invalid")
-        self.git("config", "user.name", "Operator")
-        self.git("config", "commit.gpgsign", "false")
-
-    def git(self, *args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(self.path), *args], check=True, capture_output=True, text=True
-        ).stdout.strip()
-
-    def write(self, relative: str, text: str) -> Path:
-        path = self.path / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return path
-
-    def read(self, relative: str) -> str:
-        return (self.path / relative).read_text()
-
-    def edit(self, relative: str, old: str, new: str) -> None:
-        text = self.read(relative)
-        assert old in text, f"{old!r} not in {relative}"
-        self.write(relative, text.replace(old, new, 1))
-
-    def commit(self, message: str) -> str:
-        self.git("add", "-A")
-        self.git("commit", "-q", "--allow-empty", "-m", message)
-        return self.git("rev-parse", "HEAD")
+from support.builds import build_artifacts
+from support.kernel import fetch_kernel_deb, register_kernel
+from support.repo import FleetRepo
 
 
 @pytest.fixture
 def fleet_repo(tmp_path: Path) -> FleetRepo:
     """A scratch repository holding a copy of fleet-example/ at its root, committed once."""
-    repo_dir = tmp_path / "fleet"
-    shutil.copytree(FLEET_EXAMPLE, repo_dir)
-    repo = FleetRepo(repo_dir)
-    repo.commit("fleet-example")
-    return repo
+    return FleetRepo.of_fleet_example(tmp_path / "fleet")
 
 
 @pytest.fixture
@@ -65,63 +25,27 @@ def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
 
 
-TEST_CACHE = Path(
-    os.environ.get("RECONCILER_TEST_CACHE", Path.home() / ".cache" / "reconciler-tests")
-)
-
-
 @pytest.fixture(scope="session")
 def kernel_deb() -> Path:
     """Debian's cloud kernel package, downloaded once into a cache shared across runs."""
-    script = PROJECT / "deploy" / "fetch-debian-kernel.sh"
-    result = subprocess.run(
-        ["bash", str(script), str(TEST_CACHE / "kernels")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, f"cannot fetch the Debian kernel: {result.stderr}"
-    return Path(result.stdout.strip().splitlines()[-1])
+    return fetch_kernel_deb()
 
 
 @pytest.fixture(scope="session")
 def session_state(tmp_path_factory: pytest.TempPathFactory, kernel_deb: Path) -> Path:
     """A state directory with the Debian kernel registered, shared by the build tests."""
-    from builders.kernels import KernelRegistry
-
-    state = tmp_path_factory.mktemp("session-state")
-    KernelRegistry(state / "kernels").import_path(kernel_deb)
-    return state
+    return register_kernel(tmp_path_factory.mktemp("session-state"), kernel_deb)
 
 
 @pytest.fixture(scope="session")
 def echo_unikernel(tmp_path_factory: pytest.TempPathFactory, session_state: Path) -> Path:
     """fleet-example's echo server built as a unikernel (the fastest image to build and boot)."""
-    from builders.cache import ArtifactCache
-    from reconciler.cli import main
-
     root = tmp_path_factory.mktemp("echo-unikernel")
-    shutil.copytree(FLEET_EXAMPLE, root / "fleet")
-    repo = FleetRepo(root / "fleet")
-    repo.commit("fleet")
-    argv = [
-        "build",
-        "--repo",
-        str(repo.path),
-        "--state-dir",
-        str(session_state),
-        "--cache-dir",
-        str(root / "cache"),
-        "--target",
-        "unikernel",
-        "echo",
-    ]
-    assert main(argv) == 0
-    return next(
-        e.path
-        for e in ArtifactCache(root / "cache").entries()
-        if e.manifest["target"] == "unikernel"
+    repo = FleetRepo.of_fleet_example(root / "fleet")
+    built = build_artifacts(
+        repo.path, session_state, root / "cache", "--target", "unikernel", "echo"
     )
+    return built["echo/unikernel"].path
 
 
 ADMIN_DSN = os.environ.get("RECONCILER_TEST_POSTGRES", "host=/var/run/postgresql dbname=postgres")

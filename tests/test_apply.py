@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FLEET_EXAMPLE, FleetRepo
+from support.repo import FLEET_EXAMPLE, FleetRepo
 
 from reconciler.cli import main
 from runtime.network import scope_for
@@ -252,9 +252,10 @@ def test_saved_plan_is_refused_once_the_fleet_moved(
     assert store_plan["head"] != repo.git("rev-parse", "HEAD")
     state = deployment["state"]
     assert isinstance(state, Path)
+    from support.fakes import fleet as make_fleet
+    from support.fakes import running, workload
+
     from reconciler.state import open_state_store
-    from reconciler.testing import fleet as make_fleet
-    from reconciler.testing import running, workload
 
     store = open_state_store(state)
     store.put_vm(running(make_fleet(workload("intruder"), name="other")).vms["intruder-0"])

@@ -1,7 +1,15 @@
 """The layer rules of the README's architecture section, checked on the import graph.
 
-Each rule names a set of modules and the imports they must not make. The check reads the source
-with ``ast`` (no import side effects) and reports every violation at once.
+The layers are an ordered list, top first, in the style of import-linter's "layers" contract: a
+module may import the layers below its own, never one above. The names on one line are
+independent siblings, which do not import each other either (the planner knows nothing of the
+state store, a runtime nothing of the builders). Every module of the project belongs to exactly
+one layer, so a new package has to be placed before it can be imported from anywhere.
+
+A few rules are not about order and are stated apart: which module may use which third-party
+edge (git, pyroute2, I/O in the pure core), what the HTTP layer sees, and what leader election
+knows. The check reads the source with ``ast`` (no import side effects) and reports every
+violation at once.
 """
 
 from __future__ import annotations
@@ -12,41 +20,48 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("reconciler", "builders", "runtime")
 
-# (modules the rule applies to, forbidden import prefixes, why)
+# Top first. A name stands for the module and everything below it; "reconciler" alone is the
+# package's own __init__ (its version), not the whole control plane.
+LAYERS: list[tuple[str, ...]] = [
+    ("reconciler.__main__",),
+    ("reconciler.cli",),  # argument parsing; the one place errors become exit codes
+    ("reconciler.daemon",),  # the continuous loop, its triggers and its HTTP view
+    ("reconciler.pipeline", "reconciler.execution"),  # revision -> plan | plan -> effects
+    (
+        "reconciler.source",  # the only git
+        "reconciler.manifests",
+        "reconciler.planning",  # pure
+        "reconciler.render",  # pure
+        "reconciler.state",
+        "builders",  # the only build tools
+        "runtime",  # the only VMMs and netlink
+    ),
+    ("reconciler.leadership",),  # leases, terms and the fence every write checks
+    ("reconciler.guest_config",),  # what the guest init reads, shared by runtimes and execution
+    (
+        "reconciler.model",  # the pure types every layer shares
+        "reconciler.guest_values",
+        "reconciler.build_flags",
+        "reconciler.redact",
+        "reconciler.formatting",  # how revisions and durations read
+        "reconciler.log_context",  # the fields of a cycle's log lines
+        "reconciler",
+    ),
+    ("reconciler.errors",),  # the one error tree
+]
+ROOT_ONLY = {"reconciler"}  # entries that stand for the package's __init__ alone
+
+# (modules the rule applies to, forbidden import prefixes, why): what the order does not say.
 RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
     (
         ("reconciler.model", "reconciler.planning", "reconciler.render"),
-        (
-            "git",
-            "subprocess",
-            "pyroute2",
-            "sqlite3",
-            "socket",
-            "os",
-            "shutil",
-            "reconciler.source",
-            "reconciler.state",
-            "reconciler.manifests",
-            "reconciler.execution",
-            "reconciler.cli",
-            "builders",
-            "runtime",
-        ),
-        "planning is pure: no I/O, and it knows only the model",
+        ("git", "subprocess", "pyroute2", "sqlite3", "socket", "os", "shutil"),
+        "planning is pure: no I/O",
     ),
     (
         ("reconciler.manifests",),
-        (
-            "git",
-            "subprocess",
-            "pyroute2",
-            "reconciler.source",
-            "reconciler.execution",
-            "reconciler.cli",
-            "builders",
-            "runtime",
-        ),
-        "manifests read a checked-out directory; only the source layer touches git",
+        ("git", "subprocess", "pyroute2"),
+        "manifests read a checked-out directory; their one child process is multiprocessing's",
     ),
     (
         ("reconciler", "builders", "runtime"),
@@ -59,11 +74,6 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
         "only runtime/ touches netlink",
     ),
     (
-        ("builders", "runtime"),
-        ("reconciler.cli", "reconciler.execution", "reconciler.daemon"),
-        "backends do not call back into the control plane",
-    ),
-    (
         (
             "reconciler.daemon.http_api",
             "reconciler.daemon.status_page",
@@ -74,6 +84,7 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
             "reconciler.source",
             "reconciler.state",
             "reconciler.execution",
+            "reconciler.pipeline",
             "reconciler.leadership",
             "builders",
             "runtime",
@@ -84,7 +95,15 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
     ),
     (
         ("reconciler.leadership",),
-        ("reconciler.execution", "reconciler.daemon", "reconciler.cli", "builders", "runtime"),
+        (
+            "reconciler.execution",
+            "reconciler.daemon",
+            "reconciler.pipeline",
+            "reconciler.state",
+            "reconciler.cli",
+            "builders",
+            "runtime",
+        ),
         "leader election knows leases and terms, nothing of what the leader does",
     ),
 ]
@@ -112,7 +131,47 @@ def _within(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def test_layer_rules_hold() -> None:
+def _place(module: str) -> tuple[int, str] | None:
+    """``(layer index, the entry of that layer)`` holding ``module``; the longest entry wins."""
+    matches = [
+        (len(entry), index, entry)
+        for index, layer in enumerate(LAYERS)
+        for entry in layer
+        if module == entry or (entry not in ROOT_ONLY and module.startswith(entry + "."))
+    ]
+    if not matches:
+        return None
+    _, index, entry = max(matches)
+    return index, entry
+
+
+def test_layers_are_an_order() -> None:
+    modules = _modules()
+    violations = []
+    for module, imported in sorted(modules.items()):
+        home = _place(module)
+        assert home is not None, f"{module} belongs to no layer: place it in LAYERS"
+        for name in sorted(imported):
+            if not _within(name, PACKAGES):
+                continue
+            there = _place(name)
+            if there is None or there[1] == home[1]:
+                continue  # an unknown name fails above when it is a module; inside one entry
+            if there[0] < home[0]:
+                violations.append(f"{module} imports {name}, a layer above it ({there[1]})")
+            elif there[0] == home[0]:
+                violations.append(f"{module} imports {name}: independent siblings ({there[1]})")
+    assert violations == [], "\n".join(violations)
+
+
+def test_every_layer_names_a_module() -> None:
+    modules = _modules()
+    for layer in LAYERS:
+        for entry in layer:
+            assert any(m == entry or m.startswith(entry + ".") for m in modules), entry
+
+
+def test_rules_beyond_the_order_hold() -> None:
     violations = []
     for module, imported in sorted(_modules().items()):
         for scope, forbidden, why in RULES:
@@ -127,10 +186,13 @@ def test_layer_rules_hold() -> None:
                 if _within(name, (module,)):
                     continue
                 violations.append(f"{module} imports {name}: {why}")
-    assert violations == []
+    assert violations == [], "\n".join(violations)
 
 
 def test_rules_see_the_packages() -> None:
     modules = _modules()
     assert "reconciler.planning.diff" in modules
     assert "reconciler.model" in modules
+    assert _place("reconciler.planning.diff") == (4, "reconciler.planning")
+    assert _place("reconciler") == (7, "reconciler")
+    assert _place("reconciler.daemon.loop") == (2, "reconciler.daemon")

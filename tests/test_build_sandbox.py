@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import FLEET_EXAMPLE, FleetRepo
+from support.repo import FLEET_EXAMPLE, FleetRepo
 
 from builders.executable import build_executable, is_static_elf
 from builders.matrix import _toolchain
@@ -393,6 +393,7 @@ sys.exit("the probe ends the build here")
 """
 
 
+@pytest.mark.slow
 def test_python_build_hooks_see_no_secrets_no_environment_and_no_network(
     tmp_path: Path, secrets_dir: Path
 ) -> None:
@@ -430,6 +431,7 @@ def test_python_build_hooks_see_no_secrets_no_environment_and_no_network(
     assert "RECONCILER_BUILD_NETWORK=1" in str(caught.value)  # the way to allow the network
 
 
+@pytest.mark.slow
 def test_requirements_that_need_an_index_fail_offline_saying_how_to_allow_it(
     tmp_path: Path, secrets_dir: Path
 ) -> None:
@@ -467,6 +469,7 @@ def _wheel(path: Path, name: str, module: str) -> None:
             wheel.writestr(inside, text)
 
 
+@pytest.mark.slow
 def test_vendored_requirements_install_offline_in_the_isolated_environment(
     tmp_path: Path,
 ) -> None:

@@ -12,8 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import FLEET_EXAMPLE, FleetRepo
-from qemu_boot import boot
+from support.qemu import boot
+from support.repo import FLEET_EXAMPLE, FleetRepo
 
 from builders.cache import ArtifactCache
 from builders.cpio import char_device, directory, file_entry, write_initramfs
@@ -23,6 +23,9 @@ from builders.toolchain import require
 from reconciler.cli import main
 from reconciler.errors import BuildError, ToolMissingError
 from reconciler.guest_config import GuestConfig
+
+# Real builds (PyInstaller, mkfs, QEMU) or a real browser: not part of the fast suite.
+pytestmark = pytest.mark.slow
 
 
 def build(
@@ -256,8 +259,9 @@ def test_every_cache_entry_keeps_its_log_and_gc_keeps_what_runs(
     # One VM in the state store runs the echo unikernel: gc keeps that artifact only.
     from dataclasses import replace
 
+    from support.fakes import fleet, running, workload
+
     from reconciler.state import open_state_store
-    from reconciler.testing import fleet, running, workload
 
     keep = next(
         e

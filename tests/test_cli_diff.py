@@ -1,5 +1,5 @@
 """``reconciler validate``, ``diff`` and ``plan`` as a user runs them, on a scratch repository
-holding a copy of fleet-example (the issue's "must show" list)."""
+holding a copy of fleet-example: what a reviewer sees in a pull request, with its exit codes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FleetRepo
+from support.repo import FleetRepo
 
 from reconciler.cli import main
 
@@ -19,6 +19,13 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def diff(
+    capsys: pytest.CaptureFixture[str], repo: Path, state_dir: Path, *argv: str
+) -> tuple[int, str, str]:
+    """``reconciler diff --repo REPO --state-dir STATE_DIR ARGV...``."""
+    return run(capsys, "diff", "--repo", str(repo), "--state-dir", str(state_dir), *argv)
 
 
 @pytest.fixture
@@ -77,18 +84,7 @@ def test_same_revision_has_no_changes(
     ab: tuple[FleetRepo, str, str], state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     repo, a, _ = ab
-    code, out, _ = run(
-        capsys,
-        "diff",
-        "--repo",
-        str(repo.path),
-        "--state-dir",
-        str(state_dir),
-        "--base",
-        a,
-        "--head",
-        a,
-    )
+    code, out, _ = diff(capsys, repo.path, state_dir, "--base", a, "--head", a)
     assert code == 0
     assert "No changes." in out
 
@@ -100,34 +96,14 @@ def test_moving_a_document_to_another_file_changes_nothing(
     (repo.path / "moved").mkdir()
     (repo.path / "workloads" / "web.yaml").rename(repo.path / "moved" / "frontend.yaml")
     c = repo.commit("C: move web to another file")
-    code, out, _ = run(
-        capsys,
-        "diff",
-        "--repo",
-        str(repo.path),
-        "--state-dir",
-        str(state_dir),
-        "--base",
-        b,
-        "--head",
-        c,
-    )
+    code, out, _ = diff(capsys, repo.path, state_dir, "--base", b, "--head", c)
     assert code == 0, out
 
 
 def test_diff_against_an_empty_live_fleet_creates_everything(
     fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, _ = run(
-        capsys,
-        "diff",
-        "--repo",
-        str(fleet_repo.path),
-        "--state-dir",
-        str(state_dir),
-        "--format",
-        "json",
-    )
+    code, out, _ = diff(capsys, fleet_repo.path, state_dir, "--format", "json")
     assert code == 2
     data = json.loads(out)
     assert data["summary"]["create"] == 4
@@ -233,16 +209,7 @@ def test_dependency_cycle_is_refused(
 def test_unknown_revision_and_bad_flags_are_one_line_errors(
     fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run(
-        capsys,
-        "diff",
-        "--repo",
-        str(fleet_repo.path),
-        "--state-dir",
-        str(state_dir),
-        "--base",
-        "no-such-branch",
-    )
+    code, _, err = diff(capsys, fleet_repo.path, state_dir, "--base", "no-such-branch")
     assert code == 1
     assert len(err.strip().splitlines()) == 1
     assert "no-such-branch" in err
@@ -251,6 +218,7 @@ def test_unknown_revision_and_bad_flags_are_one_line_errors(
     assert err.startswith("error:")
 
 
+@pytest.mark.slow
 def test_console_script_and_module_entry_points(fleet_repo: FleetRepo, state_dir: Path) -> None:
     for argv in (
         [str(Path(sys.executable).parent / "reconciler")],
@@ -334,6 +302,7 @@ def test_prevent_destroy_is_lifted_only_by_a_commit(
         assert "sets preventDestroy: false on 'echo'" in err
 
 
+@pytest.mark.slow
 def test_template_bombs_are_refused_by_validate_one_line_each(
     fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FleetRepo
+from support.repo import FleetRepo
 
 from reconciler.daemon.cycle import ReconcileCycle
 from reconciler.execution.host import open_host_at

@@ -12,19 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FleetRepo
-from daemon_harness import (
-    ECHO,
+from support.daemons import (
     address_of,
     daemons,
-    echo,
-    eventually,
     fleet_text,
-    free_port,
     healthy_names,
     supervisor_counts,
     vms_by_name,
 )
+from support.daemons import fleet_repo as make_fleet_repo
+from support.process_fleet import echo
+from support.repo import FleetRepo
+from support.waiting import eventually, free_port
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -32,12 +31,7 @@ FAST_LEASE = ["--lease-duration", "3", "--renew-deadline", "2", "--retry-period"
 
 
 def make_repo(tmp_path: Path, workloads: dict[str, int]) -> FleetRepo:
-    (tmp_path / "fleet").mkdir()
-    repo = FleetRepo(tmp_path / "fleet")
-    repo.write("fleet.yaml", fleet_text(workloads))
-    repo.write("echo/echo.c", ECHO.read_text())
-    repo.commit("echo servers as host processes")
-    return repo
+    return make_fleet_repo(tmp_path / "fleet", workloads)
 
 
 def reconciler(*argv: str) -> subprocess.CompletedProcess[str]:

@@ -20,10 +20,10 @@ import pytest
 from reconciler.cli.main import main
 from reconciler.daemon.logs import PlainFormatter, RedactingFilter, configure_logging
 from reconciler.daemon.redaction import Redactor
-from reconciler.daemon.settings import DaemonSettings
+from reconciler.daemon.settings import ApiSettings, DaemonSettings, SourceSettings
 from reconciler.leadership.fence import Fence
 from reconciler.model import ObservedVM, RuntimeKind, Target, VMState, canonical_json
-from reconciler.state import SQLiteStateStore
+from reconciler.state import open_state_store
 
 USER_SECRET = "s3cret"
 ENV_SECRET = "TOPSECRET"
@@ -35,18 +35,16 @@ TOKEN = "api-token-for-tests"
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Any]:
-    from reconciler.daemon.loop import Daemon
+    from reconciler.daemon.loop import open_daemon
 
     settings = DaemonSettings(
-        repo=REPO,
+        source=SourceSettings(repo=REPO, watch=False),
         state_dir=tmp_path / "state",
         cache_dir=tmp_path / "cache",
-        listen="127.0.0.1:0",
-        token=TOKEN,
-        watch=False,
+        api=ApiSettings(listen="127.0.0.1:0", token=TOKEN),
     )
     (tmp_path / "state").mkdir()
-    store = SQLiteStateStore(tmp_path / "state" / "state.db")
+    store = open_state_store(tmp_path / "state")
     store.put_vm(
         ObservedVM(
             name="api-0",
@@ -63,14 +61,9 @@ def daemon(tmp_path: Path) -> Iterator[Any]:
         )
     )
     store.close()
-    running = Daemon(settings)
-    running.server.start()
-    try:
+    with open_daemon(settings) as running:
+        running.server.start()
         yield running
-    finally:
-        running.server.close()
-        running.lease.close()
-        running.host.close()
 
 
 def _get(url: str) -> bytes:
@@ -119,7 +112,7 @@ def test_no_answer_event_or_log_line_shows_a_credential_or_secret(
     assert "127.0.0.1:9/org/fleet.git" in status["daemon"]["repo"]
     events = json.loads(answers["/api/events?limit=1000"])
     assert any(e["kind"] == "revision-failed" for e in events)
-    stored = SQLiteStateStore(daemon.settings.state_dir / "state.db")
+    stored = open_state_store(daemon.settings.state_dir)
     try:
         stored_text = json.dumps([e.__dict__ for e in stored.events(1000)]) + str(
             stored.attempted_revision()
@@ -243,7 +236,7 @@ def test_configure_logging_scrubs_every_line(capsys: pytest.CaptureFixture[str])
     saved, level = list(root.handlers), root.level
     redactor = Redactor()
     try:
-        configure_logging("json", 1, redactor)
+        configure_logging("json", 1, redactor=redactor)
         redactor.remember([ENV_SECRET])  # learnt after start-up: masked from then on
         logging.getLogger("reconciler.test").warning(
             "fetch %s: %s", REPO, ENV_SECRET, extra={"remote": REPO}

@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import FleetRepo
-from daemon_harness import ECHO, daemons, eventually, fleet_text, free_port, healthy_names
+from support.daemons import daemons, fleet_repo, fleet_text, healthy_names
+from support.waiting import eventually, free_port
 from test_manifests import BOMBS
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -18,11 +18,8 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 def test_bad_revisions_are_refused_and_the_last_good_one_keeps_running(tmp_path: Path) -> None:
     ports = {"alpha": free_port()}
-    (tmp_path / "fleet").mkdir()
-    repo = FleetRepo(tmp_path / "fleet")
-    repo.write("fleet.yaml", fleet_text(ports))
-    repo.write("echo/echo.c", ECHO.read_text())
-    good = repo.commit("alpha")
+    repo = fleet_repo(tmp_path / "fleet", ports)
+    good = repo.git("rev-parse", "HEAD")
     state = tmp_path / "state"
     with daemons(repo.path, state, tmp_path, 1, ["--poll-interval", "300"]) as (daemon,):
         eventually(lambda: healthy_names(daemon.status()) == {"alpha-0"}, 120, "first converge")

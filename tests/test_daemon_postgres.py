@@ -11,18 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FleetRepo
-from daemon_harness import (
-    ECHO,
-    Daemon,
-    daemons,
-    eventually,
-    fleet_text,
-    free_port,
-    healthy_names,
-    slow_echo_source,
-    supervisor_counts,
-)
+from support.daemons import Daemon, daemons, fleet_text, healthy_names, supervisor_counts
+from support.daemons import fleet_repo as make_fleet_repo
+from support.repo import FleetRepo
+from support.waiting import eventually, free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.root, pytest.mark.slow]
 
@@ -30,13 +22,7 @@ FAST_LEASE = ["--lease-duration", "3", "--renew-deadline", "2", "--retry-period"
 
 
 def make_repo(tmp_path: Path, ports: dict[str, int]) -> FleetRepo:
-    (tmp_path / "fleet").mkdir()
-    repo = FleetRepo(tmp_path / "fleet")
-    repo.write("fleet.yaml", fleet_text(ports))
-    repo.write("echo/echo.c", ECHO.read_text())
-    repo.write("slow/echo.c", slow_echo_source())
-    repo.commit("echo servers as host processes")
-    return repo
+    return make_fleet_repo(tmp_path / "fleet", ports)
 
 
 def the_leader(group: list[Daemon]) -> Daemon:

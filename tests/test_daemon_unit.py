@@ -7,15 +7,21 @@ import threading
 from pathlib import Path
 
 import pytest
+from support.fakes import fleet, running, with_vm, workload
 
 from reconciler.daemon.backoff import Backoff
-from reconciler.daemon.settings import DaemonSettings
+from reconciler.daemon.settings import (
+    ApiSettings,
+    DaemonSettings,
+    LeaderSettings,
+    PollingSettings,
+    SourceSettings,
+)
 from reconciler.daemon.triggers import TriggerQueue
 from reconciler.errors import ConfigError
 from reconciler.leadership import LeaseSettings
 from reconciler.model import ActionType, VMState
 from reconciler.planning import diff, suspend_plan
-from reconciler.testing import fleet, running, with_vm, workload
 
 
 def test_a_suspended_workload_keeps_running_as_it_is() -> None:
@@ -67,7 +73,7 @@ def test_triggers_coalesce_into_one_cycle() -> None:
 
 def settings(**changes: object) -> DaemonSettings:
     base: dict[str, object] = {
-        "repo": ".",
+        "source": SourceSettings(repo="."),
         "state_dir": Path("state"),
         "cache_dir": Path("cache"),
     }
@@ -75,16 +81,16 @@ def settings(**changes: object) -> DaemonSettings:
 
 
 def test_daemon_settings_are_validated() -> None:
-    assert settings().validated().lease == "file"
-    settings(lease="postgresql://localhost/fleet").validated()
-    settings(lease="host=/var/run/postgresql dbname=fleet").validated()
+    assert settings().validated().lease.backend == "file"
+    settings(lease=LeaderSettings("postgresql://localhost/fleet")).validated()
+    settings(lease=LeaderSettings("host=/var/run/postgresql dbname=fleet")).validated()
     with pytest.raises(ConfigError, match="--lease must be"):
-        settings(lease="etcd").validated()
+        settings(lease=LeaderSettings("etcd")).validated()
     with pytest.raises(ConfigError, match="renew deadline"):
-        settings(lease_settings=LeaseSettings(5, 10, 2)).validated()
+        settings(lease=LeaderSettings(timing=LeaseSettings(5, 10, 2))).validated()
     with pytest.raises(ConfigError, match="--poll-interval"):
-        settings(poll_interval=0.1).validated()
+        settings(polling=PollingSettings(interval=0.1)).validated()
     with pytest.raises(ConfigError, match="--poll-jitter"):
-        settings(poll_interval=10, poll_jitter=10).validated()
+        settings(polling=PollingSettings(interval=10, jitter=10)).validated()
     with pytest.raises(ConfigError, match="--listen"):
-        settings(listen="9180").validated()
+        settings(api=ApiSettings(listen="9180")).validated()

@@ -7,17 +7,18 @@ import json
 from pathlib import Path
 
 import pytest
+from support.fakes import MemoryStateStore, fleet, workload
 
 from builders.cache import ArtifactCache
 from builders.kernels import KernelRegistry
 from builders.matrix import MatrixBuilder
 from reconciler.errors import NotImplementedFeatureError, VMRuntimeError
+from reconciler.execution.events import ignore_event
 from reconciler.execution.executor import Executor
 from reconciler.execution.health import wait_healthy
 from reconciler.execution.launch import guest_config, kernel_cmdline, launch_config
-from reconciler.model import RuntimeKind, Target
+from reconciler.model import HealthCheck, HealthKind, RuntimeKind, Target
 from reconciler.planning import diff
-from reconciler.testing import MemoryStateStore, fleet, workload
 
 
 def test_per_vm_data_goes_to_the_init_not_the_kernel_command_line() -> None:
@@ -68,7 +69,7 @@ def test_probe_failure_times_out_with_the_reason(tmp_path: Path) -> None:
     clock = iter(float(t) for t in range(0, 1000, 10))
     healthy, why = wait_healthy(
         log,
-        {"kind": "tcp", "port": 9, "timeoutSeconds": 0.2, "startPeriodSeconds": 1},
+        HealthCheck(HealthKind.TCP, port=9, timeout_seconds=0.2, start_period_seconds=1),
         "127.0.0.1",
         alive=lambda: True,
         sleep=lambda s: None,
@@ -92,7 +93,7 @@ def test_a_missing_runtime_is_refused_before_anything_changes(tmp_path: Path) ->
     builder = MatrixBuilder(
         tmp_path, ArtifactCache(tmp_path / "cache"), KernelRegistry(tmp_path / "kernels")
     )
-    executor = Executor(store, tmp_path, builder, runtimes={}, network=None, say=lambda s: None)
+    executor = Executor(store, tmp_path, builder, runtimes={}, network=None, on_event=ignore_event)
     with pytest.raises(NotImplementedFeatureError, match="the process runtime"):
         executor.apply(plan, desired)
     assert store.observed().vms == {}

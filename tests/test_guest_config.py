@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FleetRepo
+from support.repo import FleetRepo
 
 from reconciler.cli import main
 from reconciler.guest_config import GuestConfig, GuestConfigError, encode

@@ -44,11 +44,11 @@ def markers(output: str) -> list[dict[str, object]]:
 
 
 def run_init(
-    init: Path, tmp_path: Path, config: str, vm_config: bytes | None = None
+    init: Path, tmp_path: Path, config: str, vm_config: bytes | None = None, *flags: str
 ) -> subprocess.CompletedProcess[str]:
     conf = tmp_path / "init.conf"
     conf.write_text(config)
-    argv = [str(init), "--config", str(conf)]
+    argv = [str(init), "--config", str(conf), *flags]
     if vm_config is not None:
         (tmp_path / "vm.conf").write_bytes(vm_config)
         argv += ["--vm-config", str(tmp_path / "vm.conf")]
@@ -179,15 +179,8 @@ def test_a_malformed_vm_configuration_stops_before_the_workload(
 def test_a_missing_vm_configuration_named_on_the_command_line_is_an_error(
     init_binary: Path, tmp_path: Path
 ) -> None:
-    conf = tmp_path / "init.conf"
-    conf.write_text("exec=/bin/true\n")
-    result = subprocess.run(
-        [str(init_binary), "--config", str(conf), "--vm-config", str(tmp_path / "nope")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    nope = str(tmp_path / "nope")
+    result = run_init(init_binary, tmp_path, "exec=/bin/true\n", None, "--vm-config", nope)
     assert result.returncode == 127
     assert "cannot read the VM configuration" in result.stdout
 
@@ -195,15 +188,9 @@ def test_a_missing_vm_configuration_named_on_the_command_line_is_an_error(
 def test_the_command_line_is_no_configuration_channel(init_binary: Path, tmp_path: Path) -> None:
     # The old --cmdline flag (and rc.* tokens) are gone: an unknown flag changes nothing.
     (tmp_path / "cmdline").write_text("rc.exec=/bin/false rc.env=A=cmd\n")
-    conf = tmp_path / "init.conf"
-    conf.write_text('exec=/bin/sh\narg=-c\narg=echo "A=$A"\n')
-    result = subprocess.run(
-        [str(init_binary), "--config", str(conf), "--cmdline", str(tmp_path / "cmdline")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    config = 'exec=/bin/sh\narg=-c\narg=echo "A=$A"\n'
+    cmdline = str(tmp_path / "cmdline")
+    result = run_init(init_binary, tmp_path, config, None, "--cmdline", cmdline)
     assert result.returncode == 0
     assert "A=\n" in result.stdout
 

@@ -9,9 +9,16 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import FleetRepo
-from daemon_harness import ECHO, free_port
-from process_fleet import network_yaml, new_pool, remove_deployment
+from support.process_fleet import (
+    echo_repo,
+    echo_workload,
+    fleet_document,
+    network_yaml,
+    new_pool,
+    remove_deployment,
+)
+from support.repo import FleetRepo
+from support.waiting import free_port
 
 from reconciler.cli import main
 from reconciler.guest_values import (
@@ -96,37 +103,18 @@ def test_deploy_problems_name_their_json_paths() -> None:
     assert [path for path, _ in problems] == [("env", "A"), ("args", 0), ("kernelArgs",)]
 
 
-FLEET = """apiVersion: reconciler/v1alpha1
-kind: Fleet
-metadata: {{name: hosts}}
-{network}
----
-apiVersion: reconciler/v1alpha1
-kind: Workload
-metadata: {{name: echo}}
-spec:
-  source: {{path: echo, language: c, entrypoint: echo.c}}
-  build: {{targets: [executable]}}
-  deploy:
-    runtime: process
-    replicas: 1
-    env: {{ECHO_PORT: "{port}"{extra_env}}}
-    health: {{type: console, startPeriodSeconds: 20}}
-{extra_deploy}"""
+def _fleet(port: int, extra_env: str = "", extra_deploy: str = "", network: str = "") -> str:
+    health = "{type: console, startPeriodSeconds: 20}"
+    workload = echo_workload(
+        "echo", port, extra_env=extra_env, health=health, extra_deploy=extra_deploy
+    )
+    return fleet_document("hosts", network) + workload
 
 
 def _repo(
     tmp_path: Path, port: int, extra_env: str = "", extra_deploy: str = "", network: str = ""
 ) -> FleetRepo:
-    (tmp_path / "fleet").mkdir(exist_ok=True)
-    repo = FleetRepo(tmp_path / "fleet")
-    repo.write(
-        "fleet.yaml",
-        FLEET.format(port=port, extra_env=extra_env, extra_deploy=extra_deploy, network=network),
-    )
-    repo.write("echo/echo.c", ECHO.read_text())
-    repo.commit("echo")
-    return repo
+    return echo_repo(tmp_path / "fleet", _fleet(port, extra_env, extra_deploy, network))
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -175,12 +163,7 @@ def test_a_nul_in_env_is_refused_before_anything_stops(
         before = json.loads(out)["vms"][0]
         repo.write(
             "fleet.yaml",
-            FLEET.format(
-                port=port,
-                extra_env=', GREETING: "hi\\0there"',
-                extra_deploy="",
-                network=network_yaml(bridge, cidr),
-            ),
+            _fleet(port, ', GREETING: "hi\\0there"', network=network_yaml(bridge, cidr)),
         )
         repo.commit("a NUL in env")
         code, out = _cli(capsys, "apply", *common)

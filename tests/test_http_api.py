@@ -862,14 +862,18 @@ def test_host_allowed_parses_every_form() -> None:
 
 
 def test_allowed_host_option_is_validated(tmp_path: Path) -> None:
-    from reconciler.daemon.settings import DaemonSettings
+    from reconciler.daemon.settings import ApiSettings, DaemonSettings, SourceSettings
     from reconciler.errors import ConfigError
 
-    base = {"repo": ".", "state_dir": tmp_path, "cache_dir": tmp_path}
-    DaemonSettings(**base, allowed_hosts=("fleet.example.org",)).validated()  # type: ignore[arg-type]
+    source = SourceSettings(repo=".")
+    DaemonSettings(
+        source, tmp_path, tmp_path, api=ApiSettings(allowed_hosts=("fleet.example.org",))
+    ).validated()
     for bad in ("evil.example:80", "a b", "", "http://x"):
         with pytest.raises(ConfigError, match="--allowed-host"):
-            DaemonSettings(**base, allowed_hosts=(bad,)).validated()  # type: ignore[arg-type]
+            DaemonSettings(
+                source, tmp_path, tmp_path, api=ApiSettings(allowed_hosts=(bad,))
+            ).validated()
 
 
 # -- hardening: what unauthenticated readers see --------------------------------------------------
@@ -945,15 +949,19 @@ def test_expect_100_continue_is_answered_before_the_body(client: Client, view: F
 
 
 def test_settings_keep_secrets_out_of_repr(tmp_path: Path) -> None:
-    from reconciler.daemon.settings import DaemonSettings
+    from reconciler.daemon.settings import (
+        ApiSettings,
+        DaemonSettings,
+        LeaderSettings,
+        SourceSettings,
+    )
 
     settings = DaemonSettings(
-        repo=".",
+        source=SourceSettings(repo="."),
         state_dir=tmp_path,
         cache_dir=tmp_path,
-        lease="postgresql://admin:hunter2@db/leases",
-        token="TOPSECRET-TOKEN",
-        webhook_secret=b"TOPSECRET-HOOK",
+        api=ApiSettings(token="TOPSECRET-TOKEN", webhook_secret=b"TOPSECRET-HOOK"),
+        lease=LeaderSettings("postgresql://admin:hunter2@db/leases"),
     )
     assert "hunter2" not in repr(settings)
     assert "TOPSECRET" not in repr(settings)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.fakes import MemoryStateStore, fleet, running, workload
 
 from reconciler.errors import ConfigError, LeadershipError, StaleTermError
 from reconciler.leadership import LeaseHolder, LeaseSettings
@@ -17,8 +18,7 @@ from reconciler.leadership.elector import Elector
 from reconciler.leadership.fence import Fence
 from reconciler.leadership.file_lease import FileLease
 from reconciler.model import ObservedVM
-from reconciler.state import SQLiteStateStore
-from reconciler.testing import MemoryStateStore, fleet, running, workload
+from reconciler.state import open_state_store
 
 VMS = running(fleet(workload("web", replicas=2))).vms
 
@@ -167,8 +167,8 @@ def test_graceful_resign_lets_a_follower_take_over_at_once() -> None:
 
 
 def test_the_store_refuses_writes_of_a_stale_term(tmp_path: Path) -> None:
-    old_leader = SQLiteStateStore(tmp_path / "state.db")
-    new_leader = SQLiteStateStore(tmp_path / "state.db")
+    old_leader = open_state_store(tmp_path)
+    new_leader = open_state_store(tmp_path)
     old_fence, new_fence = Fence(1, renew_deadline=10), Fence(2, renew_deadline=10)
     old_leader.claim_term(old_fence)
     old_leader.put_vm(vm("web-0"))

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
+from support.waiting import free_port
 
 from reconciler.errors import ConfigError, LeadershipError
 from reconciler.leadership import Lease, LeaseSettings
@@ -29,6 +30,23 @@ LONG = LeaseSettings(duration=60.0, renew_deadline=40.0, retry=0.2)  # only a re
 PASSWORD = "s3cret-Pa55word"
 
 MakeLease = Callable[..., PostgresLease]
+
+
+def seconds_asleep(follower: Lease, timeout: float, wake: Callable[[], object]) -> float:
+    """How long ``follower.wait_for_change(timeout)`` slept when ``wake`` ran as it began."""
+    waited: list[float] = []
+
+    def wait() -> None:
+        started = time.monotonic()
+        follower.wait_for_change(timeout)
+        waited.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    wake()
+    thread.join(timeout + 30)
+    assert waited, "wait_for_change did not return"
+    return waited[0]
 
 
 @pytest.fixture
@@ -180,19 +198,8 @@ def test_release_wakes_the_follower_which_takes_over_at_once(make_lease: MakeLea
     assert b.try_acquire() is None
 
     timeout = 60.0
-    waited: list[float] = []
-
-    def follower() -> None:
-        started = time.monotonic()
-        b.wait_for_change(timeout)
-        waited.append(time.monotonic() - started)
-
-    thread = threading.Thread(target=follower)
-    thread.start()
-    a.release(term)
-    thread.join(timeout + 10)
-    assert waited, "wait_for_change did not return"
-    assert waited[0] < timeout / 2, f"the follower slept {waited[0]:.1f} s through the NOTIFY"
+    slept = seconds_asleep(b, timeout, lambda: a.release(term))
+    assert slept < timeout / 2, f"the follower slept {slept:.1f} s through the NOTIFY"
     # The lease lasts a minute, so only the release can have freed it.
     assert b.try_acquire() == term + 1
 
@@ -221,20 +228,9 @@ def test_a_notify_about_another_lease_does_not_wake_the_follower(make_lease: Mak
     eu_b.wait_for_change(1.0)  # starts the listener; "eu" is held, so this runs to its timeout
 
     timeout = 2.0
-    waited: list[float] = []
-
-    def follower() -> None:
-        started = time.monotonic()
-        eu_b.wait_for_change(timeout)
-        waited.append(time.monotonic() - started)
-
-    thread = threading.Thread(target=follower)
-    thread.start()
-    us_a.release(us_term)
-    thread.join(timeout + 30)
+    slept = seconds_asleep(eu_b, timeout, lambda: us_a.release(us_term))
     # Only a lower bound, which a slow machine cannot break: the "us" release did not wake it.
-    assert waited
-    assert waited[0] >= timeout * 0.9
+    assert slept >= timeout * 0.9
     assert eu_b.try_acquire() is None
 
 
@@ -309,27 +305,8 @@ def test_a_lost_connection_is_reopened_on_the_next_call(
     assert b.try_acquire() is None
 
     # The follower's listener reconnects too, and is woken by the next release.
-    waited: list[float] = []
-
-    def follower() -> None:
-        started = time.monotonic()
-        b.wait_for_change(60)
-        waited.append(time.monotonic() - started)
-
-    thread = threading.Thread(target=follower)
-    thread.start()
-    a.release(term)
-    thread.join(70)
-    assert waited
-    assert waited[0] < 30
+    assert seconds_asleep(b, 60, lambda: a.release(term)) < 30
     assert b.try_acquire() == term + 1
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.mark.parametrize(
@@ -370,6 +347,7 @@ def test_an_unreachable_database_is_one_line_without_the_password(
         lease.close()
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_does_not_hold_up_a_follower() -> None:
     # A socket that accepts connections (the kernel completes the handshake) but never says a
     # word, like a database host that hangs: only timeouts get anybody out.

@@ -279,6 +279,7 @@ BOMBS = {
 }
 
 
+@pytest.mark.slow
 def test_template_bombs_are_one_line_each_and_the_rest_still_renders(tiny: Path) -> None:
     for name, text in BOMBS.items():
         (tiny / name).write_text(text)

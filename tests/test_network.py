@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.qemu import artifact_spec
 
 from reconciler.errors import NetworkError
 from reconciler.guest_config import GuestConfig
-from reconciler.model import NetworkPool, RuntimeKind, VMState
+from reconciler.model import NetworkPool, VMState
 from runtime.network import AddressAllocator, Links, Network, tap_name
 from runtime.network.firewall import firewall_rules, load_rules
-from runtime.protocol import VMSpec
 from runtime.qemu.driver import QemuRuntime
 
 
@@ -99,21 +99,9 @@ def test_vm_answers_on_its_own_address_over_its_tap(
     )
     attachment = network.attach("echo-0", "echo")
     address = attachment.address.split("/")[0]
-    spec = VMSpec(
-        name="echo-0",
-        workload="echo",
-        fleet="example",
-        runtime=RuntimeKind.QEMU,
-        vcpus=1,
-        memory_mib=128,
-        vm_dir=tmp_path / "echo-0",
-        kernel=echo_unikernel / "kernel",
-        initrd=echo_unikernel / "initramfs.cpio.gz",
-        network=attachment,
-        kernel_cmdline=(echo_unikernel / "cmdline").read_text().strip(),
-        guest=GuestConfig(
-            hostname="echo-0", address=attachment.address, gateway=attachment.gateway
-        ),
+    guest = GuestConfig(hostname="echo-0", address=attachment.address, gateway=attachment.gateway)
+    spec = artifact_spec(
+        echo_unikernel, tmp_path / "echo-0", "echo-0", network=attachment, guest=guest
     )
     runtime = QemuRuntime(state_dir=tmp_path, accel="tcg", netns=netns)
     assert runtime.start(spec).state is VMState.RUNNING

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from support.fakes import fleet, running, with_vm, workload
 
 from reconciler.errors import PlanError
 from reconciler.model import (
@@ -16,7 +17,6 @@ from reconciler.model import (
     VMState,
 )
 from reconciler.planning import diff, observed_from_desired
-from reconciler.testing import fleet, running, with_vm, workload
 
 WEB = workload("web", replicas=2, env={"GREETING": "hello"})
 DB = workload("db", replicas=1)

@@ -7,38 +7,29 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import FLEET_EXAMPLE, FleetRepo
-from daemon_harness import ECHO, echo, free_port
-from process_fleet import link_names, netns_names, network_yaml, new_pool, remove_deployment
+from support.process_fleet import (
+    echo,
+    echo_repo,
+    echo_workload,
+    fleet_document,
+    link_names,
+    netns_names,
+    network_yaml,
+    new_pool,
+    remove_deployment,
+)
+from support.repo import FleetRepo
+from support.waiting import free_port
 
 from reconciler.cli import main
 from reconciler.model import NetworkPool
 from runtime.network import Network, scope_for
-
-FLEET = """apiVersion: reconciler/v1alpha1
-kind: Fleet
-metadata: {{name: hosts}}
-{network}
----
-apiVersion: reconciler/v1alpha1
-kind: Workload
-metadata: {{name: echo}}
-spec:
-  source: {{path: echo, language: c, entrypoint: echo.c}}
-  build: {{targets: [executable]}}
-  deploy:
-    runtime: process
-    replicas: 1
-    env: {{ECHO_PORT: "{port}"}}
-    health: {{type: tcp, port: {port}, startPeriodSeconds: 20}}
-"""
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -59,12 +50,8 @@ def test_process_workload_is_deployed_healed_and_removed(
 ) -> None:
     port = free_port()
     bridge, cidr = new_pool()
-    fleet = FLEET.format(port=port, network=network_yaml(bridge, cidr))
-    (tmp_path / "fleet").mkdir()
-    repo = FleetRepo(tmp_path / "fleet")
-    repo.write("fleet.yaml", fleet)
-    repo.write("echo/echo.c", ECHO.read_text())
-    repo.commit("echo as a host process")
+    fleet = fleet_document("hosts", network_yaml(bridge, cidr)) + echo_workload("echo", port)
+    repo = echo_repo(tmp_path / "fleet", fleet)
     state = tmp_path / "state"
     common = ["--repo", str(repo.path), "--state-dir", str(state)]
     scope = scope_for(str(state.resolve()))
@@ -122,8 +109,7 @@ def test_two_replicas_of_web_serve_on_their_own_addresses(
     replicas as host processes: on the host's network they would collide on the port; each in
     its own namespace, both are healthy, each on its own address."""
     bridge, cidr = new_pool()
-    shutil.copytree(FLEET_EXAMPLE, tmp_path / "fleet")
-    repo = FleetRepo(tmp_path / "fleet")
+    repo = FleetRepo.of_fleet_example(tmp_path / "fleet")
     repo.edit("fleet.yaml", "bridge: rcbr0", f"bridge: {bridge}")
     repo.edit("fleet.yaml", "cidr: 10.88.0.0/24", f"cidr: {cidr}")
     repo.edit("workloads/web.yaml", "target: microvm", "target: executable\n    runtime: process")

@@ -14,9 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FleetRepo
-from daemon_harness import ECHO
-from process_fleet import link_names, netns_names, network_yaml, new_pool, remove_deployment
+from support.process_fleet import (
+    ECHO,
+    echo_workload,
+    fleet_document,
+    link_names,
+    netns_names,
+    network_yaml,
+    new_pool,
+    remove_deployment,
+)
+from support.repo import FleetRepo
 
 from reconciler.cli import main
 from reconciler.errors import ToolMissingError
@@ -194,24 +202,6 @@ int main(int argc, char **argv) {
 }
 """
 
-FLEET = """apiVersion: reconciler/v1alpha1
-kind: Fleet
-metadata: {{name: sandboxed}}
-{network}
-"""
-
-ECHO_SERVER = """---
-apiVersion: reconciler/v1alpha1
-kind: Workload
-metadata: {name: echo}
-spec:
-  source: {path: echo, language: c, entrypoint: echo.c}
-  build: {targets: [executable]}
-  deploy:
-    runtime: process
-    env: {ECHO_PORT: "7007"}
-    health: {type: tcp, port: 7007, startPeriodSeconds: 30}
-"""
 
 PROBE = """---
 apiVersion: reconciler/v1alpha1
@@ -297,7 +287,7 @@ def test_a_workload_is_confined_to_its_sandbox(
     ]
     (tmp_path / "fleet").mkdir()
     repo = FleetRepo(tmp_path / "fleet")
-    head = FLEET.format(network=network_yaml(bridge, cidr)) + ECHO_SERVER
+    head = fleet_document("sandboxed", network_yaml(bridge, cidr)) + echo_workload("echo", 7007)
     probe = PROBE.format(name="probe", depends_on="[]", args=json.dumps(args))
     friend = PROBE.format(name="friend", depends_on="[echo]", args=json.dumps(args))
     repo.write("fleet.yaml", head + probe + friend)

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from support.qemu import artifact_spec
 from test_guest_config import HOSTILE, HOSTILE_ARGS
 
 from reconciler.cli import main
@@ -70,18 +71,7 @@ def test_argv_matches_golden(case: str, extra: dict[str, object]) -> None:
 
 @pytest.mark.qemu
 def test_vm_is_detached_adopted_and_stopped(echo_unikernel: Path, tmp_path: Path) -> None:
-    spec = VMSpec(
-        name="echo-0",
-        workload="echo",
-        fleet="example",
-        runtime=RuntimeKind.QEMU,
-        vcpus=1,
-        memory_mib=128,
-        vm_dir=tmp_path / "echo-0",
-        kernel=echo_unikernel / "kernel",
-        initrd=echo_unikernel / "initramfs.cpio.gz",
-        kernel_cmdline=(echo_unikernel / "cmdline").read_text().strip(),
-    )
+    spec = artifact_spec(echo_unikernel, tmp_path / "echo-0", "echo-0")
     runtime = QemuRuntime(state_dir=tmp_path, accel="tcg")
     started = runtime.start(spec)
     try:
@@ -113,6 +103,7 @@ def test_vm_is_detached_adopted_and_stopped(echo_unikernel: Path, tmp_path: Path
     assert not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z"
 
 
+@pytest.mark.slow
 def test_check_reports_every_prerequisite_and_probes_kvm(
     session_state: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -169,7 +160,7 @@ spec:
 @pytest.fixture(scope="module")
 def envdump_unikernel(tmp_path_factory: pytest.TempPathFactory, session_state: Path) -> Path:
     """A unikernel whose workload prints its T_* environment, args and /proc/cmdline as hex."""
-    from conftest import FleetRepo
+    from support.repo import FleetRepo
 
     from builders.cache import ArtifactCache
 
@@ -192,19 +183,8 @@ def test_hostile_values_reach_a_confined_vm_byte_for_byte(
     import time
 
     artifact = envdump_unikernel
-    spec = VMSpec(
-        name="envdump-0",
-        workload="envdump",
-        fleet="example",
-        runtime=RuntimeKind.QEMU,
-        vcpus=1,
-        memory_mib=128,
-        vm_dir=tmp_path / "envdump-0",
-        kernel=artifact / "kernel",
-        initrd=artifact / "initramfs.cpio.gz",
-        kernel_cmdline=(artifact / "cmdline").read_text().strip(),
-        guest=GuestConfig(hostname="envdump-0", env=HOSTILE, args=HOSTILE_ARGS),
-    )
+    guest = GuestConfig(hostname="envdump-0", env=HOSTILE, args=HOSTILE_ARGS)
+    spec = artifact_spec(artifact, tmp_path / "envdump-0", "envdump-0", guest=guest)
     runtime = QemuRuntime(state_dir=tmp_path, accel="tcg")
     started = runtime.start(spec)
     log = spec.vm_dir / "console.log"

@@ -10,14 +10,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import FleetRepo
+from support.fakes import MemoryStateStore, fleet, workload
+from support.repo import FleetRepo
 
 from reconciler.cli import main
 from reconciler.execution.observer import observe, record_observation
 from reconciler.model import ObservedVM, RuntimeKind, Target, VMState
 from reconciler.planning import observed_from_desired
 from reconciler.state import open_state_store
-from reconciler.testing import MemoryStateStore, fleet, workload
 from runtime.protocol import VMSpec, VMStatus
 
 

@@ -9,10 +9,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from support.fakes import fleet, running, workload
 
 from reconciler.planning import diff
 from reconciler.render import RENDERERS
-from reconciler.testing import fleet, running, workload
 
 GOLDEN = Path(__file__).parent / "golden"
 

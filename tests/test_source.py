@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from conftest import FleetRepo
+from support.repo import FleetRepo
 
 from reconciler.errors import ConfigError, SourceError
 from reconciler.source import GitSource, open_source

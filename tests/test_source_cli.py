@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FleetRepo
+from support.repo import FleetRepo
 
 from reconciler.cli.main import main
 from reconciler.daemon.cycle import ReconcileCycle

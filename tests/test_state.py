@@ -7,11 +7,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from support.fakes import fleet, running, workload
 
 from reconciler.errors import StateError
 from reconciler.model import VMState
 from reconciler.state import default_state_dir, open_state_store
-from reconciler.testing import fleet, running, workload
 
 
 def test_empty_store_means_nothing_runs(tmp_path: Path) -> None:

@@ -28,6 +28,9 @@ ERROR = "workloads/web.yaml:7: $.spec.deploy.replicas: -1 is less than 0 <b>not 
 XSS = "<script>document.title='owned'</script><img src=x onerror=alert(1)>"
 CHROMIUM_TIMEOUT = 60
 
+# Real builds (PyInstaller, mkfs, QEMU) or a real browser: not part of the fast suite.
+pytestmark = pytest.mark.slow
+
 
 class PageView:
     """A DaemonView with canned data for the page: a follower whose last attempt failed."""

@@ -26,8 +26,10 @@ from reconciler.cli.options import (
 )
 from reconciler.daemon.leader_file import running_leader
 from reconciler.errors import EXIT_ERROR, EXIT_OK, LeadershipError, PlanError
+from reconciler.execution.events import print_event
 from reconciler.execution.status import fleet_status
-from reconciler.model import Plan, short_digest
+from reconciler.formatting import format_duration, short_sha
+from reconciler.model import Plan, RevisionOutcome, short_digest
 from reconciler.pipeline import plan_against_observed
 from reconciler.render import render_text
 from reconciler.source.history import require_descendant
@@ -71,8 +73,7 @@ def run_apply(args: argparse.Namespace) -> int:
             "commit to the fleet repository, or run `reconciler reconcile --now`"
         )
     loader = revision_loader(args)
-    host = open_host(args)
-    try:
+    with open_host(args) as host:
         saved = _saved_plan(args.plan) if args.plan is not None else None
         revision = loader.resolve(saved.head if saved is not None else args.rev)
         applied = host.store.applied_revision()
@@ -98,49 +99,39 @@ def run_apply(args: argparse.Namespace) -> int:
         host.refresh()
         print(render_text(plan), end="")
         if not plan.has_changes:
-            host.store.record_revision(revision, outcome="applied")
+            host.store.record_revision(revision, outcome=RevisionOutcome.APPLIED)
             return EXIT_OK
-        report = host.converge(plan, desired, loader.source.checkout(revision), cache_dir(args))
+        report = host.converge(
+            plan, desired, loader.source.checkout(revision), cache_dir(args), on_event=print_event
+        )
         if not report.ok:
             for vm, why in sorted(report.unhealthy.items()):
                 print(f"unhealthy {vm}: {why}")
             if report.rolled_back:
                 print(f"rolled back to the last healthy artifact: {', '.join(report.rolled_back)}")
             return EXIT_ERROR
-        print(f"applied {revision[:12]}: {len(report.applied)} actions, all VMs healthy")
+        print(f"applied {short_sha(revision)}: {len(report.applied)} actions, all VMs healthy")
         return EXIT_OK
-    finally:
-        host.close()
-
-
-def _duration(seconds: object) -> str:
-    if not isinstance(seconds, int | float):
-        return "-"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def run_status(args: argparse.Namespace) -> int:
     leader = running_leader(state_dir(args))
-    host = open_host(args)
-    try:
+    with open_host(args) as host:
         # Reading: observe without recording (with a daemon leading, only it may write).
         observed = host.observe()
         applied = host.store.applied_revision()
         attempted = host.store.attempted_revision()
         suspended = host.store.suspensions()
-    finally:
-        host.close()
-    status = fleet_status(observed, applied, attempted, suspended)
-    status["leader"] = (
-        {"holder": leader["holder"], "term": leader["term"], "url": leader["url"]}
-        if leader
-        else None
-    )
+    status = fleet_status(observed, applied, attempted, suspended, state_dir=state_dir(args))
     vms = status["vms"]
     if args.format == "json":
-        print(json.dumps(status, indent=2))
+        shown = {
+            **status,
+            "leader": {"holder": leader["holder"], "term": leader["term"], "url": leader["url"]}
+            if leader
+            else None,
+        }
+        print(json.dumps(shown, indent=2))
         return EXIT_OK
     if leader:
         print(
@@ -159,7 +150,7 @@ def run_status(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(attempted.at))
         print(
             f"attempted revision: {attempted.revision} ({attempted.outcome} at {when})"
-            + (f": {attempted.message}" if attempted.outcome == "failed" else "")
+            + (f": {attempted.message}" if attempted.outcome == RevisionOutcome.FAILED else "")
         )
     print(
         f"{'NAME':<14} {'STATE':<8} {'HEALTHY':<8} {'ADDRESS':<15} {'PID':<8} "
@@ -169,7 +160,9 @@ def run_status(args: argparse.Namespace) -> int:
         print(
             f"{vm['name']:<14} {vm['state']:<8} {'yes' if vm['healthy'] else 'no':<8} "
             f"{vm['address'] or '-':<15} {vm['pid'] or '-'!s:<8} {vm['runtime']:<8} "
-            f"{short_digest(str(vm['artifact'])):<13} {_duration(vm['uptime_seconds']):>8} "
+            f"{short_digest(str(vm['artifact'])):<13} {format_duration(vm['uptime_seconds']):>8} "
             f"{vm['restarts']:>8}  {vm['detail']}"
         )
+        for line in vm["console_tail"]:
+            print(f"  | {line}")  # the console's last words of a VM that is not healthy
     return EXIT_OK

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,11 @@ from rich.console import Console
 from builders.cache import ArtifactCache
 from builders.kernels import KernelRegistry
 from builders.matrix import BuildEvent, MatrixBuilder
+from reconciler.cli.environment import read_environment
 from reconciler.cli.options import add_repo_options, add_state_option, revision_loader, state_dir
 from reconciler.errors import EXIT_ERROR, EXIT_OK
-from reconciler.model import Target, short_digest
+from reconciler.formatting import short_sha
+from reconciler.model import BuildStatus, Target, short_digest
 from reconciler.state import open_state_store
 
 
@@ -81,9 +82,7 @@ def cache_dir(args: argparse.Namespace) -> Path:
     chosen: Path | None = getattr(args, "cache_dir", None)
     if chosen is not None:
         return chosen
-    if os.environ.get("RECONCILER_CACHE_DIR"):
-        return Path(os.environ["RECONCILER_CACHE_DIR"])
-    return state_dir(args) / "artifacts"
+    return read_environment().cache_dir or state_dir(args) / "artifacts"
 
 
 def kernel_registry(args: argparse.Namespace) -> KernelRegistry:
@@ -129,13 +128,13 @@ def run_build(args: argparse.Namespace) -> int:
                 )
             )
     else:
-        counts = {s: sum(r.status == s for r in results) for s in ("built", "cached", "failed")}
+        counts = {s: sum(r.status == s for r in results) for s in BuildStatus}
         total = sum(r.seconds for r in results)
         print(
-            f"{counts['built']} built, {counts['cached']} cached, {counts['failed']} failed "
-            f"({total:.1f} s) for revision {revision[:12]}"
+            ", ".join(f"{counts[s]} {s}" for s in BuildStatus)
+            + f" ({total:.1f} s) for revision {short_sha(revision)}"
         )
-    return EXIT_ERROR if any(r.status == "failed" for r in results) else EXIT_OK
+    return EXIT_ERROR if any(r.status == BuildStatus.FAILED for r in results) else EXIT_OK
 
 
 def run_kernel_import(args: argparse.Namespace) -> int:

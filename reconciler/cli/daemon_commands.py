@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import logging
 import time
 import urllib.error
 import urllib.parse
@@ -20,6 +20,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from reconciler.cli.build_commands import add_cache_option, cache_dir
+from reconciler.cli.environment import (
+    API_TOKEN_ENV,
+    LEASE_ENV,
+    WEBHOOK_SECRET_ENV,
+    read_environment,
+)
 from reconciler.cli.options import (
     add_history_option,
     add_repo_options,
@@ -28,9 +34,14 @@ from reconciler.cli.options import (
     state_dir,
 )
 from reconciler.daemon.leader_file import TOKEN_FILE, running_leader
-from reconciler.daemon.logs import configure_logging
-from reconciler.daemon.redaction import Redactor
-from reconciler.daemon.settings import DaemonSettings
+from reconciler.daemon.logs import LOG_FORMATS, log_redactor
+from reconciler.daemon.settings import (
+    ApiSettings,
+    DaemonSettings,
+    LeaderSettings,
+    PollingSettings,
+    SourceSettings,
+)
 from reconciler.errors import EXIT_OK, ConfigError, LeadershipError
 from reconciler.leadership import LeaseSettings
 from reconciler.redact import redact_url
@@ -46,17 +57,18 @@ def register(commands: Any) -> None:
     add_cache_option(daemon)
     daemon.add_argument(
         "--lease",
-        default=os.environ.get("RECONCILER_LEASE", "file"),
+        default=None,
         help="leader election: 'file' (flock in the state directory, one host) or a "
-        "postgresql:// URL (replicas on several hosts); default: $RECONCILER_LEASE, else file. "
+        f"postgresql:// URL (replicas on several hosts); default: ${LEASE_ENV}, else file. "
         "Prefer the variable (or ~/.pgpass) for a URL with a password: arguments are visible "
         "to every user in ps",
     )
-    daemon.add_argument("--lease-duration", type=float, default=15.0, metavar="S")
-    daemon.add_argument("--renew-deadline", type=float, default=10.0, metavar="S")
-    daemon.add_argument("--retry-period", type=float, default=2.0, metavar="S")
+    timing = LeaseSettings()
+    daemon.add_argument("--lease-duration", type=float, default=timing.duration, metavar="S")
+    daemon.add_argument("--renew-deadline", type=float, default=timing.renew_deadline, metavar="S")
+    daemon.add_argument("--retry-period", type=float, default=timing.retry, metavar="S")
     daemon.add_argument(
-        "--listen", default="127.0.0.1:9180", help="HTTP address of the API, metrics and page"
+        "--listen", default=ApiSettings.listen, help="HTTP address of the API, metrics and page"
     )
     daemon.add_argument(
         "--allowed-host",
@@ -66,18 +78,19 @@ def register(commands: Any) -> None:
         help="a DNS name the HTTP server answers to (repeatable); requests naming any other "
         "host than an IP address or localhost are refused (DNS rebinding)",
     )
-    daemon.add_argument("--poll-interval", type=float, default=30.0, metavar="S")
-    daemon.add_argument("--poll-jitter", type=float, default=5.0, metavar="S")
+    polling = PollingSettings()
+    daemon.add_argument("--poll-interval", type=float, default=polling.interval, metavar="S")
+    daemon.add_argument("--poll-jitter", type=float, default=polling.jitter, metavar="S")
     daemon.add_argument(
         "--token-file",
         type=Path,
-        help="token for state-changing API calls (default: $RECONCILER_API_TOKEN, else one "
+        help=f"token for state-changing API calls (default: ${API_TOKEN_ENV}, else one "
         "generated in the state directory)",
     )
     daemon.add_argument(
         "--webhook-secret-file",
         type=Path,
-        help="shared secret of webhooks (default: $RECONCILER_WEBHOOK_SECRET; none: disabled)",
+        help=f"shared secret of webhooks (default: ${WEBHOOK_SECRET_ENV}; none: disabled)",
     )
     add_history_option(daemon)  # --trusted-key/--revoked-key come with the repo options
     daemon.add_argument("--no-watch", action="store_true", help="no file watch on a local repo")
@@ -87,9 +100,14 @@ def register(commands: Any) -> None:
         help="apply plans that delete more VMs than the Fleet's maxDeletions allows (for a "
         "one-off restart; never overrides a workload's preventDestroy)",
     )
-    daemon.add_argument("--log-format", choices=["plain", "json"], default="plain")
     daemon.add_argument("--id", default=None, help="this replica's name (default: host-pid)")
-    daemon.set_defaults(handler=run_daemon)
+    daemon.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=LOG_FORMATS[0],
+        help="plain lines, or one JSON object per line with every field (revision, term, vm)",
+    )
+    daemon.set_defaults(handler=run_daemon, log_level=logging.INFO)  # a service says what it does
 
     reconcile = commands.add_parser(
         "reconcile", help="ask the running daemon to reconcile now (not waiting for a poll)"
@@ -113,9 +131,10 @@ def register(commands: Any) -> None:
     events.set_defaults(handler=run_events)
 
 
-def _read_secret(path: Path | None, env: str) -> str | None:
+def _read_secret(path: Path | None, default: str | None) -> str | None:
+    """The secret in ``path`` when given, else ``default`` (from the environment)."""
     if path is None:
-        return os.environ.get(env) or None
+        return default
     try:
         value = path.read_text().strip()
     except OSError as exc:
@@ -126,38 +145,46 @@ def _read_secret(path: Path | None, env: str) -> str | None:
 
 
 def daemon_settings(args: argparse.Namespace) -> DaemonSettings:
-    secret = _read_secret(args.webhook_secret_file, "RECONCILER_WEBHOOK_SECRET")
-    extra = {"identity": args.id} if args.id else {}
+    env = read_environment()
+    secret = _read_secret(args.webhook_secret_file, env.webhook_secret)
+    identity = {"identity": args.id} if args.id else {}  # else LeaderSettings' own default
     return DaemonSettings(
-        repo=args.repo,
-        path=args.path,
-        ref=args.ref,
+        source=SourceSettings(
+            repo=args.repo,
+            path=args.path,
+            ref=args.ref,
+            credential=repo_credential(args),
+            trusted_keys=tuple(args.trusted_key),
+            revoked_keys=tuple(args.revoked_key),
+            allow_non_descendant=args.allow_non_descendant,
+            watch=not args.no_watch,
+        ),
         state_dir=state_dir(args),
         cache_dir=cache_dir(args),
-        lease=args.lease,
-        lease_settings=LeaseSettings(args.lease_duration, args.renew_deadline, args.retry_period),
-        listen=args.listen,
-        poll_interval=args.poll_interval,
-        poll_jitter=args.poll_jitter,
-        token=_read_secret(args.token_file, "RECONCILER_API_TOKEN"),
-        webhook_secret=secret.encode() if secret else None,
-        trusted_keys=tuple(args.trusted_key),
-        revoked_keys=tuple(args.revoked_key),
-        repo_credential=repo_credential(args),
-        allow_non_descendant=args.allow_non_descendant,
-        watch=not args.no_watch,
+        api=ApiSettings(
+            listen=args.listen,
+            token=_read_secret(args.token_file, env.api_token),
+            webhook_secret=secret.encode() if secret else None,
+            allowed_hosts=tuple(args.allowed_host),
+        ),
+        polling=PollingSettings(args.poll_interval, args.poll_jitter),
+        lease=LeaderSettings(
+            backend=args.lease or env.lease or LeaderSettings.backend,
+            timing=LeaseSettings(args.lease_duration, args.renew_deadline, args.retry_period),
+            **identity,
+        ),
         force_deletions=args.force_deletions,
-        allowed_hosts=tuple(args.allowed_host),
-        **extra,
     ).validated()
 
 
 def run_daemon(args: argparse.Namespace) -> int:
-    from reconciler.daemon.loop import Daemon  # noqa: PLC0415 (psycopg, APScheduler: daemon only)
+    from reconciler.daemon.loop import open_daemon  # noqa: PLC0415 (psycopg, APScheduler)
 
-    redactor = Redactor()  # what the daemon learns to be secret is masked in its log from then on
-    configure_logging(args.log_format, args.verbose, redactor)
-    return Daemon(daemon_settings(args), redactor=redactor).run()
+    settings = daemon_settings(args)
+    # The redactor of the log handler (``cli.main``): what the daemon learns to be secret is
+    # masked in its log from then on.
+    with open_daemon(settings, redactor=log_redactor()) as daemon:
+        return daemon.run()
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -178,9 +205,12 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 # No proxy either: $http_proxy would receive the token; the daemon is asked directly.
 _TOKEN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+TOKEN_OPENER = _TOKEN_OPENER  # for the other commands that talk to the daemon (``logs``)
 
 
-def _call_leader(args: argparse.Namespace, path: str, body: dict[str, Any]) -> dict[str, Any]:
+def leader_endpoint(args: argparse.Namespace) -> tuple[str, str, str]:
+    """The leading daemon's URL (``--url``, else ``leader.json``), the API token, and the URL
+    as it may be shown (credentials masked)."""
     directory = state_dir(args)
     url = args.url if getattr(args, "url", None) else None
     if url is None:
@@ -190,18 +220,23 @@ def _call_leader(args: argparse.Namespace, path: str, body: dict[str, Any]) -> d
                 f"no daemon leads {directory}; start `reconciler daemon` or pass --url"
             )
         url = str(leader["url"])
-    token = os.environ.get("RECONCILER_API_TOKEN")
+    token = read_environment().api_token
     if not token:
         try:
             token = (directory / TOKEN_FILE).read_text().strip()
         except OSError as exc:
             raise ConfigError(
-                f"no API token: set RECONCILER_API_TOKEN or read {directory / TOKEN_FILE} "
+                f"no API token: set {API_TOKEN_ENV} or read {directory / TOKEN_FILE} "
                 f"({exc.strerror})"
             ) from exc
     shown = redact_url(url)
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise ConfigError(f"--url must be an http:// or https:// URL, not {shown!r}")
+    return url, token, shown
+
+
+def _call_leader(args: argparse.Namespace, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    url, token, shown = leader_endpoint(args)
     request = urllib.request.Request(
         url.rstrip("/") + path,
         data=json.dumps(body).encode(),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from reconciler.cli.options import state_dir
-from reconciler.execution.host import Host, open_host_at
+from reconciler.execution.host import LocalHost, open_host_at
 
-__all__ = ["Host", "open_host"]
+__all__ = ["LocalHost", "open_host"]
 
 
-def open_host(args: argparse.Namespace) -> Host:
+def open_host(args: argparse.Namespace) -> LocalHost:
     return open_host_at(state_dir(args))

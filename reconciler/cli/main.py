@@ -16,7 +16,10 @@ from reconciler.cli import (
     check_command,
     daemon_commands,
     fleet_commands,
+    logs_commands,
+    volume_commands,
 )
+from reconciler.daemon.logs import LOG_FORMATS, configure_logging
 from reconciler.errors import EXIT_INTERRUPTED, ConfigError, ReconcilerError
 
 
@@ -43,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     check_command.register(commands)
     apply_commands.register(commands)
     daemon_commands.register(commands)
+    logs_commands.register(commands)
+    volume_commands.register(commands)
     return parser
 
 
@@ -50,9 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        logging.basicConfig(
-            level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-            format="%(levelname)s %(name)s: %(message)s",
+        configure_logging(
+            getattr(args, "log_format", LOG_FORMATS[0]),
+            args.verbose,
+            level=getattr(args, "log_level", logging.WARNING),
+            keep_foreign=True,
         )
         code: int = args.handler(args)
         return code

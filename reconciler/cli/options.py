@@ -11,15 +11,14 @@ and ``daemon`` act only on verified commits when keys are given; ``validate``, `
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from reconciler.cli.environment import read_environment
 from reconciler.errors import ConfigError
 from reconciler.pipeline import RevisionLoader
 from reconciler.source import open_source
 from reconciler.source.credentials import CREDENTIAL_ENV, GitCredential
 from reconciler.source.signatures import SignatureVerifier, TrustedKeys, VerifiedSource
-from reconciler.state import default_state_dir
 
 
 def add_repo_options(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +86,7 @@ def add_state_option(parser: argparse.ArgumentParser) -> None:
 
 def state_dir(args: argparse.Namespace) -> Path:
     chosen: Path | None = getattr(args, "state_dir", None)
-    return chosen if chosen is not None else default_state_dir(os.environ)
+    return chosen if chosen is not None else read_environment().state_dir
 
 
 def repo_credential(args: argparse.Namespace) -> GitCredential | None:
@@ -101,7 +100,7 @@ def repo_credential(args: argparse.Namespace) -> GitCredential | None:
                 f"cannot read the credential file {path}: {exc.strerror or exc}"
             ) from exc
         return GitCredential.parse(text, origin=str(path))
-    value = os.environ.get(CREDENTIAL_ENV)
+    value = read_environment().git_credential
     if value:
         return GitCredential.parse(value, origin=f"${CREDENTIAL_ENV}")
     return None

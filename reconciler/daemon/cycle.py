@@ -1,31 +1,38 @@
 """One reconcile cycle of the daemon: the same pipeline as ``reconciler apply``, plus the rules
-that keep a fleet running when a revision is bad.
+that keep a fleet running when a revision is bad. Shaped like Flux's controllers: an ordered
+list of steps, a typed result, and one place that records it.
 
-    fetch ─▶ resolve head ─▶ verify signature? ─▶ descends from the applied revision?
-          ─▶ load desired ─▶ observe ─▶ diff ─▶ suspend
-          ─▶ deletion guards ─▶ converge (build, waves, health)
-                    │ the head is refused (unsigned, invalid, too destructive, failed to build or
-                    │ to get healthy, or anything else that went wrong with it, bugs included)
-                    └─▶ recorded as attempted and failed; the cycle converges onto the last
-                        applied revision instead, which heals drift and keeps it running
+    fetch ─▶ resolve ─▶ gate (back-off, signature, descent) ─▶ load ─▶ plan (diff, suspend,
+          deletion guards) ─▶ converge (build, waves, health) ─▶ settle (health nobody judged)
+                │ a step refuses the head (``ReconcilerError``, or anything else that went wrong
+                │ with it, bugs included)
+                └─▶ recorded as attempted and failed; load ─▶ plan ─▶ converge ─▶ settle run on
+                    the last applied revision instead, which heals drift and keeps it running
+
+    CycleResult (outcome, reason, refusal ...) ──record──▶ event, metric, log line
 
 Rules (Flux and Argo CD behave the same way):
 - the *attempted* revision is the head; the *applied* one is the last that converged healthy;
-- a head that failed is retried with exponential back-off; a newer head is tried at once;
+- a head that failed transiently (a build, a VMM, a rollout that did not get healthy) is retried
+  with exponential back-off; one that failed terminally (``ReconcilerError.terminal``: invalid
+  manifests, a bad signature, not a descendant, over the deletion guards) is parked until the
+  head moves; a newer head is tried at once;
 - every cycle heals drift (a dead VM, a VM changed by hand) against the newest revision that is
   allowed to run;
 - suspended workloads (or a suspended fleet) are left as they run;
 - a revision is untrusted input: whatever it makes go wrong (an unexpected exception, a
   ``RecursionError``, a ``MemoryError``) refuses that revision, with the traceback in the log,
-  and the daemon goes on serving the last good one. Only a fencing error stops the cycle.
+  and the daemon goes on serving the last good one. Only a fencing error (``LeadershipError``)
+  stops the cycle: it propagates out of ``run``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -34,44 +41,184 @@ from reconciler.errors import (
     BuildError,
     LeadershipError,
     ManifestError,
+    NetworkError,
+    NotDescendantError,
     NotImplementedFeatureError,
+    ReconcilerError,
+    SignatureError,
     SourceError,
+    StateError,
     VMRuntimeError,
 )
+from reconciler.execution.events import ExecutionEvent
 from reconciler.execution.health import describe_problems
-from reconciler.execution.host import Host
+from reconciler.execution.protocol import Host
+from reconciler.formatting import short_sha
 from reconciler.leadership.fence import Fence
-from reconciler.model import DesiredFleet
-from reconciler.pipeline import RevisionLoader
+from reconciler.log_context import log_fields
+from reconciler.model import DesiredFleet, ObservedFleet, Plan
 from reconciler.planning import DeletionGuardError, check_deletions, diff, suspend_plan
+from reconciler.source import Source
 from reconciler.source.history import require_descendant
 
 log = logging.getLogger("reconciler.daemon")
 
-_EXECUTION_ERRORS = (BuildError, VMRuntimeError, NotImplementedFeatureError, SourceError)
+
+class Step(StrEnum):
+    """The steps of a cycle, in the order they run; the head's refusal names the one that
+    refused it."""
+
+    FETCH = "fetch"  # bring a remote's mirror up to date; failing, the last fetch serves
+    RESOLVE = "resolve"  # the head: the followed ref's commit
+    GATE = "gate"  # back-off or parked; the signature; descent from the applied revision
+    LOAD = "load"  # the desired fleet of the revision (manifests, templates)
+    PLAN = "plan"  # observe, diff, suspensions, deletion guards
+    CONVERGE = "converge"  # builds, waves, health of what the plan starts
+    SETTLE = "settle"  # health of running VMs nobody has judged yet
+
+
+class Outcome(StrEnum):
+    """What a cycle did; the ``outcome`` label of the cycle metrics."""
+
+    APPLIED = "applied"  # the head's changes were made and it is healthy
+    NO_CHANGES = "no_changes"  # what runs is what the revision wants
+    FAILED = "failed"  # the head, or the healing, failed (``reason`` says how)
+    SKIPPED = "skipped"  # no revision can run yet
+    SUPERSEDED = "superseded"  # a rollout stopped waiting for health: a newer head arrived
+
+
+class Reason(StrEnum):
+    """Why a cycle ended as it did: one value per way, for logs, the API and tests."""
+
+    CONVERGED = "converged"
+    UP_TO_DATE = "up_to_date"
+    NO_REVISION = "no_revision"
+    SUPERSEDED = "superseded"
+    BACKING_OFF = "backing_off"  # the head failed transiently and waits for its next try
+    PARKED = "parked"  # the head failed terminally and waits for the head to move
+    INVALID_MANIFESTS = "invalid_manifests"
+    UNTRUSTED_SIGNATURE = "untrusted_signature"
+    NOT_DESCENDANT = "not_descendant"
+    DELETION_GUARD = "deletion_guard"
+    NOT_IMPLEMENTED = "not_implemented"
+    SOURCE_FAILED = "source_failed"
+    BUILD_FAILED = "build_failed"
+    RUNTIME_FAILED = "runtime_failed"
+    NETWORK_FAILED = "network_failed"
+    STATE_FAILED = "state_failed"
+    UNHEALTHY = "unhealthy"
+    FENCED = "fenced"
+    FAILED = "failed"  # any other expected error
+    INTERNAL_ERROR = "internal_error"  # an exception nobody expected: a bug, or hostile input
+
+
+# Which reason an error gives; the first row that matches wins (subclasses first).
+_REASONS: tuple[tuple[type[BaseException], Reason], ...] = (
+    (ManifestError, Reason.INVALID_MANIFESTS),
+    (SignatureError, Reason.UNTRUSTED_SIGNATURE),
+    (NotDescendantError, Reason.NOT_DESCENDANT),
+    (DeletionGuardError, Reason.DELETION_GUARD),
+    (NotImplementedFeatureError, Reason.NOT_IMPLEMENTED),
+    (SourceError, Reason.SOURCE_FAILED),
+    (BuildError, Reason.BUILD_FAILED),
+    (VMRuntimeError, Reason.RUNTIME_FAILED),
+    (NetworkError, Reason.NETWORK_FAILED),
+    (StateError, Reason.STATE_FAILED),
+    (LeadershipError, Reason.FENCED),
+    (ReconcilerError, Reason.FAILED),
+)
+
+
+def reason_of(error: BaseException) -> Reason:
+    return next((r for kind, r in _REASONS if isinstance(error, kind)), Reason.INTERNAL_ERROR)
+
+
+def is_terminal(error: BaseException) -> bool:
+    """Whether ``error`` will recur on the same revision (``ReconcilerError.terminal``); an
+    unexpected exception is not known to, so it is retried with back-off."""
+    return isinstance(error, ReconcilerError) and error.terminal
 
 
 class CommitVerifier(Protocol):
     def __call__(self, sha: str) -> str:
-        """A one-line description of the good signature of ``sha``; ``SourceError`` if not."""
+        """A one-line description of the good signature of ``sha``; ``SignatureError`` if
+        not."""
         ...
 
 
-@dataclass
+class Loader(Protocol):
+    """What the cycle reads of a ``pipeline.RevisionLoader``."""
+
+    @property
+    def source(self) -> Source: ...
+
+    def resolve(self, rev: str | None) -> str: ...
+
+    def load(self, rev: str | None) -> DesiredFleet: ...
+
+
+class CycleMetrics(Protocol):
+    """What the cycle records in ``daemon.metrics.DaemonMetrics``."""
+
+    def observe_cycle(self, seconds: float, outcome: str) -> None: ...
+
+    def count_builds(self, built: int, cached: int, failed: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The head was refused this cycle, at ``step``; ``retry_in`` is ``None`` when it is
+    parked."""
+
+    revision: str
+    step: Step
+    reason: Reason
+    message: str
+    retry_in: float | None
+
+    def when(self) -> str:
+        if self.retry_in is None:
+            return "not retried until the head moves"
+        return f"retry in {self.retry_in:.0f} s"
+
+
+@dataclass(frozen=True)
 class CycleResult:
-    outcome: str  # "applied" | "no_changes" | "failed" | "skipped" | "superseded"
+    outcome: Outcome
+    reason: Reason
     head: str | None
     converged_to: str | None  # the revision the fleet was converged onto this cycle
     error: str | None = None
     actions: int = 0
-    builds: dict[str, int] = field(default_factory=dict)
+    builds: Mapping[str, int] = field(default_factory=dict)
+    refused: Refusal | None = None  # the head, refused this cycle
+    newly_applied: bool = False  # the head became the applied revision this cycle
+    superseded: str | None = None  # why the head's rollout stopped waiting
+
+
+def failed_cycle(error: BaseException) -> CycleResult:
+    """The result of a cycle that stopped with ``error`` (fenced, or a bug outside a revision)."""
+    message = str(error) if isinstance(error, ReconcilerError) else f"internal error: {error!r}"
+    return CycleResult(Outcome.FAILED, reason_of(error), None, None, error=message)
+
+
+@dataclass
+class _Run:
+    """What the steps of one cycle learn as they go."""
+
+    fence: Fence
+    head: str | None = None
+    problem: str | None = None  # what is wrong this cycle, shown with the result
+    reason: Reason | None = None  # why the head does not run, when it does not
+    refused: Refusal | None = None
+    step: Step = Step.FETCH
 
 
 @dataclass
 class ReconcileCycle:
     """Runs cycles for one fleet on one host; keeps what must survive between cycles."""
 
-    loader: RevisionLoader
+    loader: Loader
     host: Host
     cache_dir: Path
     verify: CommitVerifier | None = None
@@ -80,6 +227,7 @@ class ReconcileCycle:
     backoff: Backoff = field(default_factory=Backoff)
     clock: Callable[[], float] = time.time
     event: Callable[[str, str, str], None] = lambda kind, subject, message: None
+    metrics: CycleMetrics | None = None
     loaded: Callable[[DesiredFleet], None] = lambda desired: None
     """Told of every revision loaded, before it runs: the daemon learns its secret values."""
     fleet_name: str | None = None  # of the revision converged last, for status pages
@@ -89,47 +237,198 @@ class ReconcileCycle:
     """Apply a head that does not descend from the applied revision (``source.history``)."""
     _desired: dict[str, DesiredFleet] = field(default_factory=dict)
 
+    # -- the cycle ----------------------------------------------------------------------------
+
+    def reconcile(self, fence: Fence, trigger: Sequence[str] = ()) -> CycleResult:
+        """One cycle as the daemon runs it: never raises (a fenced or crashed cycle is a failed
+        result), and the result is recorded (``record``)."""
+        started, cpu = time.monotonic(), time.process_time()
+        try:
+            result = self.run(fence)
+        except ReconcilerError as err:  # a refused (stale-term) write among them
+            result = failed_cycle(err)
+        except Exception as exc:  # the daemon outlives any one bug; the operator sees it
+            log.exception("reconcile cycle crashed")
+            result = failed_cycle(exc)
+        self.record(
+            result,
+            seconds=time.monotonic() - started,
+            cpu_seconds=time.process_time() - cpu,
+            trigger=trigger,
+            term=fence.term,
+        )
+        return result
+
     def run(self, fence: Fence) -> CycleResult:
-        problem: str | None = None
+        """fetch, resolve, then the head's steps; the last applied revision's when the head is
+        refused or waits. ``LeadershipError`` propagates: a fenced replica stops acting."""
+        run = _Run(fence)
+        self._fetch(run)
+        self._resolve(run)
+        if run.head is not None and not self._waits(run, run.head):
+            try:
+                with log_fields(revision=short_sha(run.head)):
+                    return self._converge_head(run, run.head)
+            except LeadershipError:
+                raise  # fenced: this replica must stop acting, not heal
+            except Exception as exc:  # a revision must never stop the daemon
+                self._refuse(run, run.head, exc)
+        return self._heal(run)
+
+    def _converge_head(self, run: _Run, head: str) -> CycleResult:
+        run.step = Step.GATE
+        self._gate(head)
+        run.step = Step.LOAD
+        desired = self._load(head)
+        return self._converge_onto(run, head, desired)
+
+    def _heal(self, run: _Run) -> CycleResult:
+        """Converge onto the last applied revision: the head is refused, waits or is unknown."""
+        reason = run.reason or Reason.NO_REVISION
+        applied = self.host.store.applied_revision()
+        if applied is None or applied.revision == run.head:
+            outcome = Outcome.FAILED if run.problem else Outcome.SKIPPED
+            error = run.problem or "no revision to apply yet"
+            return CycleResult(outcome, reason, run.head, None, error=error, refused=run.refused)
+        try:
+            with log_fields(revision=short_sha(applied.revision)):
+                desired = self._load(applied.revision)
+                result = self._converge_onto(run, applied.revision, desired)
+        except LeadershipError:
+            raise
+        except ReconcilerError as err:  # anything else is a bug: the daemon logs it as a crash
+            what = "healing refused" if isinstance(err, DeletionGuardError) else "healing failed"
+            error = f"{run.problem}; {what}: {_one_line(applied.revision, err)}"
+            return CycleResult(
+                Outcome.FAILED, reason, run.head, None, error=error, refused=run.refused
+            )
+        if run.problem is not None:
+            result = replace(result, outcome=Outcome.FAILED, reason=reason)
+        return result
+
+    def _converge_onto(self, run: _Run, target: str, desired: DesiredFleet) -> CycleResult:
+        """plan, converge and settle ``target`` (the head, or the last applied revision)."""
+        is_head = target == run.head
+        self.fleet_name = desired.fleet.name
+        run.step = Step.PLAN
+        observed, plan = self._plan(run, desired)
+        if not plan.has_changes:
+            run.step = Step.SETTLE
+            unsettled = self._settle(run, target, observed)
+            if unsettled:
+                return self._unsettled(run, target, unsettled)
+            newly = False
+            if is_head:
+                applied = self.host.store.applied_revision()
+                if applied is None or applied.revision != target:
+                    self.host.store.record_revision(target, outcome="applied")
+                    newly = True
+                self.backoff.succeeded()
+            return CycleResult(
+                Outcome.NO_CHANGES,
+                Reason.UP_TO_DATE,
+                run.head,
+                target,
+                error=run.problem,
+                refused=run.refused,
+                newly_applied=newly,
+            )
+        run.step = Step.CONVERGE
+        summary = ", ".join(f"{n} {kind}" for kind, n in plan.summary().items() if n)
+        what = "applying" if is_head else "healing drift on the last applied revision"
+        log.info("%s %s: %s", what, short_sha(target), summary)
+        self.event("cycle", short_sha(target), f"{what}: {summary}")
+        report = self.host.converge(
+            plan,
+            desired,
+            self.loader.source.checkout(target),
+            self.cache_dir,
+            fence=run.fence,
+            on_event=self._on_event,
+            record_revision=is_head,
+            superseded=(lambda: self.newer_than(target)) if is_head else (lambda: False),
+        )
+        actions, builds = len(report.applied), dict(report.builds)
+        if report.superseded is not None:
+            return CycleResult(
+                Outcome.SUPERSEDED,
+                Reason.SUPERSEDED,
+                run.head,
+                None,
+                actions=actions,
+                superseded=report.superseded,
+            )
+        if not report.ok:
+            unhealthy = report.problems()
+            refused = run.refused
+            if is_head:
+                delay = self.backoff.failed(target, self.clock(), unhealthy)
+                refused = Refusal(target, Step.CONVERGE, Reason.UNHEALTHY, unhealthy, delay)
+            return CycleResult(
+                Outcome.FAILED,
+                Reason.UNHEALTHY,
+                run.head,
+                target,
+                error=_joined(run.problem, unhealthy),
+                actions=actions,
+                builds=builds,
+                refused=refused,
+            )
+        run.step = Step.SETTLE
+        # VMs updated in place, or left by a superseded rollout, may not be judged yet.
+        unsettled = self._settle(run, target, self.host.store.observed())
+        if unsettled:
+            return replace(self._unsettled(run, target, unsettled), actions=actions, builds=builds)
+        if is_head:
+            self.backoff.succeeded()
+        return CycleResult(
+            Outcome.APPLIED,
+            Reason.CONVERGED,
+            run.head,
+            target,
+            error=run.problem,
+            actions=actions,
+            builds=builds,
+            refused=run.refused,
+            newly_applied=is_head,
+        )
+
+    # -- the steps ----------------------------------------------------------------------------
+
+    def _fetch(self, run: _Run) -> None:
         try:
             self.loader.source.fetch()
         except SourceError as err:
-            problem = str(err)  # the last fetch still serves: keep healing on it
+            run.problem = str(err)  # the last fetch still serves: keep healing on it
+
+    def _resolve(self, run: _Run) -> None:
+        run.step = Step.RESOLVE
         try:
-            head: str | None = self.loader.resolve(None)
+            run.head = self.loader.resolve(None)
         except SourceError as err:
-            head, problem = None, str(err)
-        if head is not None:
-            retry_at = self.backoff.retry_at(head)
-            if retry_at > self.clock():
-                problem = (
-                    f"{head[:12]} failed ({self.backoff.message}); "
-                    f"next try in {retry_at - self.clock():.0f} s"
-                )
-            else:
-                try:
-                    if self.verify is not None:
-                        self.verify(head)
-                    applied = self.host.store.applied_revision()
-                    require_descendant(
-                        self.loader.source,
-                        applied.revision if applied else None,
-                        head,
-                        allow=self.allow_non_descendant,
-                    )
-                    desired = self._load(head)
-                except (SourceError, ManifestError) as err:
-                    problem = self._refuse(head, _one_line(head, err))
-                except Exception as exc:  # a revision must never stop the daemon
-                    problem = self._refuse(head, _crashed(head, "loading", exc))
-                else:
-                    try:
-                        return self._converge(fence, head, head, desired, problem)
-                    except LeadershipError:
-                        raise  # fenced: this replica must stop acting, not heal
-                    except Exception as exc:  # as above
-                        problem = self._refuse(head, _crashed(head, "applying", exc))
-        return self._heal(fence, head, problem)
+            run.head, run.problem, run.reason = None, str(err), Reason.SOURCE_FAILED
+
+    def _waits(self, run: _Run, head: str) -> bool:
+        """The head failed before and its time has not come (back-off), or never will (parked)."""
+        waiting = self.backoff.waits(head, self.clock())
+        if waiting is None:
+            return False
+        run.problem = waiting
+        run.reason = Reason.PARKED if self.backoff.parked else Reason.BACKING_OFF
+        return True
+
+    def _gate(self, head: str) -> None:
+        """Whether the head may run at all: its signature, and its descent from the applied
+        revision (no rollback to an old signed commit)."""
+        if self.verify is not None:
+            self.verify(head)
+        applied = self.host.store.applied_revision()
+        require_descendant(
+            self.loader.source,
+            applied.revision if applied else None,
+            head,
+            allow=self.allow_non_descendant,
+        )
 
     def _load(self, revision: str) -> DesiredFleet:
         cached = self._desired.get(revision)
@@ -141,124 +440,126 @@ class ReconcileCycle:
             self._desired[revision] = cached
         return cached
 
-    def _refuse(self, revision: str, message: str) -> str:
-        """Record ``revision`` as attempted and failed (once per message) and back off."""
+    def _plan(self, run: _Run, desired: DesiredFleet) -> tuple[ObservedFleet, Plan]:
+        run.fence.check("observing the fleet")
+        observed = self.host.refresh()
+        plan = suspend_plan(diff(desired, observed), self.host.store.suspensions())
+        plan = check_deletions(plan, desired, observed, force_deletions=self.force_deletions)
+        return observed, plan
+
+    def _settle(self, run: _Run, target: str, observed: ObservedFleet) -> dict[str, str]:
+        return self.host.settle_health(
+            observed, run.fence, on_event=self._on_event, superseded=lambda: self.newer_than(target)
+        )
+
+    def _unsettled(self, run: _Run, target: str, unsettled: dict[str, str]) -> CycleResult:
+        return CycleResult(
+            Outcome.FAILED,
+            Reason.UNHEALTHY,
+            run.head,
+            target,
+            error=_joined(run.problem, describe_problems(unsettled)),
+            refused=run.refused,
+        )
+
+    def _refuse(self, run: _Run, revision: str, error: Exception) -> None:
+        """Record ``revision`` as attempted and failed (once per message) and hold it back: with
+        back-off when ``error`` may pass, parked when it cannot."""
+        if isinstance(error, ReconcilerError):
+            message = _one_line(revision, error)
+        else:
+            message = _crashed(revision, run.step, error)
         store = self.host.store
         attempted = store.attempted_revision()
         if attempted is None or (attempted.revision, attempted.message) != (revision, message):
             store.record_revision(revision, outcome="failed", message=message)
-        delay = self.backoff.failed(revision, self.clock(), message)
-        self.event("revision-failed", revision[:12], f"{message}; retry in {delay:.0f} s")
-        log.warning("revision %s failed: %s; retry in %.0f s", revision[:12], message, delay)
-        return message
+        reason = reason_of(error)
+        if is_terminal(error):
+            self.backoff.park(revision, self.clock(), message)
+            run.refused = Refusal(revision, run.step, reason, message, None)
+        else:
+            delay = self.backoff.failed(revision, self.clock(), message)
+            run.refused = Refusal(revision, run.step, reason, message, delay)
+        run.problem, run.reason = message, reason
 
-    def _heal(self, fence: Fence, head: str | None, problem: str | None) -> CycleResult:
-        """Converge onto the last applied revision: the head is refused or unknown."""
-        applied = self.host.store.applied_revision()
-        if applied is None or applied.revision == head:
-            outcome = "failed" if problem else "skipped"
-            return CycleResult(outcome, head, None, error=problem or "no revision to apply yet")
-        try:
-            desired = self._load(applied.revision)
-        except (SourceError, ManifestError) as err:
-            return CycleResult("failed", head, None, error=f"{problem}; {_one_line(head, err)}")
-        result = self._converge(fence, head, applied.revision, desired, problem)
-        if problem is not None:
-            result.outcome = "failed"
-        return result
+    # -- the one place a result is recorded ---------------------------------------------------
 
-    def _converge(
+    def record(
         self,
-        fence: Fence,
-        head: str | None,
-        target: str,
-        desired: DesiredFleet,
-        problem: str | None,
-    ) -> CycleResult:
-        store = self.host.store
-        is_head = target == head
-        self.fleet_name = desired.fleet.name
-        fence.check("observing the fleet")
-        observed = self.host.refresh()
-        plan = suspend_plan(diff(desired, observed), store.suspensions())
-        try:
-            plan = check_deletions(plan, desired, observed, force_deletions=self.force_deletions)
-        except DeletionGuardError as err:
-            if is_head:
-                return self._heal(fence, head, self._refuse(target, f"{target[:12]}: {err}"))
-            return CycleResult("failed", head, None, error=f"{problem}; healing refused: {err}")
-        if not plan.has_changes:
-            unsettled = self.host.settle_health(
-                observed, fence, say=self._say, superseded=lambda: self.newer_than(target)
+        result: CycleResult,
+        *,
+        seconds: float,
+        cpu_seconds: float,
+        trigger: Sequence[str],
+        term: int,
+    ) -> None:
+        """The events, the metrics and the log line of one cycle's result."""
+        refused = result.refused
+        if refused is not None:
+            self.event(
+                "revision-failed",
+                short_sha(refused.revision),
+                f"{refused.message}; {refused.when()}",
             )
-            if unsettled:
-                return CycleResult("failed", head, target, error=describe_problems(unsettled))
-            if is_head:
-                applied = store.applied_revision()
-                if applied is None or applied.revision != target:
-                    store.record_revision(target, outcome="applied")
-                    self.event("revision-applied", target[:12], "no changes were needed")
-                self.backoff.succeeded()
-            return CycleResult("no_changes", head, target, error=problem)
-        summary = ", ".join(f"{n} {kind}" for kind, n in plan.summary().items() if n)
-        what = "applying" if is_head else "healing drift on the last applied revision"
-        log.info("%s %s: %s", what, target[:12], summary)
-        self.event("cycle", target[:12], f"{what}: {summary}")
-        try:
-            report = self.host.converge(
-                plan,
-                desired,
-                self.loader.source.checkout(target),
-                self.cache_dir,
-                fence=fence,
-                say=self._say,
-                record_revision=is_head,
-                superseded=(lambda: self.newer_than(target)) if is_head else (lambda: False),
+            log.warning(
+                "revision %s failed: %s; %s",
+                short_sha(refused.revision),
+                refused.message,
+                refused.when(),
+                extra={
+                    "revision": short_sha(refused.revision),
+                    "step": str(refused.step),
+                    "reason": str(refused.reason),
+                },
             )
-        except _EXECUTION_ERRORS as err:
-            if is_head:
-                # Nothing was changed (builds fail before any VM is touched): heal instead.
-                return self._heal(fence, head, self._refuse(target, str(err)))
-            return CycleResult("failed", head, None, error=f"{problem}; healing failed: {err}")
-        if report.superseded is not None:
-            self.event("revision-superseded", target[:12], report.superseded)
-            log.info("rollout of %s superseded: %s", target[:12], report.superseded)
-            return CycleResult("superseded", head, None, error=None, actions=len(report.applied))
-        result = CycleResult(
-            "applied" if report.ok else "failed",
-            head,
-            target,
-            error=problem,
-            actions=len(report.applied),
-            builds=dict(report.builds),
+        if result.newly_applied and result.converged_to is not None:
+            done = (
+                f"{result.actions} action(s), healthy"
+                if result.actions
+                else "no changes were needed"
+            )
+            self.event("revision-applied", short_sha(result.converged_to), done)
+        if result.superseded is not None and result.head is not None:
+            self.event("revision-superseded", short_sha(result.head), result.superseded)
+            log.info("rollout of %s superseded: %s", short_sha(result.head), result.superseded)
+        if self.metrics is not None:
+            self.metrics.observe_cycle(seconds, str(result.outcome))
+            self.metrics.count_builds(
+                result.builds.get("built", 0),
+                result.builds.get("cached", 0),
+                result.builds.get("failed", 0),
+            )
+        log.log(
+            logging.WARNING if result.outcome is Outcome.FAILED else logging.INFO,
+            "cycle %s%s",
+            result.outcome,
+            f": {result.error}" if result.error else "",
+            extra={
+                "trigger": ",".join(trigger),
+                "outcome": str(result.outcome),
+                "reason": str(result.reason),
+                "head": (result.head or "")[:12],
+                "converged_to": (result.converged_to or "")[:12],
+                "duration_s": round(seconds, 3),
+                "cpu_s": round(cpu_seconds, 3),
+                "term": term,
+            },
         )
-        if not report.ok:
-            unhealthy = report.problems()
-            result.error = unhealthy if problem is None else f"{problem}; {unhealthy}"
-            if is_head:
-                delay = self.backoff.failed(target, self.clock(), unhealthy)
-                self.event("revision-failed", target[:12], f"{unhealthy}; retry in {delay:.0f} s")
-            return result
-        # VMs updated in place, or left by a superseded rollout, may not be judged yet.
-        unsettled = self.host.settle_health(
-            store.observed(), fence, say=self._say, superseded=lambda: self.newer_than(target)
-        )
-        if unsettled:
-            result.outcome = "failed"
-            result.error = describe_problems(unsettled)
-        elif is_head:
-            self.backoff.succeeded()
-            self.event("revision-applied", target[:12], f"{len(report.applied)} action(s), healthy")
-        return result
 
     @staticmethod
-    def _say(line: str) -> None:
-        log.info("%s", line)
+    def _on_event(event: ExecutionEvent) -> None:
+        """What the host reports, as log lines with the event's fields (``vm``, ``event``)."""
+        log.info("%s", event.text(), extra=event.fields())
 
 
-def _crashed(revision: str, doing: str, exc: BaseException) -> str:
+def _joined(problem: str | None, more: str) -> str:
+    return more if problem is None else f"{problem}; {more}"
+
+
+def _crashed(revision: str, step: Step, exc: BaseException) -> str:
     """The one line of a failure nobody expected; its traceback goes to the log."""
-    log.error("%s revision %s failed unexpectedly", doing, revision[:12], exc_info=exc)
+    doing = "loading" if step in (Step.GATE, Step.LOAD) else "applying"
+    log.error("%s revision %s failed unexpectedly", doing, short_sha(revision), exc_info=exc)
     kind = (
         "nested too deeply"
         if isinstance(exc, RecursionError)
@@ -267,12 +568,15 @@ def _crashed(revision: str, doing: str, exc: BaseException) -> str:
         else "internal error"
     )
     verb = "loaded" if doing == "loading" else "applied"
-    return f"{revision[:12]} could not be {verb}: {kind} ({type(exc).__name__}: {exc}); see the log"
+    what = f"{kind} ({type(exc).__name__}: {exc})"
+    return f"{short_sha(revision)} could not be {verb}: {what}; see the log"
 
 
-def _one_line(revision: str | None, err: SourceError | ManifestError) -> str:
+def _one_line(revision: str, err: ReconcilerError) -> str:
     if isinstance(err, ManifestError):
         shown = "; ".join(str(p) for p in err.problems[:3])
         more = f" (and {len(err.problems) - 3} more)" if len(err.problems) > 3 else ""
-        return f"{(revision or '')[:12]} has invalid manifests: {shown}{more}"
+        return f"{short_sha(revision)} has invalid manifests: {shown}{more}"
+    if isinstance(err, DeletionGuardError):
+        return f"{short_sha(revision)}: {err}"
     return str(err)

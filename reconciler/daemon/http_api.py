@@ -12,6 +12,7 @@ a runtime, so it can be tested with an in-memory view. State-changing endpoints 
 configured secret and are verified by ``webhooks.verify_delivery``.
 
     GET  /healthz  /readyz  /metrics  /api/status  /api/events?limit=N  /
+    GET  /api/vms/NAME/logs?follow=1&since=10m&tail=N       (bearer token; chunked stream)
     POST /api/reconcile  /api/suspend  /api/resume          (bearer token)
     POST /webhook/github  /webhook/gitlab  /webhook/generic  (signature or token)
 
@@ -22,6 +23,12 @@ answers under its own name: every request whose ``Host`` is not an IP address, `
 the listen name or an ``--allowed-host`` name is refused with 421. Malformed requests (bodies
 that are not JSON or nest too deep, bad lengths, oversized or trickled headers) get a 4xx with
 one line, never a 500 or a traceback.
+
+Console logs are the guest's own output, so they need the token (a workload may print what it
+should not) and every line is scrubbed like any other answer. They are streamed with chunked
+transfer encoding, one chunk per batch of lines; a follow holds a worker thread, so at most
+``max(1, workers // 4)`` streams run at once (503 past that), and a stream ends when its
+client goes away or the server closes.
 """
 
 from __future__ import annotations
@@ -32,14 +39,18 @@ import io
 import ipaddress
 import json
 import logging
+import re
+import select
 import socket
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from reconciler.daemon.console_view import ConsoleLogs, parse_duration, parse_tail
 from reconciler.daemon.http_server import ConnectionServer, Limits
 from reconciler.daemon.metrics import DaemonMetrics
 from reconciler.daemon.redaction import Redactor
@@ -64,6 +75,8 @@ WEBHOOKS_DISABLED = "webhooks are disabled"
 JSON_TYPE = "application/json"
 # The status page loads nothing from anywhere and runs no script; say so to the browser.
 PAGE_POLICY = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
+LOGS_PATH = re.compile(r"/api/vms/([^/]{1,100})/logs")
+TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 @dataclass
@@ -72,6 +85,9 @@ class Response:
     body: bytes
     content_type: str
     headers: dict[str, str] = field(default_factory=dict)
+    # A streamed body (sent chunked after ``body``): given ``gone()``, which says the client
+    # went away or the server is closing, it yields the chunks.
+    stream: Callable[[Callable[[], bool]], Iterator[bytes]] | None = None
 
 
 def json_response(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> Response:
@@ -155,8 +171,10 @@ class OperatorServer:
         allowed_hosts: Iterable[str] = (),
         redactor: Redactor | None = None,
         limits: Limits | None = None,
+        console_logs: ConsoleLogs | None = None,
     ) -> None:
         self.view = view
+        self.console_logs = console_logs
         self.metrics = metrics
         self.listen = listen
         self._host, self._port = parse_listen(listen)
@@ -180,6 +198,7 @@ class OperatorServer:
         )
         self._limits = limits or Limits(max_body_bytes=MAX_BODY_BYTES)
         self._server: ConnectionServer | None = None
+        self._streams = threading.BoundedSemaphore(max(1, self._limits.workers // 4))
         self._routes: dict[str, dict[str, Route]] = {
             "/": {"GET": self._page},
             "/healthz": {"GET": self._healthz},
@@ -239,6 +258,8 @@ class OperatorServer:
                 "it with --allowed-host NAME",
             )
         methods = self._routes.get(request.path)
+        if methods is None and LOGS_PATH.fullmatch(request.path):
+            methods = {"GET": self._logs}
         if methods is None:
             return error_response(404, f"no such endpoint: {request.path}")
         route = methods.get(request.method)
@@ -302,6 +323,55 @@ class OperatorServer:
             "text/html; charset=utf-8",
             {"Content-Security-Policy": PAGE_POLICY},
         )
+
+    def _logs(self, request: Request) -> Response:
+        """``GET /api/vms/NAME/logs``: the VM's console, scrubbed, streamed (token needed)."""
+        refused = self._authorize(request)
+        if refused is not None:
+            return refused
+        match = LOGS_PATH.fullmatch(request.path)
+        assert match is not None
+        name = urllib.parse.unquote(match.group(1))
+        if self.console_logs is None or not self.console_logs.exists(name):
+            shown = self.redactor.text(" ".join(name.split())[:70])
+            return error_response(404, f"no console log for a VM named {shown!r} on this host")
+        try:
+            since = self._query_value(request, "since", parse_duration)
+            tail = self._query_value(request, "tail", parse_tail)
+        except ConfigError as err:
+            return error_response(400, str(err))
+        follow = (request.query.get("follow") or ["0"])[-1].strip().lower() in TRUE_WORDS
+        if not self._streams.acquire(blocking=False):
+            return error_response(503, "too many console streams at once; try again later")
+        logs = self.console_logs
+        redactor = self.redactor
+
+        def chunks(gone: Callable[[], bool]) -> Iterator[bytes]:
+            lines = logs.lines(
+                name,
+                since=None if since is None else time.time() - since,
+                tail=tail,
+                follow=follow,
+                stop=lambda: gone() or self._server is None,
+            )
+            batch: list[str] = []
+            for line in lines:
+                batch.append(redactor.text(line) + "\n")
+                if len(batch) >= 256 or follow:
+                    yield "".join(batch).encode()
+                    batch = []
+            if batch:
+                yield "".join(batch).encode()
+
+        def stream(gone: Callable[[], bool]) -> Iterator[bytes]:
+            return _Released(chunks(gone), self._streams.release)
+
+        return Response(200, b"", "text/plain; charset=utf-8", stream=stream)
+
+    @staticmethod
+    def _query_value(request: Request, key: str, parse: Callable[[str], Any]) -> Any:
+        values = request.query.get(key)
+        return parse(values[-1]) if values and values[-1].strip() else None
 
     # -- state-changing endpoints -----------------------------------------------------------------
 
@@ -376,6 +446,26 @@ class OperatorServer:
         self.view.request_reconcile(delivery.reason)
         log.info("webhook: %s", delivery.reason, extra={"trigger": "webhook"})
         return json_response(202, {"accepted": True, "reason": delivery.reason})
+
+
+class _Released(Iterator[bytes]):
+    """A stream's chunks; ``close()`` (the handler's, on every way out, started or not) gives
+    its slot back once."""
+
+    def __init__(self, chunks: Iterator[bytes], release: Callable[[], None]) -> None:
+        self._chunks = chunks
+        self._release: Callable[[], None] | None = release
+
+    def __next__(self) -> bytes:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 class _SocketWriter(io.BufferedIOBase):
@@ -484,6 +574,9 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def _send(self, response: Response, *, head: bool) -> None:
+        if response.stream is not None:
+            self._send_stream(response, response.stream, head=head)
+            return
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
@@ -495,6 +588,43 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not head:
             self.wfile.write(response.body)
+
+    def _send_stream(
+        self,
+        response: Response,
+        stream: Callable[[Callable[[], bool]], Iterator[bytes]],
+        *,
+        head: bool,
+    ) -> None:
+        chunks = stream(self._client_gone)
+        try:
+            self.send_response(response.status)
+            self.send_header("Content-Type", response.content_type)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            for name, value in response.headers.items():
+                self.send_header(name, value)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if head:
+                return
+            for chunk in chunks:
+                if chunk:
+                    self.wfile.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"0\r\n\r\n")
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()  # releases the stream's slot even when the client went away
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end (it sends nothing after its request)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):
+            return True
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass  # _serve logs one line per request, with its duration

@@ -1,8 +1,12 @@
-"""Structured logs for the daemon: one line per record, plain or JSON.
+"""The one logging configuration of every ``reconciler`` command: one line per record, plain
+or JSON, on stderr.
+
+    cli.main ──configure_logging──▶ root handler ──ContextFilter──▶ RedactingFilter ──▶ format
 
 JSON lines carry ``ts``, ``level``, ``logger``, ``msg`` and every field passed with
-``extra={...}`` (``revision``, ``term``, ``outcome``, ``duration_s`` ...), so a log shipper can
-index them without parsing prose.
+``extra={...}`` or set for a unit of work with ``log_context.log_fields`` (a cycle's
+``revision`` and ``term``, an action's ``vm``, ``outcome``, ``duration_s`` ...), so a log
+shipper can index them without parsing prose; plain lines show them as ``key=value``.
 
 Every line is scrubbed before it is formatted (``RedactingFilter`` on the handler): an error
 message that quotes ``https://user:token@host/fleet.git``, a libpq ``password=``, or a value the
@@ -18,6 +22,7 @@ import time
 from typing import Any
 
 from reconciler.daemon.redaction import Redactor
+from reconciler.log_context import ContextFilter
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -88,17 +93,49 @@ class PlainFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(log_format: str, verbosity: int, redactor: Redactor | None = None) -> None:
-    """One stderr handler on the root logger; ``redactor`` is the daemon's, so the secret
-    values it learns later are masked in the log too."""
+LOG_FORMATS = ("plain", "json")
+
+
+def configure_logging(
+    log_format: str = "plain",
+    verbosity: int = 0,
+    *,
+    level: int = logging.WARNING,
+    redactor: Redactor | None = None,
+    keep_foreign: bool = False,
+) -> Redactor:
+    """One stderr handler on the root logger, for any command. ``level`` is the command's
+    quietest level (a one-shot command warns, the daemon says what it does); each ``-v``
+    says more. Returns the handler's redactor (``log_redactor``): the daemon teaches it the
+    secret values it learns, so they are masked in the log too.
+
+    With ``keep_foreign`` (``cli.main``), a root logger that already has handlers this
+    function did not install is left as it is, as ``logging.basicConfig`` would: the program
+    that embeds the CLI (or a test harness) owns its logging."""
+    root = logging.getLogger()
+    if keep_foreign and any(
+        not any(isinstance(f, RedactingFilter) for f in h.filters) for h in root.handlers
+    ):
+        return log_redactor()
+    redactor = redactor or Redactor()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else PlainFormatter())
-    handler.addFilter(RedactingFilter(redactor or Redactor()))
-    root = logging.getLogger()
+    handler.addFilter(ContextFilter())  # first: the context's fields are scrubbed too
+    handler.addFilter(RedactingFilter(redactor))
     for existing in list(root.handlers):
         root.removeHandler(existing)
     root.addHandler(handler)
-    root.setLevel((logging.INFO, logging.INFO, logging.DEBUG)[min(verbosity, 2)])
+    root.setLevel((level, min(level, logging.INFO), logging.DEBUG)[min(verbosity, 2)])
     # APScheduler logs every job run at INFO: a line every poll says nothing an operator needs.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # "3 changes detected"
+    return redactor
+
+
+def log_redactor() -> Redactor:
+    """The redactor of the handler ``configure_logging`` installed (a new one without it)."""
+    for handler in logging.getLogger().handlers:
+        for found in handler.filters:
+            if isinstance(found, RedactingFilter):
+                return found.redactor
+    return Redactor()

@@ -2,12 +2,15 @@
 
     threads:  elector ── Lease (file | postgresql) ──▶ Fence per term
               poller (APScheduler), repository watcher, HTTP server ──▶ TriggerQueue
-    main:     worker ── waits on the queue ──▶ ReconcileCycle.run(fence) ──▶ store, runtimes
+    main:     worker ── waits on the queue ──▶ ReconcileCycle.reconcile(fence) ──▶ store, runtimes
 
-Only the worker (the main thread) writes the state store or touches runtimes, and only while its
-fence is valid; followers never observe or act, they read the store for status. The HTTP threads
-read through connections of their own. On SIGTERM the worker finishes the cycle in flight, then
-the lease is released so a follower takes over at once; the VMs keep running throughout.
+``open_daemon`` opens what a replica holds (the host's state store and runtimes, the repository,
+the lease, the API token) and closes it again; ``Daemon`` only wires what it is given, so
+building one does no I/O. Only the worker (the main thread) writes the state store or touches
+runtimes, and only while its fence is valid; followers never observe or act. The HTTP threads
+see the ``DaemonView`` (``view_impl.LoopView``), which reads through store connections of its
+own. On SIGTERM the worker finishes the cycle in flight, then the lease is released so a
+follower takes over at once; the VMs keep running throughout.
 """
 
 from __future__ import annotations
@@ -19,29 +22,31 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from types import FrameType
-from typing import Any
 
-from reconciler.daemon.cycle import CommitVerifier, CycleResult, ReconcileCycle
+from reconciler.daemon.cycle import CommitVerifier, ReconcileCycle
 from reconciler.daemon.http_api import OperatorServer
 from reconciler.daemon.leader_file import TOKEN_FILE, write_leader
 from reconciler.daemon.metrics import DaemonMetrics
 from reconciler.daemon.redaction import Redactor, env_values
 from reconciler.daemon.settings import DaemonSettings
 from reconciler.daemon.triggers import Poller, RepositoryWatcher, TriggerQueue
-from reconciler.errors import LeadershipError, ReconcilerError, StaleTermError
-from reconciler.execution.host import Host, open_host_at
-from reconciler.execution.status import fleet_status
+from reconciler.daemon.view_impl import LoopState, LoopView, remember_secrets
+from reconciler.errors import ReconcilerError, StaleTermError
+from reconciler.execution.console_logs import StateDirConsoleLogs
+from reconciler.execution.host import open_host_at
+from reconciler.execution.protocol import Host
 from reconciler.leadership.elector import Elector
 from reconciler.leadership.fence import Fence
 from reconciler.leadership.file_lease import FileLease
 from reconciler.leadership.protocol import Lease
-from reconciler.model import DesiredFleet, ObservedFleet
+from reconciler.log_context import log_fields
+from reconciler.model import DesiredFleet
 from reconciler.pipeline import RevisionLoader
-from reconciler.source import open_source
+from reconciler.source import Source, open_source
 from reconciler.source.signatures import SignatureVerifier, TrustedKeys
-from reconciler.state import FLEET_WIDE, SQLiteStateStore
+from reconciler.state import FLEET_WIDE, StateStore
 
 log = logging.getLogger("reconciler.daemon")
 
@@ -49,21 +54,20 @@ HEAD_CHECK_SECONDS = 3.0
 
 
 def open_lease(settings: DaemonSettings) -> Lease:
-    if settings.lease == "file":
-        return FileLease(
-            settings.state_dir, holder=settings.identity, settings=settings.lease_settings
-        )
+    lease = settings.lease
+    if lease.backend == "file":
+        return FileLease(settings.state_dir, holder=lease.identity, settings=lease.timing)
     # Imported here: a host on the file lease never loads psycopg and libpq.
     from reconciler.leadership.postgres_lease import PostgresLease  # noqa: PLC0415
 
-    return PostgresLease(settings.lease, holder=settings.identity, settings=settings.lease_settings)
+    return PostgresLease(lease.backend, holder=lease.identity, settings=lease.timing)
 
 
 def api_token(settings: DaemonSettings) -> str:
     """The token of state-changing endpoints: given, or one shared by the replicas of a state
     directory (created once, readable by its owner only) so ``reconciler reconcile`` finds it."""
-    if settings.token:
-        return settings.token
+    if settings.api.token:
+        return settings.api.token
     path = settings.state_dir / TOKEN_FILE
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -74,80 +78,121 @@ def api_token(settings: DaemonSettings) -> str:
     return path.read_text().strip()
 
 
+def commit_verifier(settings: DaemonSettings, source: Source) -> CommitVerifier | None:
+    """The signature check of ``--trusted-key``; a bad key file or a missing gpg fails the
+    start, not the first poll."""
+    if not settings.source.trusted_keys:
+        return None
+    verifier = SignatureVerifier(
+        TrustedKeys.from_paths(settings.source.trusted_keys, settings.source.revoked_keys),
+        settings.state_dir / "signatures",
+    )
+    verifier.prepare()
+    repo_path = source.repo_path
+    return lambda sha: verifier.verify(repo_path, sha)
+
+
+def open_repository(settings: DaemonSettings) -> Source:
+    wanted = settings.source
+    source = open_source(
+        wanted.repo,
+        ref=wanted.ref,
+        cache_dir=settings.state_dir / "git",
+        fetch=False,
+        credential=wanted.credential,
+    )
+    if not source.remote:
+        source.resolve(None)  # a local repository that is not there is a typo: fail now
+    return source
+
+
+@contextmanager
+def open_daemon(
+    settings: DaemonSettings, *, lease: Lease | None = None, redactor: Redactor | None = None
+) -> Iterator[Daemon]:
+    """A daemon replica with what it holds opened, closed again when the block ends (the HTTP
+    server, then the lease, then the host's state store)."""
+    settings = settings.validated()
+    with ExitStack() as held:
+        host = held.enter_context(open_host_at(settings.state_dir))
+        source = open_repository(settings)
+        verify = commit_verifier(settings, source)
+        token = api_token(settings)
+        lease = lease if lease is not None else open_lease(settings)
+        held.callback(lease.close)
+        daemon = Daemon(
+            settings,
+            host=host,
+            source=source,
+            lease=lease,
+            token=token,
+            verify=verify,
+            redactor=redactor,
+        )
+        held.callback(daemon.server.close)
+        yield daemon
+
+
 class Daemon:
-    """The loop, and the ``DaemonView`` the HTTP server shows."""
+    """The loop of one replica: the elector, the triggers, the worker and the HTTP server,
+    wired together from what ``open_daemon`` opened. Building one does no I/O."""
 
     def __init__(
         self,
         settings: DaemonSettings,
-        lease: Lease | None = None,
+        *,
+        host: Host,
+        source: Source,
+        lease: Lease,
+        token: str,
+        verify: CommitVerifier | None = None,
         redactor: Redactor | None = None,
     ) -> None:
-        self.settings = settings.validated()
-        self.started_at = time.time()
+        self.settings = settings
+        self.host = host
+        self.source = source
+        self.lease = lease
         # Shared with the log handler (cli) and the HTTP server: what it learns is masked in
         # logs, events and every answer.
         self.redactor = redactor or Redactor()
         self.metrics = DaemonMetrics()
         self.queue = TriggerQueue()
+        self.state = LoopState(started_at=time.time())
         self._stopping = threading.Event()
-        self.host: Host = open_host_at(settings.state_dir)
-        source = open_source(
-            settings.repo,
-            ref=settings.ref,
-            cache_dir=settings.state_dir / "git",
-            fetch=False,
-            credential=settings.repo_credential,
-        )
-        self.source = source
-        if not source.remote:
-            source.resolve(None)  # a local repository that is not there is a typo: fail now
         self.cycle = ReconcileCycle(
-            RevisionLoader(source=source, subpath=settings.path),
-            self.host,
+            RevisionLoader(source=source, subpath=settings.source.path),
+            host,
             settings.cache_dir,
-            verify=self._verifier(),
+            verify=verify,
             newer_than=self._newer_head_waits,
             event=self._event,
+            metrics=self.metrics,
             loaded=self._remember_desired,
             force_deletions=settings.force_deletions,
-            allow_non_descendant=settings.allow_non_descendant,
+            allow_non_descendant=settings.source.allow_non_descendant,
         )
         self._head_checked_at = 0.0
         self._newer_head: str | None = None
-        self.lease = lease if lease is not None else open_lease(settings)
         self.elector = Elector(
-            self.lease,
+            lease,
             on_elected=self._on_elected,
             on_lost=self._on_lost,
             on_refused=self._on_refused,
         )
+        self.view = LoopView(
+            settings, self.state, self.elector, self.cycle, source, self.queue, self.redactor
+        )
         self.server = OperatorServer(
-            self,
+            self.view,
             self.metrics,
-            listen=settings.listen,
-            token=api_token(settings),
-            webhook_secret=settings.webhook_secret,
-            allowed_hosts=settings.allowed_hosts,
+            listen=settings.api.listen,
+            token=token,
+            webhook_secret=settings.api.webhook_secret,
+            allowed_hosts=settings.api.allowed_hosts,
             redactor=self.redactor,
+            console_logs=StateDirConsoleLogs(settings.state_dir),
         )
-        self._remember_observed(self.host.store.observed())  # VMs adopted from a previous run
-        self._claimed: Fence | None = None
         self._lost_reason: str | None = None
-        self.last_result: CycleResult | None = None
-        self.last_error: str | None = None
-        self.last_cycle_at: float | None = None
-
-    def _verifier(self) -> CommitVerifier | None:
-        if not self.settings.trusted_keys:
-            return None
-        verifier = SignatureVerifier(
-            TrustedKeys.from_paths(self.settings.trusted_keys, self.settings.revoked_keys),
-            self.settings.state_dir / "signatures",
-        )
-        verifier.prepare()  # a bad key file or a missing gpg fails the start, not the first poll
-        repo_path = self.source.repo_path
-        return lambda sha: verifier.verify(repo_path, sha)
 
     def _newer_head_waits(self, revision: str) -> bool:
         """Asked while a rollout of ``revision`` waits for health: has a trigger (a webhook, a
@@ -183,26 +228,29 @@ class Daemon:
     # -- the worker ---------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; returns the exit code."""
+        """Serve until SIGTERM/SIGINT; returns the exit code. The caller (``open_daemon``)
+        closes the server, the lease and the host afterwards."""
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
-        poller = Poller(
-            self.queue, interval=self.settings.poll_interval, jitter=self.settings.poll_jitter
-        )
+        polling = self.settings.polling
+        poller = Poller(self.queue, interval=polling.interval, jitter=polling.jitter)
         watcher = (
             RepositoryWatcher(self.queue, self.source.repo_path)
-            if self.settings.watch and not self.source.remote
+            if self.settings.source.watch and not self.source.remote
             else None
         )
         elector_thread = threading.Thread(target=self.elector.run, name="elector", daemon=True)
+        identity = self.settings.lease.identity
         try:
+            # VMs adopted from a previous run: their secrets are masked from the first answer.
+            remember_secrets(self.redactor, self.host.store.observed())
             self.server.start()
             log.info(
                 "daemon %s serving on %s, lease %s",
-                self.settings.identity,
+                identity,
                 self.server.url,
-                self.settings.lease_kind,
+                self.settings.lease.kind,
             )
             elector_thread.start()
             poller.start()
@@ -218,12 +266,9 @@ class Daemon:
             self.elector.resign("shutting down")
             self._notice_leadership()
             elector_thread.join(timeout=5)
-            self.server.close()
-            self.lease.close()
-            self.host.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            log.info("daemon %s stopped", self.settings.identity)
+            log.info("daemon %s stopped", identity)
         return 0
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -257,78 +302,55 @@ class Daemon:
         fence to act under, or None while following."""
         fence = self.elector.fence
         store = self.host.store
-        if self._claimed is not None and fence is not self._claimed:
-            old, self._claimed = self._claimed, None
+        identity = self.settings.lease.identity
+        claimed = self.state.claimed
+        if claimed is not None and fence is not claimed:
+            self.state.claimed = None
             store.release_fence()
             why = self._lost_reason or "the lease was lost"
-            self._event("stepped-down", self.settings.identity, why, term=old.term)
+            self._event("stepped-down", identity, why, term=claimed.term)
             level = logging.INFO if self._stopping.is_set() else logging.WARNING
-            log.log(level, "stepped down from term %d: %s", old.term, why, extra={"term": old.term})
+            log.log(
+                level,
+                "stepped down from term %d: %s",
+                claimed.term,
+                why,
+                extra={"term": claimed.term},
+            )
         if fence is None or not fence.valid:
             return None
-        if self._claimed is not fence:
+        if self.state.claimed is not fence:
             try:
                 store.claim_term(fence)
             except StaleTermError as err:
                 self.elector.resign(str(err))
                 return None
-            self._claimed = fence
+            self.state.claimed = fence
             self.queue.request("elected")  # a new leader converges at once, not at the next poll
             self._write_leader_file(fence)
-            self._event("elected", self.settings.identity, f"leads with term {fence.term}")
+            self._event("elected", identity, f"leads with term {fence.term}")
             log.info("leading with term %d", fence.term, extra={"term": fence.term})
         return fence
 
     def _run_cycle(self, fence: Fence, reasons: list[str]) -> None:
-        started, cpu = time.monotonic(), time.process_time()
-        try:
-            result = self.cycle.run(fence)
-        except ReconcilerError as err:  # a refused (stale-term) write among them
-            result = CycleResult("failed", None, None, error=str(err))
-        except Exception as exc:  # the daemon outlives any one bug; the operator sees it
-            log.exception("reconcile cycle crashed")
-            result = CycleResult("failed", None, None, error=f"internal error: {exc!r}")
-        duration = time.monotonic() - started
-        self.last_result, self.last_error = result, result.error
-        self.last_cycle_at = time.time()
-        self.metrics.observe_cycle(duration, result.outcome)
-        self.metrics.count_builds(
-            result.builds.get("built", 0),
-            result.builds.get("cached", 0),
-            result.builds.get("failed", 0),
-        )
+        with log_fields(term=fence.term):  # every line of the cycle says which term it is
+            result = self.cycle.reconcile(fence, reasons)  # records its events, metrics, log
+        self.state.last_result, self.state.last_error = result, result.error
+        self.state.last_cycle_at = time.time()
         self._refresh_metrics(self.host.store)
-        log.log(
-            logging.WARNING if result.outcome == "failed" else logging.INFO,
-            "cycle %s%s",
-            result.outcome,
-            f": {result.error}" if result.error else "",
-            extra={
-                "trigger": ",".join(reasons),
-                "head": (result.head or "")[:12],
-                "converged_to": (result.converged_to or "")[:12],
-                "duration_s": round(duration, 3),
-                "cpu_s": round(time.process_time() - cpu, 3),
-                "term": fence.term,
-            },
-        )
 
     def _remember_desired(self, desired: DesiredFleet) -> None:
         for vm in desired.vms.values():
             self.redactor.remember(env_values(vm.settings))
 
-    def _remember_observed(self, observed: ObservedFleet) -> None:
-        for vm in observed.vms.values():
-            self.redactor.remember(env_values(vm.settings))
-
-    def _refresh_metrics(self, store: SQLiteStateStore) -> None:
+    def _refresh_metrics(self, store: StateStore) -> None:
         observed = store.observed()
-        self._remember_observed(observed)
+        remember_secrets(self.redactor, observed)
         applied, attempted = store.applied_revision(), store.attempted_revision()
         self.metrics.set_revisions(
             applied.revision if applied else None,
             attempted.revision if attempted else None,
-            self.last_error is not None,
+            self.state.last_error is not None,
         )
         self.metrics.set_vms((vm.state.value, vm.healthy) for vm in observed.vms.values())
         suspended = store.suspensions()
@@ -337,7 +359,7 @@ class Daemon:
         )
 
     def _event(self, kind: str, subject: str, message: str, term: int | None = None) -> None:
-        fence = self._claimed
+        fence = self.state.claimed
         self.host.store.record_event(
             kind,
             self.redactor.text(subject),
@@ -350,109 +372,9 @@ class Daemon:
         write_leader(
             self.settings.state_dir,
             {
-                "holder": self.settings.identity,
+                "holder": self.settings.lease.identity,
                 "term": fence.term,
                 "url": self.server.url,
                 "pid": os.getpid(),
             },
         )
-
-    # -- DaemonView (HTTP threads) ------------------------------------------------------------
-
-    @contextmanager
-    def _reader(self) -> Iterator[SQLiteStateStore]:
-        store = SQLiteStateStore(self.settings.state_dir / "state.db")
-        try:
-            yield store
-        finally:
-            store.close()
-
-    def _leader(self) -> dict[str, Any]:
-        fence = self.elector.fence
-        is_leader = fence is not None and fence.valid
-        holder = self.elector.holder
-        return {
-            "is_leader": is_leader,
-            "term": fence.term if is_leader and fence else (holder.term if holder else 0),
-            "holder": self.settings.identity if is_leader else (holder.holder if holder else ""),
-            "me": self.settings.identity,
-            "lease": self.settings.lease_kind,
-            "lease_error": self.elector.last_error,
-        }
-
-    def status(self) -> dict[str, Any]:
-        with self._reader() as store:
-            observed = store.observed()
-            self._remember_observed(observed)
-            status = fleet_status(
-                observed,
-                store.applied_revision(),
-                store.attempted_revision(),
-                store.suspensions(),
-            )
-        status["fleet"] = self.cycle.fleet_name
-        status["leader"] = self._leader()
-        result = self.last_result
-        status["daemon"] = {
-            "id": self.settings.identity,
-            "started_at": self.started_at,
-            "last_error": self.last_error,
-            "last_outcome": result.outcome if result else None,
-            "last_cycle_at": self.last_cycle_at,
-            "head": result.head if result else None,
-            "converged_to": result.converged_to if result else None,
-            "backoff_until": self.cycle.backoff.retry_at(self.cycle.backoff.revision or "") or None,
-            "repo": self.redactor.text(self.source.describe()),
-            "poll_interval": self.settings.poll_interval,
-        }
-        return status
-
-    def ready(self) -> tuple[bool, str]:
-        try:
-            with self._reader() as store:
-                store.version()
-        except ReconcilerError as err:
-            return False, str(err)
-        if self.elector.last_error:
-            return False, self.elector.last_error
-        if self._claimed is not None:
-            if self.last_cycle_at is None:
-                return False, "leading; the first cycle has not finished"
-            return True, f"leading with term {self._claimed.term}"
-        holder = self.elector.holder
-        return True, f"following {holder.holder} (term {holder.term})" if holder else "following"
-
-    def events(self, limit: int) -> list[dict[str, Any]]:
-        with self._reader() as store:
-            return [
-                {
-                    "id": e.id,
-                    "at": e.at,
-                    "kind": e.kind,
-                    "subject": e.subject,
-                    "message": e.message,
-                    "term": e.term,
-                }
-                for e in store.events(limit)
-            ]
-
-    def _require_leader(self) -> None:
-        if self._claimed is None:
-            holder = self.elector.holder
-            leader = f"{holder.holder} (term {holder.term})" if holder else "unknown"
-            raise LeadershipError(f"this replica does not lead; the leader is {leader}")
-
-    def request_reconcile(self, reason: str) -> None:
-        self._require_leader()
-        self.queue.request(reason)
-
-    def suspend(self, workload: str | None, reason: str) -> None:
-        with self._reader() as store:
-            store.suspend(workload, reason)
-
-    def resume(self, workload: str | None) -> None:
-        with self._reader() as store:
-            if not store.resume(workload):
-                raise ReconcilerError(f"{workload or 'the fleet'} is not suspended")
-        if self._claimed is not None:
-            self.queue.request("resumed")

@@ -1,4 +1,16 @@
-"""The daemon's settings, validated once at start-up (bad values are a ``ConfigError``)."""
+"""The daemon's settings, grouped by what they configure and validated once at start-up (a bad
+value is a ``ConfigError``).
+
+    cli (options + ``cli.environment``) ──▶ DaemonSettings ──validated()──▶ daemon.loop
+        source   which repository, which ref, which keys it must be signed with
+        api      where the HTTP server listens, its token, webhooks, the names it answers to
+        polling  how often the repository is polled
+        lease    which lease backend elects the leader, its timing, this replica's name
+
+Each default is written here once: the command-line options take theirs from these classes.
+Secrets (the token, the webhook secret, a credential, a PostgreSQL URL with a password) stay out
+of ``repr()``: settings end up in log lines and tracebacks.
+"""
 
 from __future__ import annotations
 
@@ -13,53 +25,92 @@ from reconciler.leadership import LeaseSettings
 from reconciler.source.credentials import GitCredential
 
 _HOST_NAME = re.compile(r"(?i)[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_.])?")
+FILE_LEASE = "file"
+
+
+def default_identity() -> str:
+    """A replica's name when none is given: unique per host and process."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 @dataclass(frozen=True)
-class DaemonSettings:
-    repo: str
-    state_dir: Path
-    cache_dir: Path
-    path: str = ""
-    ref: str | None = None
-    # "file" or a postgresql:// URL (or libpq DSN). Secrets stay out of repr(): settings end up
-    # in log lines and tracebacks.
-    lease: str = field(default="file", repr=False)
-    lease_settings: LeaseSettings = field(default_factory=LeaseSettings)
-    listen: str = "127.0.0.1:9180"
-    poll_interval: float = 30.0
-    poll_jitter: float = 5.0
-    token: str | None = field(default=None, repr=False)
-    webhook_secret: bytes | None = field(default=None, repr=False)
-    trusted_keys: tuple[Path, ...] = ()
-    revoked_keys: tuple[Path, ...] = ()  # --revoked-key: revocations of trusted keys
-    repo_credential: GitCredential | None = field(default=None, repr=False)
+class SourceSettings:
+    repo: str  # a local path or a git URL
+    path: str = ""  # the manifests' sub-directory
+    ref: str | None = None  # None: HEAD, or the remote's default branch
+    credential: GitCredential | None = field(default=None, repr=False)
+    trusted_keys: tuple[Path, ...] = ()  # act only on commits signed by these keys
+    revoked_keys: tuple[Path, ...] = ()  # revocations of trusted keys
     allow_non_descendant: bool = False  # apply a head that does not descend from the applied
-    identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     watch: bool = True  # file watch when the repository is a local path
-    force_deletions: bool = False  # lift the Fleet's maxDeletions guard (planning.guard)
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    listen: str = "127.0.0.1:9180"
+    token: str | None = field(default=None, repr=False)  # None: the state directory's own
+    webhook_secret: bytes | None = field(default=None, repr=False)  # None: webhooks refused
     # Names the HTTP server answers to besides IP addresses and localhost (DNS rebinding).
     allowed_hosts: tuple[str, ...] = ()
 
-    @property
-    def lease_kind(self) -> str:
-        return "file" if self.lease == "file" else "postgresql"
-
-    def validated(self) -> DaemonSettings:
-        self.lease_settings.validated()
-        if self.poll_interval < 1:
-            raise ConfigError(f"--poll-interval must be at least 1 s, not {self.poll_interval:g}")
-        if not 0 <= self.poll_jitter < self.poll_interval:
-            raise ConfigError(
-                f"--poll-jitter must be between 0 and the poll interval ({self.poll_interval:g} s)"
-            )
-        is_url = self.lease.startswith(("postgresql://", "postgres://"))
-        if self.lease != "file" and not is_url and "=" not in self.lease:  # or a libpq DSN
-            raise ConfigError(f"--lease must be 'file' or a postgresql:// URL, not {self.lease!r}")
+    def validated(self) -> ApiSettings:
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ConfigError(f"--listen must be HOST:PORT, not {self.listen!r}")
         for name in self.allowed_hosts:
             if not _HOST_NAME.fullmatch(name):
                 raise ConfigError(f"--allowed-host must be a DNS name without a port, not {name!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class PollingSettings:
+    interval: float = 30.0  # seconds between polls of the repository
+    jitter: float = 5.0  # up to this much is added, so replicas do not poll in step
+
+    def validated(self) -> PollingSettings:
+        if self.interval < 1:
+            raise ConfigError(f"--poll-interval must be at least 1 s, not {self.interval:g}")
+        if not 0 <= self.jitter < self.interval:
+            raise ConfigError(
+                f"--poll-jitter must be between 0 and the poll interval ({self.interval:g} s)"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class LeaderSettings:
+    # "file" or a postgresql:// URL (or a libpq DSN), which may hold a password.
+    backend: str = field(default=FILE_LEASE, repr=False)
+    timing: LeaseSettings = field(default_factory=LeaseSettings)
+    identity: str = field(default_factory=default_identity)
+
+    @property
+    def kind(self) -> str:
+        return "file" if self.backend == FILE_LEASE else "postgresql"
+
+    def validated(self) -> LeaderSettings:
+        self.timing.validated()
+        is_url = self.backend.startswith(("postgresql://", "postgres://"))
+        if self.backend != FILE_LEASE and not is_url and "=" not in self.backend:  # or a DSN
+            raise ConfigError(
+                f"--lease must be 'file' or a postgresql:// URL, not {self.backend!r}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    source: SourceSettings
+    state_dir: Path
+    cache_dir: Path
+    api: ApiSettings = field(default_factory=ApiSettings)
+    polling: PollingSettings = field(default_factory=PollingSettings)
+    lease: LeaderSettings = field(default_factory=LeaderSettings)
+    force_deletions: bool = False  # lift the Fleet's maxDeletions guard (planning.guard)
+
+    def validated(self) -> DaemonSettings:
+        self.lease.validated()
+        self.polling.validated()
+        self.api.validated()
         return self

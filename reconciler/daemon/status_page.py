@@ -21,9 +21,10 @@ from typing import Any
 
 import jinja2
 
+from reconciler.formatting import format_duration, short_sha
+
 EVENTS_SHOWN = 50
 REFRESH_SECONDS = 5
-SHORT_SHA = 12  # the same length as the daemon's log lines
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("reconciler.daemon", "templates"),
@@ -32,24 +33,6 @@ _ENV = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-
-
-def short_sha(revision: object) -> str:
-    return str(revision)[:SHORT_SHA] if revision else "-"
-
-
-def format_duration(seconds: object) -> str:
-    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
-        return "-"
-    total = int(seconds)
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s"
 
 
 def format_time(at: object) -> str:
@@ -130,6 +113,8 @@ def page_context(
                 "uptime": format_duration(vm.get("uptime_seconds")),
                 "restarts": vm.get("restarts") if vm.get("restarts") is not None else "-",
                 "detail": vm.get("detail") or "",
+                # The console's last lines of a VM that is not healthy (why it is not).
+                "console_tail": [str(line) for line in vm.get("console_tail") or []],
             }
             for vm in vms
         ],

@@ -1,25 +1,62 @@
 """What the daemon shows and accepts over HTTP: the seam between the loop and the web layer.
 
-    Daemon (reconciler.daemon.loop) ──implements──▶ DaemonView ◀──reads── http_api, status page
+    daemon.loop ──builds──▶ view_impl.LoopView ──implements──▶ DaemonView
+                                                 ◀──reads── http_api, status page, metrics
 
 The HTTP layer knows nothing of git, runtimes or the lease; it calls these methods. Tests give
-it an in-memory view.
+it an in-memory view. The payloads are typed here (``DaemonStatus``, ``EventEntry``): the keys
+of ``/api/status`` and ``/api/events``, which scripts and the status page read.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol, TypedDict
+
+from reconciler.execution.status import FleetStatus
+
+
+class LeaderStatus(TypedDict):
+    is_leader: bool  # this replica leads
+    term: int  # its term when it leads, else the leader's as far as it knows (0: none)
+    holder: str  # the leading replica's identity ("" when unknown)
+    me: str  # this replica's identity
+    lease: str  # the lease backend: "file" or "postgresql"
+    lease_error: str | None  # why the lease backend cannot be reached, when it cannot
+
+
+class DaemonInfo(TypedDict):
+    id: str
+    started_at: float
+    last_error: str | None  # of the last cycle
+    last_outcome: str | None  # a cycle ``Outcome`` value
+    last_cycle_at: float | None
+    head: str | None  # the head the last cycle saw
+    converged_to: str | None  # the revision it converged onto
+    backoff_until: float | None  # when the refused head is tried again
+    repo: str  # the repository, credentials masked
+    poll_interval: float
+
+
+class DaemonStatus(FleetStatus):
+    """``GET /api/status``: ``reconciler status --format json`` and what the daemon knows."""
+
+    fleet: str | None  # the fleet's name, from the revision converged last
+    leader: LeaderStatus
+    daemon: DaemonInfo
+
+
+class EventEntry(TypedDict):
+    id: int
+    at: float
+    kind: str
+    subject: str
+    message: str
+    term: int | None
 
 
 class DaemonView(Protocol):
-    def status(self) -> dict[str, Any]:
-        """JSON-ready status: the keys of ``reconciler status --format json``
-        (``applied_revision``, ``attempted_revision``, ``last_error``, ``vms``: a list of
-        ``{name, workload, state, healthy, address, pid, artifact, runtime, detail,
-        uptime_seconds, restarts}``) plus ``fleet`` (its name), ``leader``: ``{is_leader,
-        term, holder}``, ``daemon``: ``{id, started_at, last_error, last_outcome,
-        last_cycle_at, head, converged_to, backoff_until, repo, poll_interval}`` and
-        ``suspended``: ``{fleet: bool, workloads: [str]}``."""
+    def status(self) -> DaemonStatus:
+        """What runs, the revisions, who leads and what the loop last did."""
         ...
 
     def ready(self) -> tuple[bool, str]:
@@ -27,8 +64,8 @@ class DaemonView(Protocol):
         this replica is a follower that is watching the lease); the reason when not."""
         ...
 
-    def events(self, limit: int) -> list[dict[str, Any]]:
-        """The newest events, newest first: ``{id, at, kind, subject, message, term}``."""
+    def events(self, limit: int) -> list[EventEntry]:
+        """The newest events, newest first."""
         ...
 
     def request_reconcile(self, reason: str) -> None:

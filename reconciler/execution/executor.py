@@ -30,15 +30,21 @@ from reconciler.errors import (
     SupersededError,
     VMRuntimeError,
 )
+from reconciler.execution.events import EventKind, ExecutionEvent, Reporter, print_event
 from reconciler.execution.health import describe_problems, judge_health
 from reconciler.execution.launch import launch_config
 from reconciler.execution.vms import runtime_for, spec_of, vm_dir, vm_spec
+from reconciler.execution.volumes import prepare as prepare_volumes
+from reconciler.execution.volumes import reclaim as reclaim_volumes
 from reconciler.leadership.fence import Fence
+from reconciler.log_context import log_fields
 from reconciler.model import (
     ActionType,
+    BuildStatus,
     DesiredFleet,
     ObservedVM,
     Plan,
+    RevisionOutcome,
     RuntimeKind,
     VMAction,
     VMState,
@@ -75,7 +81,7 @@ class Executor:
     builder: MatrixBuilder
     runtimes: Mapping[RuntimeKind, Runtime]
     network: Network | None
-    say: Callable[[str], None] = print
+    on_event: Reporter = print_event
     fence: Fence | None = None
     superseded: Callable[[], bool] = lambda: False
     """True when a newer revision waits (the daemon): health waits stop, nothing rolls back."""
@@ -89,13 +95,13 @@ class Executor:
         for intent in self.store.open_intents():
             # A reconciler was killed mid-action; the observer has already seen what it left
             # (a recorded VM is adopted or recreated), so the plan finishes the job.
-            self.say(f"resuming after an interrupted {intent.action} of {intent.vm}")
+            self.on_event(ExecutionEvent(EventKind.INTENT_RESUMED, intent.vm, action=intent.action))
             self.store.complete_intent(intent.id, "interrupted")
         if self.network is not None:
             # TAPs, veths and namespaces made for a VM that a killed reconciler never recorded.
             self._guard("removing orphaned network devices")
             for name in self.network.cleanup_orphans(set(self.store.observed().vms)):
-                self.say(f"removed orphaned network device or namespace {name}")
+                self.on_event(ExecutionEvent(EventKind.ORPHAN_REMOVED, detail=name))
         report = ApplyReport()
         try:
             for action in plan.actions:  # a runtime that does not exist fails before any change
@@ -120,19 +126,25 @@ class Executor:
             # The VMs started so far keep running; the newer revision's plan takes them from
             # here (or the next cycle judges their health), so there is nothing to roll back.
             if self.record_revision:
-                self.store.record_revision(revision, outcome="failed", message=str(err))
+                self.store.record_revision(
+                    revision, outcome=RevisionOutcome.FAILED, message=str(err)
+                )
             report.superseded = str(err)
             return report
         except (BuildError, VMRuntimeError, NotImplementedFeatureError) as err:
             if self.record_revision:
-                self.store.record_revision(revision, outcome="failed", message=str(err))
+                self.store.record_revision(
+                    revision, outcome=RevisionOutcome.FAILED, message=str(err)
+                )
             raise
         if not self.record_revision:
             return report
         if report.ok:
-            self.store.record_revision(revision, outcome="applied")
+            self.store.record_revision(revision, outcome=RevisionOutcome.APPLIED)
         else:
-            self.store.record_revision(revision, outcome="failed", message=report.problems())
+            self.store.record_revision(
+                revision, outcome=RevisionOutcome.FAILED, message=report.problems()
+            )
         return report
 
     def _guard(self, what: str) -> None:
@@ -153,7 +165,7 @@ class Executor:
         results = self.builder.build(desired, targets=targets, workloads=workloads)
         for result in results:
             report.builds[result.status] = report.builds.get(result.status, 0) + 1
-        failed = [r for r in results if r.status == "failed"]
+        failed = [r for r in results if r.status == BuildStatus.FAILED]
         if failed:
             first = failed[0]
             raise BuildError(
@@ -166,20 +178,25 @@ class Executor:
     def _run_with_intent(
         self, action: VMAction, desired: DesiredFleet, artifacts: Mapping[str, Path]
     ) -> VMSpec | None:
-        intent = self.store.begin_intent(action.vm, action.action.value)
-        try:
-            spec = self._run(action, desired, artifacts)
-        except BaseException:
-            self.store.complete_intent(intent, "failed")
-            raise
-        self.store.complete_intent(intent)
-        return spec
+        with log_fields(vm=action.vm):  # whatever logs during the action names its VM
+            intent = self.store.begin_intent(action.vm, action.action.value)
+            try:
+                spec = self._run(action, desired, artifacts)
+            except BaseException:
+                self.store.complete_intent(intent, "failed")
+                raise
+            self.store.complete_intent(intent)
+            return spec
 
     def _run(
         self, action: VMAction, desired: DesiredFleet, artifacts: Mapping[str, Path]
     ) -> VMSpec | None:
         current = self.store.observed().vms.get(action.vm)
-        self.say(f"{action.action.value:<8} {action.vm}: {action.reason}")
+        self.on_event(
+            ExecutionEvent(
+                EventKind.ACTION, action.vm, action=action.action.value, detail=action.reason
+            )
+        )
         if action.action is ActionType.DELETE:
             if current is not None:
                 self._remove(current)
@@ -236,6 +253,9 @@ class Executor:
             config=launch_config(record.settings),
             artifact=artifact,
             network=attachment,
+            # Created once, grown here while the VM is stopped, never part of its directory: a
+            # replace gets a fresh root disk and the same volumes.
+            volumes=prepare_volumes(self.state_dir, record, on_event=self.on_event),
         )
         if record.runtime is RuntimeKind.FIRECRACKER:
             # Firecracker boots the uncompressed ELF of the kernel the artifact was built with.
@@ -277,12 +297,14 @@ class Executor:
                 continue  # a new VM: nothing to go back to; it stays recorded as failed
             entry = self.builder.cache.find(previous.artifact_digest)
             if entry is None:
-                self.say(f"cannot roll back {name}: its previous artifact is no longer cached")
+                self.on_event(ExecutionEvent(EventKind.ROLLBACK_IMPOSSIBLE, name))
                 continue
             current = self.store.observed().vms[name]
             self._guard(f"stopping {name} for a rollback")
             runtime_for(self.runtimes, current.runtime).stop(spec_of(current, self.state_dir))
-            self.say(f"rollback {name}: back to artifact {previous.artifact_digest[7:19]}")
+            self.on_event(
+                ExecutionEvent(EventKind.ROLLBACK, name, artifact=previous.artifact_digest)
+            )
             spec = self._launch(previous, entry.path, fresh_disk=True)
             if self._health(spec)[0]:
                 done.append(name)
@@ -305,7 +327,7 @@ class Executor:
             self.runtimes,
             self.state_dir,
             spec.name,
-            say=self.say,
+            on_event=self.on_event,
             superseded=self.superseded,
         )
 
@@ -315,4 +337,7 @@ class Executor:
         if self.network is not None:
             self.network.detach(vm.name)
         shutil.rmtree(vm_dir(self.state_dir, vm.name), ignore_errors=True)
+        reclaim_volumes(
+            self.state_dir, vm, on_event=self.on_event
+        )  # only reclaimPolicy: delete goes
         self.store.remove_vm(vm.name)  # last: until here a crash leaves the record to retry

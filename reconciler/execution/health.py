@@ -16,9 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from reconciler.errors import SupersededError
+from reconciler.execution.events import EventKind, ExecutionEvent, Reporter
 from reconciler.execution.launch import launch_config
 from reconciler.execution.vms import runtime_for, spec_of
-from reconciler.model import RuntimeKind, VMState
+from reconciler.log_context import log_fields
+from reconciler.model import HealthCheck, HealthKind, RuntimeKind, VMState
 from reconciler.state import StateStore
 from runtime.console import last_event, read_markers
 from runtime.protocol import Runtime
@@ -26,18 +28,18 @@ from runtime.protocol import Runtime
 DEFAULT_START_SECONDS = 120.0  # TCG boots of a PyInstaller service take tens of seconds
 
 
-def probe(
-    kind: str, address: str, port: int | None, path: str | None, timeout: float
-) -> tuple[bool, str]:
-    if kind == "console" or port is None:
+def probe(check: HealthCheck, address: str) -> tuple[bool, str]:
+    """One try of ``check`` against the VM at ``address``: ``(passed, what was seen)``."""
+    kind, port, path, timeout = check.kind, check.port, check.path or "/", check.timeout_seconds
+    if kind == HealthKind.CONSOLE or port is None:
         return True, "workload started"
     try:
-        if kind == "tcp":
+        if kind == HealthKind.TCP:
             with socket.create_connection((address, port), timeout=timeout):
                 return True, f"tcp {address}:{port} accepts connections"
         connection = http.client.HTTPConnection(address, port, timeout=timeout)
         try:
-            connection.request("GET", path or "/")
+            connection.request("GET", path)
             status = connection.getresponse().status
         finally:
             connection.close()
@@ -50,7 +52,7 @@ def probe(
 
 def wait_healthy(
     console_log: Path,
-    health: dict[str, object] | None,
+    health: HealthCheck | None,
     address: str | None,
     *,
     alive: Callable[[], bool],
@@ -60,13 +62,11 @@ def wait_healthy(
 ) -> tuple[bool, str]:
     """Wait until the VM is healthy or cannot become so; ``(healthy, why)``. Raises
     ``SupersededError`` as soon as ``superseded()`` says a newer revision waits."""
-    health = health or {"kind": "console"}
-    start_period = float(str(health.get("startPeriodSeconds") or DEFAULT_START_SECONDS))
-    interval = float(str(health.get("intervalSeconds") or 2.0))
-    timeout = float(str(health.get("timeoutSeconds") or 5.0))
-    kind = str(health.get("kind", "console"))
-    port = health.get("port")
-    deadline = now() + max(start_period, DEFAULT_START_SECONDS)
+    check = health or HealthCheck(HealthKind.CONSOLE)
+    # A VM gets at least DEFAULT_START_SECONDS whatever it declares: under TCG a boot alone
+    # can take longer than a start period written for KVM.
+    patience = max(check.start_period_seconds, DEFAULT_START_SECONDS)
+    deadline = now() + patience
     last = "the guest has not reported yet"
     while now() < deadline:
         if superseded():
@@ -90,15 +90,13 @@ def wait_healthy(
             continue
         if address is None:
             return True, "workload started (no network to probe)"
-        ok, last = probe(
-            kind, address, int(str(port)) if port else None, str(health.get("path") or "/"), timeout
-        )
+        ok, last = probe(check, address)
         if ok:
             return True, last
         if not alive():
             return False, f"the VM stopped; last probe: {last}"
-        sleep(interval)
-    return False, f"not healthy within {max(start_period, DEFAULT_START_SECONDS):g} s: {last}"
+        sleep(check.interval_seconds or HealthCheck.interval_seconds)
+    return False, f"not healthy within {patience:g} s: {last}"
 
 
 def describe_problems(unhealthy: Mapping[str, str]) -> str:
@@ -112,21 +110,22 @@ def judge_health(
     state_dir: Path,
     name: str,
     *,
-    say: Callable[[str], None],
+    on_event: Reporter,
     superseded: Callable[[], bool] = lambda: False,
 ) -> tuple[bool, str]:
     """Wait for the verdict on VM ``name`` and record it (with its state and pid) in the store."""
-    vm = store.observed().vms[name]
-    runtime = runtime_for(runtimes, vm.runtime)
-    spec = spec_of(vm, state_dir)
-    healthy, why = wait_healthy(
-        spec.vm_dir / "console.log",
-        launch_config(vm.settings).health,
-        vm.address,
-        alive=lambda: runtime.status(spec).state is VMState.RUNNING,
-        superseded=superseded,
-    )
-    status = runtime.status(spec)
-    store.put_vm(replace(vm, healthy=healthy, state=status.state, pid=status.pid, detail=why))
-    say(f"{'healthy' if healthy else 'UNHEALTHY':<8} {name}: {why}")
-    return healthy, why
+    with log_fields(vm=name):  # the probe's and the runtime's lines name the VM
+        vm = store.observed().vms[name]
+        runtime = runtime_for(runtimes, vm.runtime)
+        spec = spec_of(vm, state_dir)
+        healthy, why = wait_healthy(
+            spec.vm_dir / "console.log",
+            launch_config(vm.settings).health,
+            vm.address,
+            alive=lambda: runtime.status(spec).state is VMState.RUNNING,
+            superseded=superseded,
+        )
+        status = runtime.status(spec)
+        store.put_vm(replace(vm, healthy=healthy, state=status.state, pid=status.pid, detail=why))
+        on_event(ExecutionEvent(EventKind.HEALTH, name, healthy=healthy, detail=why))
+        return healthy, why

@@ -1,5 +1,6 @@
 """The embedded-default host: state store, runtimes and network of this machine, and the one
-way to execute a plan on it (shared by ``reconciler apply`` and the daemon).
+way to execute a plan on it (shared by ``reconciler apply`` and the daemon). ``LocalHost``
+implements the ``Host`` Protocol (``execution.protocol``).
 
     Plan + DesiredFleet ──converge──▶ MatrixBuilder (builds) ──▶ Executor (waves, health)
                                        Network (bridge, TAPs, firewall) ──┘
@@ -10,17 +11,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from builders.cache import ArtifactCache
 from builders.images import guest_init
 from builders.kernels import KernelRegistry
 from builders.matrix import MatrixBuilder
+from reconciler.execution.events import Reporter, print_event
 from reconciler.execution.executor import ApplyReport, Executor
 from reconciler.execution.health import judge_health
 from reconciler.execution.observer import observe, record_observation
 from reconciler.leadership.fence import Fence
 from reconciler.model import DesiredFleet, ObservedFleet, Plan, RuntimeKind, VMState
-from reconciler.state import SQLiteStateStore, open_state_store
+from reconciler.state import StateStore, open_state_store
 from runtime.firecracker.driver import FirecrackerRuntime
 from runtime.network import Network, scope_for
 from runtime.process.driver import ProcessRuntime
@@ -29,9 +33,11 @@ from runtime.qemu.driver import QemuRuntime
 
 
 @dataclass
-class Host:
+class LocalHost:
+    """This machine: its state directory, state store and runtimes. A context manager."""
+
     state_dir: Path
-    store: SQLiteStateStore
+    store: StateStore
     runtimes: dict[RuntimeKind, Runtime]
 
     def observe(self) -> ObservedFleet:
@@ -50,17 +56,16 @@ class Host:
         cache_dir: Path,
         *,
         fence: Fence | None = None,
-        say: Callable[[str], None] = print,
+        on_event: Reporter = print_event,
         record_revision: bool = True,
         superseded: Callable[[], bool] = lambda: False,
     ) -> ApplyReport:
         """Build what ``plan`` starts and execute it, wave by wave, on this host."""
-        network = Network(
+        with Network(
             desired.fleet.network,
             self.state_dir / "state.db",
             scope=scope_for(str(self.state_dir.resolve())),
-        )
-        try:
+        ) as network:
             builder = MatrixBuilder(
                 checkout, ArtifactCache(cache_dir), KernelRegistry(self.state_dir / "kernels")
             )
@@ -70,20 +75,18 @@ class Host:
                 builder,
                 self.runtimes,
                 network,
-                say=say,
+                on_event=on_event,
                 fence=fence,
                 record_revision=record_revision,
                 superseded=superseded,
             )
             return executor.apply(plan, desired)
-        finally:
-            network.close()
 
     def settle_health(
         self,
         observed: ObservedFleet,
         fence: Fence | None = None,
-        say: Callable[[str], None] = print,
+        on_event: Reporter = print_event,
         superseded: Callable[[], bool] = lambda: False,
     ) -> dict[str, str]:
         """Judge the running VMs whose health nobody knows: adopted from a reconciler that died
@@ -99,7 +102,7 @@ class Host:
                     self.runtimes,
                     self.state_dir,
                     vm.name,
-                    say=say,
+                    on_event=on_event,
                     superseded=superseded,
                 )
                 if not healthy:
@@ -109,8 +112,19 @@ class Host:
     def close(self) -> None:
         self.store.close()
 
+    def __enter__(self) -> Self:
+        return self
 
-def open_host_at(directory: Path) -> Host:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def open_host_at(directory: Path) -> LocalHost:
     runtimes: dict[RuntimeKind, Runtime] = {
         RuntimeKind.QEMU: QemuRuntime(state_dir=directory),
         RuntimeKind.FIRECRACKER: FirecrackerRuntime(),
@@ -118,4 +132,4 @@ def open_host_at(directory: Path) -> Host:
             init_binary=lambda: guest_init(directory / "guest-init.log")
         ),
     }
-    return Host(directory, open_state_store(directory), runtimes)
+    return LocalHost(directory, open_state_store(directory), runtimes)

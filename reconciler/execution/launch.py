@@ -14,8 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from reconciler.errors import VMRuntimeError
-from reconciler.guest_config import GuestConfig, encode
+from reconciler.guest_config import GuestConfig, GuestVolume, encode
 from reconciler.guest_values import kernel_args_problem
+from reconciler.model import (
+    HealthCheck,
+    RestartPolicy,
+    VolumeSpec,
+    health_check_of,
+    volumes_of,
+)
 
 
 @dataclass(frozen=True)
@@ -24,9 +31,10 @@ class LaunchConfig:
     memory_mib: int
     env: dict[str, str]
     args: list[str]
-    restart_policy: str
+    restart_policy: RestartPolicy
     kernel_args: str
-    health: dict[str, object] | None
+    health: HealthCheck | None
+    volumes: tuple[VolumeSpec, ...] = ()
 
 
 def launch_config(settings: Mapping[str, str]) -> LaunchConfig:
@@ -38,15 +46,15 @@ def launch_config(settings: Mapping[str, str]) -> LaunchConfig:
         for key, raw in settings.items()
         if key.startswith("deploy.env.")
     }
-    health = value("deploy.health")
     return LaunchConfig(
         vcpus=int(str(value("deploy.vcpus", 1))),
         memory_mib=int(str(value("deploy.memoryMiB", 256))),
         env=env,
         args=[str(a) for a in value("deploy.args", []) or []],  # type: ignore[attr-defined]
-        restart_policy=str(value("deploy.restartPolicy", "always")),
+        restart_policy=RestartPolicy(str(value("deploy.restartPolicy", RestartPolicy.ALWAYS))),
         kernel_args=str(value("deploy.kernelArgs", "")),
-        health=health if isinstance(health, dict) else None,
+        health=health_check_of(settings),
+        volumes=volumes_of(settings),
     )
 
 
@@ -62,6 +70,7 @@ def guest_config(
         env=dict(config.env),
         args=tuple(config.args),
         restart=config.restart_policy,
+        volumes=tuple(GuestVolume(v.name, v.mount_path, v.filesystem) for v in config.volumes),
     )
     encode(guest)
     return guest

@@ -1,17 +1,52 @@
 """The fleet's status as plain data: shared by ``reconciler status`` and the daemon's
 ``/api/status`` and status page, so both say the same thing.
 
-    StateStore (observed VMs, revisions) ──fleet_status──▶ dict ──▶ table, JSON or HTML
+    StateStore (observed VMs, revisions) ──fleet_status──▶ FleetStatus ──▶ table, JSON or HTML
+    console logs (``console_logs.last_lines``) ─┘ the last lines of each VM that is not healthy
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import TypedDict
 
-from reconciler.model import ObservedFleet, VMState
+from reconciler.execution.console_logs import last_lines
+from reconciler.model import ObservedFleet, RevisionOutcome, VMState
 from reconciler.state import FLEET_WIDE, RevisionRecord
+
+
+class SuspendedStatus(TypedDict):
+    fleet: bool  # the whole fleet is suspended
+    workloads: list[str]  # the suspended workloads, by name
+
+
+class VMStatus(TypedDict):
+    name: str
+    workload: str
+    state: str  # a ``VMState`` value
+    healthy: bool
+    address: str | None
+    pid: int | None
+    artifact: str  # the artifact's input digest
+    runtime: str  # a ``RuntimeKind`` value
+    detail: str  # the last health verdict, or why the VM is not running
+    uptime_seconds: float | None  # None unless running
+    restarts: int
+    console_tail: list[str]  # the last console lines of a VM that is not healthy
+
+
+class FleetStatus(TypedDict):
+    """``reconciler status --format json``; the daemon's ``/api/status`` adds to it."""
+
+    suspended: SuspendedStatus
+    applied_revision: str | None
+    attempted_revision: str | None
+    attempted_outcome: str | None
+    attempted_at: float | None
+    last_error: str | None  # the attempted revision's failure, when it failed
+    vms: list[VMStatus]
 
 
 def fleet_status(
@@ -21,8 +56,11 @@ def fleet_status(
     suspended: Mapping[str, str],
     *,
     now: float | None = None,
-) -> dict[str, Any]:
-    """The JSON of ``reconciler status --format json``; ``suspended`` as the store keeps it."""
+    state_dir: Path | None = None,
+) -> FleetStatus:
+    """The JSON of ``reconciler status --format json``; ``suspended`` as the store keeps it.
+    With ``state_dir``, a VM that is not healthy carries its last console lines
+    (``console_tail``: why it is not, in one place); a healthy one an empty list."""
     now = time.time() if now is None else now
     return {
         "suspended": {
@@ -33,7 +71,9 @@ def fleet_status(
         "attempted_revision": attempted.revision if attempted else None,
         "attempted_outcome": attempted.outcome if attempted else None,
         "attempted_at": attempted.at if attempted else None,
-        "last_error": attempted.message if attempted and attempted.outcome == "failed" else None,
+        "last_error": attempted.message
+        if attempted and attempted.outcome == RevisionOutcome.FAILED
+        else None,
         "vms": [
             {
                 "name": vm.name,
@@ -49,6 +89,9 @@ def fleet_status(
                 if vm.started_at and vm.state is VMState.RUNNING
                 else None,
                 "restarts": vm.restarts,
+                "console_tail": last_lines(state_dir, vm.name)
+                if state_dir is not None and not vm.healthy
+                else [],
             }
             for vm in observed.vms.values()
         ],

@@ -2,7 +2,9 @@
 
 Every VM has a private directory ``<state dir>/vms/<name>/``: its runtime's pid file, sockets
 and console log, its per-VM configuration for the guest init (written by the runtime from
-``VMSpec.guest``) and (microvm target) its own copy of the root disk.
+``VMSpec.guest``) and (microvm target) its own copy of the root disk. Its volumes live apart,
+under ``<state dir>/volumes/<name>/`` (``execution/volumes.py``), so that removing or replacing
+the VM's directory never touches them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from reconciler.errors import NotImplementedFeatureError
 from reconciler.execution.launch import LaunchConfig, guest_config, kernel_cmdline
 from reconciler.model import ObservedVM, RuntimeKind
-from runtime.protocol import NetworkAttachment, Runtime, VMSpec
+from runtime.protocol import NetworkAttachment, Runtime, VMSpec, VolumeAttachment
 
 
 def vm_dir(state_dir: Path, name: str) -> Path:
@@ -37,6 +39,7 @@ def vm_spec(
     config: LaunchConfig | None = None,
     artifact: Path | None = None,
     network: NetworkAttachment | None = None,
+    volumes: tuple[VolumeAttachment, ...] = (),
 ) -> VMSpec:
     """A ``VMSpec``; without ``config``/``artifact`` it is enough to query or stop the VM."""
     if config is None or artifact is None:
@@ -69,6 +72,7 @@ def vm_spec(
         kernel_cmdline=kernel_cmdline(base, config),
         guest=guest_config(config, hostname=name, address=address, gateway=gateway),
         network=network,
+        volumes=volumes,
     )
 
 

@@ -1,6 +1,6 @@
 """Fencing: the term a leader acts under, checked before every state write and runtime action.
 
-    Elector ──elected(term)──▶ Fence ◀──check()── SQLiteStateStore._write, Executor (runtime calls)
+    Elector ──elected(term)──▶ Fence ◀──check()── StateStore writes, Executor (runtime calls)
             ──renewed(at)────▶       └─revoke()── lease lost / shutdown
 
 A leader that was paused (SIGSTOP, a long GC, a stuck disk) may wake up after another replica

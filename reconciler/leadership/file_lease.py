@@ -20,6 +20,8 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from reconciler.errors import LeadershipError
 from reconciler.leadership.protocol import LeaseHolder, LeaseSettings
@@ -178,3 +180,14 @@ class FileLease:
         if self._term is not None:
             self.release(self._term)
         self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -15,7 +15,8 @@ effect, and since ``renew_deadline < duration`` it does so before anybody else c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 from reconciler.errors import ConfigError
 
@@ -80,3 +81,14 @@ class Lease(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Closes it: a lease is used as ``with open_...(...) as lease:``."""
+        ...

@@ -23,13 +23,16 @@ from reconciler.model import (
     DeploySpec,
     FleetSettings,
     HealthCheck,
+    HealthKind,
     Language,
     NetworkPool,
     PortSpec,
+    RestartPolicy,
     RolloutPolicy,
     RuntimeKind,
     SourceSpec,
     Target,
+    VolumeSpec,
     Workload,
 )
 
@@ -221,19 +224,31 @@ def compile_workload(
             health=None
             if health is None
             else HealthCheck(
-                kind=health["type"],
+                kind=HealthKind(health["type"]),
                 port=health.get("port"),
                 path=health.get("path"),
-                timeout_seconds=float(health.get("timeoutSeconds", 5)),
-                interval_seconds=float(health.get("intervalSeconds", 2)),
-                start_period_seconds=float(health.get("startPeriodSeconds", 60)),
+                timeout_seconds=float(health.get("timeoutSeconds", HealthCheck.timeout_seconds)),
+                interval_seconds=float(health.get("intervalSeconds", HealthCheck.interval_seconds)),
+                start_period_seconds=float(
+                    health.get("startPeriodSeconds", HealthCheck.start_period_seconds)
+                ),
             ),
             depends_on=tuple(deploy.get("dependsOn", [])),
             kernel=deploy.get("kernel"),
             args=tuple(deploy.get("args", [])),
             kernel_args=deploy.get("kernelArgs", ""),
-            restart_policy=deploy.get("restartPolicy", "always"),
+            restart_policy=RestartPolicy(deploy.get("restartPolicy", RestartPolicy.ALWAYS)),
             prevent_destroy=bool(deploy.get("preventDestroy", False)),
+            volumes=tuple(
+                VolumeSpec(
+                    name=v["name"],
+                    size_mib=v["sizeMiB"],
+                    mount_path=v["mountPath"],
+                    filesystem=v.get("filesystem", "ext4"),
+                    reclaim_policy=v.get("reclaimPolicy", "retain"),
+                )
+                for v in deploy.get("volumes", [])
+            ),
         ),
         source_digest=digest,
         declared_in=document.file,

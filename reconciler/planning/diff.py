@@ -16,6 +16,10 @@ Decisions, in the order they are taken for each VM:
    keys (``rules``) picks ``update`` (in place), ``restart`` or ``replace``.
 6. An observed VM that is no longer desired is deleted, if the fleet prunes.
 
+Volumes (``deploy.volumes``) outlive every action but a delete: a plan that would shrink one is
+refused (ext4 is grown in place, never shrunk), and a delete says whether it discards the VM's
+volume data (``reclaimPolicy: delete``) or keeps it.
+
 An empty desired set never deletes the fleet unless the fleet sets ``allowEmpty``.
 """
 
@@ -36,9 +40,11 @@ from reconciler.model import (
     ObservedFleet,
     ObservedVM,
     Plan,
+    RestartPolicy,
     Target,
     VMAction,
     VMState,
+    volumes_of,
 )
 from reconciler.planning.rules import disruption_of
 
@@ -93,6 +99,7 @@ def diff(
             f"{fleet!r}; refusing. Set Fleet spec.allowEmpty: true to allow an empty fleet"
         )
 
+    _refuse_shrinking(desired, owned)
     order = _workload_order(desired, owned.values())
     warnings_for_fleet = (
         ["spec.rollout.maxSurge is not implemented yet: replaces stop the old VM first"]
@@ -132,7 +139,7 @@ def diff(
             if workload is not None and workload.suspended:
                 noops.append(_noop(vm.name, vm.workload, "workload is suspended"))
                 continue
-            restart_policy = workload.deploy.restart_policy if workload else "always"
+            restart_policy = workload.deploy.restart_policy if workload else RestartPolicy.ALWAYS
             action = _plan_vm(vm, current, restart_policy)
             (noops if action.action is ActionType.NOOP else actions).append(action)
 
@@ -150,6 +157,7 @@ def diff(
             if not desired.fleet.prune:
                 noops.append(_noop(vm_name, current.workload, f"{reason}; prune is disabled"))
                 continue
+            reason += _volume_fate(current, warnings)
             actions.append(
                 VMAction(
                     action=ActionType.DELETE,
@@ -173,7 +181,54 @@ def diff(
     )
 
 
-def _plan_vm(vm: DesiredVM, current: ObservedVM | None, restart_policy: str) -> VMAction:
+def _refuse_shrinking(desired: DesiredFleet, owned: Mapping[str, ObservedVM]) -> None:
+    """A volume is never made smaller (resize2fs can shrink only what is unused, and a plan
+    cannot know what that is): the whole revision is refused, naming every such volume."""
+    problems = []
+    for name, vm in sorted(desired.vms.items()):
+        current = owned.get(name)
+        if current is None:
+            continue
+        before = {v.name: v for v in volumes_of(current.settings)}
+        for volume in volumes_of(vm.settings):
+            old = before.get(volume.name)
+            if old is not None and volume.size_mib < old.size_mib:
+                problems.append(
+                    f"{name}/{volume.name} from {old.size_mib} to {volume.size_mib} MiB"
+                )
+            elif old is not None and volume.filesystem != old.filesystem:
+                problems.append(
+                    f"{name}/{volume.name} from {old.filesystem} to {volume.filesystem}"
+                )
+    if problems:
+        raise PlanError(
+            "volumes cannot shrink or change filesystem: "
+            + ", ".join(problems)
+            + "; keep the size, or give the volume a new name (the old one is kept until "
+            "`reconciler volumes rm`)"
+        )
+
+
+def _volume_fate(current: ObservedVM, warnings: list[str]) -> str:
+    """What deleting ``current`` does to its volumes, for the action's reason; a warning for
+    data that is discarded."""
+    volumes = volumes_of(current.settings)
+    discarded = [v.name for v in volumes if v.reclaim_policy == "delete"]
+    kept = [v.name for v in volumes if v.reclaim_policy != "delete"]
+    text = ""
+    if discarded:
+        names = ", ".join(discarded)
+        warnings.append(
+            f"deleting VM {current.name} discards the data of its volume(s) {names} "
+            "(reclaimPolicy delete)"
+        )
+        text += f"; discards volume data: {names}"
+    if kept:
+        text += f"; keeps volume(s) {', '.join(kept)} (reclaimPolicy retain)"
+    return text
+
+
+def _plan_vm(vm: DesiredVM, current: ObservedVM | None, restart_policy: RestartPolicy) -> VMAction:
     if current is None:
         return VMAction(
             action=ActionType.CREATE,
@@ -188,13 +243,13 @@ def _plan_vm(vm: DesiredVM, current: ObservedVM | None, restart_policy: str) -> 
     changes = _changes(current.settings, vm.settings)
     ended = current.state in (VMState.STOPPED, VMState.FAILED, VMState.MISSING)
     if ended and not changes:
-        if restart_policy == "never":
+        if restart_policy == RestartPolicy.NEVER:
             return _noop(
                 vm.name,
                 vm.workload,
                 f"batch job ended ({current.state.value}); restartPolicy never",
             )
-        if restart_policy == "on-failure" and current.state is VMState.STOPPED:
+        if restart_policy == RestartPolicy.ON_FAILURE and current.state is VMState.STOPPED:
             return _noop(
                 vm.name, vm.workload, "workload exited successfully; restartPolicy on-failure"
             )

@@ -128,7 +128,10 @@ GUARDS: tuple[_Guard, ...] = (
 
 class DeletionGuardError(PlanError):
     """A plan deletes more than its guards allow. ``plan`` is the refused plan, its warnings
-    saying why, for ``diff`` to show; ``str(err)`` is the one line for the user."""
+    saying why, for ``diff`` to show; ``str(err)`` is the one line for the user. The same
+    revision against the same fleet is refused again: terminal (``reconciler.errors``)."""
+
+    terminal = True
 
     def __init__(self, plan: Plan, refusals: Sequence[str]) -> None:
         self.refusals = tuple(refusals)

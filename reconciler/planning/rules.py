@@ -26,10 +26,15 @@ _RULES: tuple[tuple[str, Disruption], ...] = (
     ("deploy.args", Disruption.RESTART),
     ("deploy.ports", Disruption.RESTART),
     ("deploy.restartPolicy", Disruption.RESTART),
+    # A volume is attached at boot; a bigger one is grown while the VM is stopped, and the
+    # disk itself outlives the restart (a smaller one is refused by ``diff``).
+    ("deploy.volumes.", Disruption.RESTART),
     # Read by the host only: the running guest does not notice.
     ("deploy.health", Disruption.IN_PLACE),
     ("deploy.dependsOn", Disruption.IN_PLACE),
     ("metadata.labels.", Disruption.IN_PLACE),
+    # Read by the host when a prune deletes the VM, never by the guest.
+    ("deploy.volumeReclaim.", Disruption.IN_PLACE),
     # A promise about future plans (``guard``), recorded on the VM so that removing the
     # workload from the revision cannot remove the promise with it.
     ("deploy.preventDestroy", Disruption.IN_PLACE),

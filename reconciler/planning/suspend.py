@@ -12,9 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
-from reconciler.model import ActionType, Disruption, Plan, VMAction
-
-FLEET_WIDE = "*"
+from reconciler.model import FLEET_WIDE, ActionType, Disruption, Plan, VMAction
 
 
 def suspend_plan(plan: Plan, suspended: Mapping[str, str]) -> Plan:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from reconciler.formatting import short_sha
 from reconciler.model import ActionType, Plan, VMAction, short_digest
 
 SYMBOL = {
@@ -33,8 +34,8 @@ def summary_line(plan: Plan) -> str:
 
 
 def revision_line(plan: Plan) -> str:
-    base = plan.base[:12] if plan.base else "nothing applied"
-    head = plan.head[:12] if plan.head else "working tree"
+    base = short_sha(plan.base) if plan.base else "nothing applied"
+    head = short_sha(plan.head) if plan.head else "working tree"
     return f"fleet {plan.fleet!r}: {base} -> {head}"
 
 

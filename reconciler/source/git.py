@@ -28,6 +28,7 @@ from typing import Protocol
 import git
 
 from reconciler.errors import SourceError
+from reconciler.formatting import short_sha
 from reconciler.redact import redact_text
 from reconciler.source.credentials import GitCredential, RemoteAccess, remote_access
 from reconciler.source.export import extract_tree, remove_tree
@@ -49,7 +50,20 @@ _MIRRORED = ("refs/heads/", "refs/tags/")
 
 
 class Source(Protocol):
-    """Where fleet revisions come from. ``pipeline`` depends on this, never on git."""
+    """Where fleet revisions come from: everything ``pipeline``, ``apply`` and the daemon read
+    of a fleet repository. They depend on this, never on git."""
+
+    @property
+    def remote(self) -> bool:
+        """Whether revisions come from a remote (fetched into a mirror); a local repository is
+        read in place, and the daemon watches its refs for new commits."""
+        ...
+
+    @property
+    def repo_path(self) -> Path:
+        """The git directory read: the local repository, or the remote's mirror. Signatures
+        are verified there."""
+        ...
 
     def resolve(self, rev: str | None = None) -> str:
         """The full 40-hex commit SHA of ``rev`` (a branch, tag, SHA, ``HEAD~1``,
@@ -73,6 +87,10 @@ class Source(Protocol):
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
         """Whether commit ``descendant`` is ``ancestor`` or descends from it (both full SHAs).
         ``SourceError`` when either commit is not in the repository."""
+        ...
+
+    def changed_paths(self, base: str, head: str) -> list[str]:
+        """Paths that differ between two revisions (for logs)."""
         ...
 
 
@@ -300,7 +318,8 @@ class GitSource:
             if exc.status == 1:
                 return False
             raise SourceError(
-                f"cannot tell whether {descendant[:12]} descends from {ancestor[:12]} in "
+                f"cannot tell whether {short_sha(descendant)} descends from "
+                f"{short_sha(ancestor)} in "
                 f"{self.describe()}: {_reason(exc)}"
             ) from exc
         return True
@@ -319,22 +338,22 @@ class GitSource:
             process = self.repo.git.archive("--format=tar", rev, as_process=True)
         except git.GitCommandError as exc:
             raise SourceError(
-                f"cannot export {rev[:12]} from {self.describe()}: {_reason(exc)}"
+                f"cannot export {short_sha(rev)} from {self.describe()}: {_reason(exc)}"
             ) from exc
         try:
             stream = process.proc.stdout
             if stream is None:
-                raise SourceError(f"cannot export {rev[:12]} from {self.describe()}")
+                raise SourceError(f"cannot export {short_sha(rev)} from {self.describe()}")
             extract_tree(stream, destination)
             process.wait()  # raises GitCommandError when git archive failed
         except git.GitCommandError as exc:
             remove_tree(destination)
             raise SourceError(
-                f"cannot export {rev[:12]} from {self.describe()}: {_reason(exc)}"
+                f"cannot export {short_sha(rev)} from {self.describe()}: {_reason(exc)}"
             ) from exc
         except OSError as exc:
             raise SourceError(
-                f"cannot write the checkout of {rev[:12]} under {destination.parent}: "
+                f"cannot write the checkout of {short_sha(rev)} under {destination.parent}: "
                 f"{exc.strerror}; check free space and permissions of the state directory"
             ) from exc
         finally:
@@ -358,7 +377,9 @@ class GitSource:
         try:
             out = str(self.repo.git.diff("--name-only", "--end-of-options", old, new))
         except git.GitCommandError as exc:
-            raise SourceError(f"cannot compare {old[:12]} and {new[:12]}: {_reason(exc)}") from exc
+            raise SourceError(
+                f"cannot compare {short_sha(old)} and {short_sha(new)}: {_reason(exc)}"
+            ) from exc
         return [line for line in out.splitlines() if line]
 
 

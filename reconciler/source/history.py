@@ -12,12 +12,13 @@ following a rewritten branch, takes ``--allow-non-descendant``.
 
 from __future__ import annotations
 
-from reconciler.errors import SourceError
+from reconciler.errors import NotDescendantError, SourceError
+from reconciler.formatting import short_sha
 from reconciler.source.git import Source
 
 
 def require_descendant(source: Source, applied: str | None, head: str, *, allow: bool) -> None:
-    """``SourceError`` unless ``head`` is ``applied`` or descends from it (or ``allow``).
+    """``NotDescendantError`` unless ``head`` is ``applied`` or descends from it (or ``allow``).
 
     No applied revision yet: anything goes (the first apply of a host). An applied revision
     that the repository no longer holds counts as not an ancestor.
@@ -27,14 +28,15 @@ def require_descendant(source: Source, applied: str | None, head: str, *, allow:
     try:
         descends = source.is_ancestor(applied, head)
     except SourceError as err:
-        raise SourceError(
-            f"refusing {head[:12]}: the applied revision {applied[:12]} cannot be found in "
-            f"{source.describe()} to check that {head[:12]} descends from it ({err}); "
+        raise NotDescendantError(
+            f"refusing {short_sha(head)}: the applied revision {short_sha(applied)} "
+            "cannot be found in "
+            f"{source.describe()} to check that {short_sha(head)} descends from it ({err}); "
             "pass --allow-non-descendant if the history was rewritten on purpose"
         ) from err
     if not descends:
-        raise SourceError(
-            f"refusing {head[:12]}: it does not descend from the applied revision "
-            f"{applied[:12]} (a rollback or a rewritten history); pass --allow-non-descendant "
-            "to apply it anyway"
+        raise NotDescendantError(
+            f"refusing {short_sha(head)}: it does not descend from the applied revision "
+            f"{short_sha(applied)} (a rollback or a rewritten history); "
+            "pass --allow-non-descendant to apply it anyway"
         )

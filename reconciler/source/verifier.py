@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from reconciler.errors import SourceError
+from reconciler.errors import SignatureError, SourceError
 from reconciler.source.git import Source
 from reconciler.source.gpg import OpenPgpChecker
 from reconciler.source.keys import TrustedKeys
@@ -107,9 +107,10 @@ class SignatureVerifier:
     def verify(self, repo_path: Path, sha: str) -> str:
         """A one-line description of the good signature of commit ``sha`` in ``repo_path``.
 
-        ``SourceError`` (one line naming the commit and what to do) when the commit is unsigned,
-        signed by a key that is not trusted (or revoked, or expired), or its signature is bad;
-        also when it cannot be checked. ``ConfigError`` for a key file the tools cannot read.
+        ``SignatureError`` (one line naming the commit and what to do) when the commit is
+        unsigned, signed by a key that is not trusted (or revoked, or expired), or its signature
+        is bad; ``SourceError`` when it cannot be checked. ``ConfigError`` for a key file the
+        tools cannot read.
         """
         with self._lock:
             now = self.clock()
@@ -121,7 +122,7 @@ class SignatureVerifier:
                 if _FULL_SHA.match(sha):
                     self._verdicts[sha] = (now, verdict)
         if not verdict.good:
-            raise SourceError(verdict.message)
+            raise SignatureError(verdict.message)
         return verdict.message
 
     def _judge(self, repo_path: Path, sha: str) -> Verdict:
@@ -203,6 +204,13 @@ class VerifiedSource:
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
         return self.inner.is_ancestor(ancestor, descendant)
+
+    @property
+    def remote(self) -> bool:
+        return self.inner.remote
+
+    def changed_paths(self, base: str, head: str) -> list[str]:
+        return self.inner.changed_paths(base, head)
 
     def verify(self, sha: str) -> str:
         """The daemon's ``CommitVerifier``: a description of the good signature of ``sha``."""

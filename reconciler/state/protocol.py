@@ -1,10 +1,23 @@
-"""The ``StateStore`` Protocol: the seam between the control plane and its persistence."""
+"""The ``StateStore`` Protocol: the seam between the control plane and its persistence.
+
+    execution (observer, executor, health) ──writes (fenced)──▶ StateStore ◀──reads── status,
+    daemon (revisions, events; claims its term)                                 diff, the view
+
+Every implementation keeps the same promises, checked by one contract suite run against each
+(``tests/test_store_contract.py``): the version moves on every write of VMs, intents and
+revisions and on nothing else; fenced writes are refused, inside the write, when the fence is no
+longer valid or a newer term has claimed the store; events and suspensions are never fenced;
+credentials are never stored in messages. ``SQLiteStateStore`` is the embedded default and the
+only one ``open_state_store`` makes today.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
+from reconciler.leadership.fence import Fence
 from reconciler.model import ObservedFleet, ObservedVM
 
 
@@ -39,6 +52,16 @@ class Intent:
 
 
 class StateStore(Protocol):
+    def claim_term(self, fence: Fence) -> None:
+        """Fence every later write with ``fence`` and record its term as the newest, so writes
+        under any older term (another replica's, through another handle) are refused from now
+        on. ``StaleTermError`` when a newer term already claimed the store."""
+        ...
+
+    def release_fence(self) -> None:
+        """Writes are no longer fenced (the daemon stepped down and only reads now)."""
+        ...
+
     def observed(self) -> ObservedFleet:
         """Every recorded VM and the store's current version."""
         ...
@@ -54,7 +77,8 @@ class StateStore(Protocol):
         ...
 
     def record_revision(self, revision: str, *, outcome: str, message: str = "") -> None:
-        """Record an attempt at a revision; ``applied`` ones become the applied revision."""
+        """Record an attempt at a revision; ``applied`` ones become the applied revision.
+        ``outcome`` is ``applied`` or ``failed`` (``ValueError`` otherwise)."""
         ...
 
     def begin_intent(self, vm: str, action: str) -> int:
@@ -93,3 +117,14 @@ class StateStore(Protocol):
     def suspensions(self) -> dict[str, str]: ...
 
     def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Closes it: a store is used as ``with open_...(...) as store:``."""
+        ...

@@ -20,14 +20,22 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from reconciler.errors import StateError
 from reconciler.leadership.fence import Fence
-from reconciler.model import ObservedFleet, ObservedVM, RuntimeKind, Target, VMState
-from reconciler.planning.suspend import FLEET_WIDE
+from reconciler.model import (
+    FLEET_WIDE,
+    ObservedFleet,
+    ObservedVM,
+    RuntimeKind,
+    Target,
+    VMState,
+)
 from reconciler.redact import redact_text
 from reconciler.state.paths import private_file, private_state_dir
-from reconciler.state.protocol import Event, Intent, RevisionRecord
+from reconciler.state.protocol import Event, Intent, RevisionRecord, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +338,17 @@ class SQLiteStateStore:
     def close(self) -> None:
         self._db.close()
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
 
 def _vm_from_row(row: tuple[object, ...]) -> ObservedVM:
     (name, fleet, workload, runtime, target, digest, inputs, settings) = row[:8]
@@ -357,5 +376,6 @@ def _companion_files(db: Path) -> list[Path]:
     return [db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
 
 
-def open_state_store(state_dir: Path) -> SQLiteStateStore:
+def open_state_store(state_dir: Path) -> StateStore:
+    """The state store of ``state_dir``; every call opens a handle (a connection) of its own."""
     return SQLiteStateStore(state_dir / "state.db")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from reconciler.errors import ToolMissingError, VMRuntimeError
 from reconciler.model import RuntimeKind, VMState
+from runtime.console_log import ConsoleLog
 from runtime.detached import alive, ended_status, launch_detached, running_pid
 from runtime.firecracker.api import FirecrackerAPI
 from runtime.firecracker.config import API_SOCKET, JailerOptions, firecracker_config, jailer_argv
@@ -111,8 +112,7 @@ class FirecrackerRuntime:
             )
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         log = spec.vm_dir / CONSOLE_LOG
-        if log.exists():
-            log.replace(spec.vm_dir / f"previous-{CONSOLE_LOG}")
+        ConsoleLog(spec.vm_dir).new_boot()  # the last boot's log becomes previous-console.log
         options = self.jailer_options(spec, binary)
         if options is not None:
             root = prepare_chroot(spec, options)
@@ -147,6 +147,7 @@ class FirecrackerRuntime:
         raise VMRuntimeError(f"the jailer wrote no pid file {pid_file} (see console.log)")
 
     def status(self, spec: VMSpec) -> VMStatus:
+        ConsoleLog(spec.vm_dir).maintain()  # rotated by size, sampled for `logs --since`
         log = spec.vm_dir / CONSOLE_LOG
         pid = self._pid(spec)
         if pid is not None:

@@ -17,12 +17,14 @@ import os
 import shutil
 from pathlib import Path
 
+from reconciler.errors import VMRuntimeError
 from runtime.firecracker.config import (
     API_SOCKET,
     JAIL_KERNEL,
     JAIL_ROOTFS,
     JailerOptions,
     firecracker_config,
+    jail_volume,
 )
 from runtime.guest_config import VM_INITRD, write_vm_initrd
 from runtime.protocol import VMSpec
@@ -65,6 +67,19 @@ def prepare_chroot(spec: VMSpec, options: JailerOptions) -> Path:
         write_vm_initrd(spec.initrd, spec.guest, root / VM_INITRD, owner=owner)
     if spec.rootfs is not None:
         _place(spec.rootfs, root / JAIL_ROOTFS, owner=owner, mode=0o600)
+    for volume in spec.volumes:
+        # A hard link only, never a copy: the VM must write the volume itself, not a copy that
+        # the next start would throw away.
+        dest = root / jail_volume(volume.name)
+        dest.unlink(missing_ok=True)
+        try:
+            os.link(volume.path, dest)
+        except OSError as exc:
+            raise VMRuntimeError(
+                f"{spec.name}: cannot link volume {volume.name} into the jail ({exc.strerror}); "
+                "the state directory must be one file system"
+            ) from exc
+        os.chown(dest, *owner)
     config = root / CONFIG_FILE
     config.write_text(json.dumps(firecracker_config(spec, jailed=True), indent=2) + "\n")
     os.chmod(config, 0o644)

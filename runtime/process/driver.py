@@ -30,6 +30,7 @@ from pathlib import Path
 from reconciler.errors import VMRuntimeError
 from reconciler.model import RuntimeKind, VMState
 from runtime.console import last_event, read_markers
+from runtime.console_log import ConsoleLog
 from runtime.detached import alive, ended_status, launch_detached, running_pid
 from runtime.guest_config import write_config_file
 from runtime.network.netns import namespace_path
@@ -73,8 +74,7 @@ class ProcessRuntime:
         spec.vm_dir.mkdir(parents=True, exist_ok=True)
         (spec.vm_dir / CONFIG).write_text(self._config(spec))
         log = spec.vm_dir / CONSOLE_LOG
-        if log.exists():
-            log.replace(spec.vm_dir / f"previous-{CONSOLE_LOG}")
+        ConsoleLog(spec.vm_dir).new_boot()  # the last boot's log becomes previous-console.log
         init = self.init_binary()
         vm_config = write_config_file(spec.guest, spec.vm_dir / VM_CONFIG)
         argv = [str(init), "--supervisor", "--config", str(spec.vm_dir / CONFIG)]
@@ -83,6 +83,12 @@ class ProcessRuntime:
         workdir = spec.vm_dir / WORKDIR
         workdir.mkdir(mode=0o700, exist_ok=True)
         os.chown(workdir, uid, uid, follow_symlinks=False)
+        for volume in spec.volumes:
+            # A directory bind-mounted at its mountPath; its top belongs to the VM's uid (the
+            # workload made the rest, as itself).
+            if not volume.directory:
+                raise VMRuntimeError(f"{spec.name}: volume {volume.name} is not a directory")
+            os.chown(volume.path, uid, uid, follow_symlinks=False)
         # Every file the init is told to read, readable by the VM's uid and shown read-only.
         configs = [Path(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a.endswith("config")]
         for config in configs:
@@ -97,6 +103,7 @@ class ProcessRuntime:
             netns=namespace_path(spec.network.tap) if spec.network is not None else None,
             tools=tools,
             layout=HostLayout.probe(),
+            volumes=[(v.path, v.mount_path) for v in spec.volumes],
         )
         # Started through a shell that exits at once: the sandbox is re-parented to the host's
         # init, never a child (or a zombie) of the reconciler.
@@ -123,6 +130,7 @@ class ProcessRuntime:
         return None
 
     def status(self, spec: VMSpec) -> VMStatus:
+        ConsoleLog(spec.vm_dir).maintain()  # rotated by size, sampled for `logs --since`
         log = spec.vm_dir / CONSOLE_LOG
         pid = self._pid(spec)
         if pid is not None:

@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.errors import ToolMissingError
+from reconciler.errors import ToolMissingError, VMRuntimeError
 
 # Merged-usr links (or directories on older systems) that programs expect at the top.
 TOP_LEVEL = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -142,13 +142,25 @@ def sandbox_argv(
     netns: Path | None,
     tools: Tools,
     layout: HostLayout,
+    volumes: Sequence[tuple[Path, str]] = (),
 ) -> list[str]:
     """The command line that runs ``command`` (the init) as VM ``name`` (see the module
     docstring). ``read_only``: host files shown at their own paths (the init, the executable,
     its configuration); ``workdir``: the only writable host directory; ``netns``: the VM's
-    network namespace, or None for no network at all (only a loopback of its own)."""
+    network namespace, or None for no network at all (only a loopback of its own);
+    ``volumes``: ``(host directory, mount path)`` pairs, writable, mounted last."""
     files = [os.path.abspath(p) for p in read_only]
     work = os.path.abspath(workdir)
+    mounts = [(os.path.abspath(source), target) for source, target in volumes]
+    for _source, target in mounts:
+        # bwrap, as root, would make the mount point inside what is below it; never inside a
+        # directory the workload writes (its work directory, another volume), where a symlink
+        # could send it elsewhere on the host, nor over the files the sandbox is made of.
+        for other in [*files, work, *(t for _s, t in mounts if t != target)]:
+            if _within(other, target) or _within(target, other):
+                raise VMRuntimeError(
+                    f"VM {name}: volume mountPath {target} overlaps {other} in the sandbox"
+                )
     outer = [tools.bwrap, "--ro-bind", "/usr", "/usr"]
     for path, target in sorted(layout.links.items()):
         outer += ["--symlink", target, path]
@@ -166,6 +178,11 @@ def sandbox_argv(
     for path in files:
         outer += ["--ro-bind", path, path]
     outer += ["--bind", work, work]
+    volume_trees = [*trees, work, *files]
+    for path in _parents([t for _s, t in mounts], exists=["/etc", "/tmp"], trees=volume_trees):
+        outer += ["--perms", "0755", "--dir", path]
+    for source, target in mounts:
+        outer += ["--bind", source, target]
     outer += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if netns is None:
         outer.append("--unshare-net")
@@ -205,6 +222,7 @@ def sandbox_argv(
         "--bind",
         work,
         work,
+        *[arg for _s, target in mounts for arg in ("--bind", target, target)],
         "--chdir",
         work,
         "--",

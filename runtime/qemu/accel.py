@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 
 from reconciler.guest_config import GuestConfig
+from reconciler.model import RuntimeKind
 from runtime.console import read_markers
-from runtime.guest_config import write_vm_initrd
+from runtime.guest_config import VM_INITRD, write_vm_initrd
+from runtime.protocol import VMSpec
+from runtime.qemu.argv import CONSOLE_LOG, qemu_argv
 
 CANARY_SECONDS = 15.0
 BOOTED = "a canary guest booted under KVM"
@@ -59,37 +62,34 @@ def kvm_probe(
     return verdict, why
 
 
+def canary_argv(kernel: Path, vm_dir: Path, binary: str = "qemu-system-x86_64") -> list[str]:
+    """The canary's command line: the runtime's own (``argv.py``) under KVM, without the
+    confinement (the canary boots the operator's kernel and a boot-only init, never a workload).
+    Its initrd is ``vm_dir``'s per-VM initrd, as for every VM."""
+    spec = VMSpec(
+        name="kvm-canary",
+        workload="kvm-canary",
+        fleet="",
+        runtime=RuntimeKind.QEMU,
+        vcpus=1,
+        memory_mib=128,
+        vm_dir=vm_dir,
+        kernel=kernel,
+        initrd=vm_dir / VM_INITRD,
+        kernel_cmdline="console=ttyS0 panic=-1 quiet",
+    )
+    return qemu_argv(spec, accel="kvm", binary=binary)
+
+
 def _canary(kernel: Path, initrd: Path, binary: str) -> tuple[bool, str]:
     with tempfile.TemporaryDirectory(prefix="reconciler-kvm-canary-") as tmp:
-        console = Path(tmp) / "console.log"
-        errors = Path(tmp) / "qemu.err"
-        canary_initrd = write_vm_initrd(
-            initrd, GuestConfig(hostname="kvm-canary", boot_only=True), Path(tmp) / "initrd.img"
+        vm_dir = Path(tmp)
+        console = vm_dir / CONSOLE_LOG
+        errors = vm_dir / "qemu.err"
+        write_vm_initrd(
+            initrd, GuestConfig(hostname="kvm-canary", boot_only=True), vm_dir / VM_INITRD
         )
-        argv = [
-            binary,
-            "-M",
-            "microvm",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-            "-m",
-            "128M",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-serial",
-            f"file:{console}",
-            "-kernel",
-            str(kernel),
-            "-initrd",
-            str(canary_initrd),
-            "-append",
-            "console=ttyS0 panic=-1 quiet",
-        ]
+        argv = canary_argv(kernel, vm_dir, binary)
         with errors.open("w") as err:
             process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err

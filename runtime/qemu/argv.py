@@ -1,6 +1,6 @@
 """``VMSpec`` -> the ``qemu-system-x86_64 -M microvm`` command line. Pure, golden-tested.
 
-Kept to the microvm defaults that work under TCG (DESIGN §11: ``pit=off`` hangs the guest,
+Kept to the microvm defaults that work under TCG (measured: ``pit=off`` hangs the guest,
 ``rtc=off`` doubles boot time; with ACPI on, the kernel finds the virtio-mmio devices itself).
 The driver starts QEMU detached from the reconciler (not ``-daemonize``: the seccomp filter
 forbids the fork; see ``confine.py``) so that it outlives it; QEMU writes ``-pidfile``, and
@@ -8,11 +8,17 @@ everything about the VM lives in ``spec.vm_dir``: QMP socket, console log and so
 the per-VM initrd (the artifact's initramfs plus the guest init's configuration, written by the
 driver; see ``runtime/guest_config.py``), so no per-VM value is on QEMU's command line or the
 guest's. ``confine`` is the ``-sandbox`` and privilege-drop options (``confine.py``).
+
+This is the one place that writes a QEMU command line: the KVM canary (``accel.py``) and the
+tests' and benchmarks' boots of built artifacts use it too. They reach a guest without a bridge
+through ``forward`` (QEMU's user-mode network forwarding one loopback port), which the runtime
+never uses: its VMs sit on TAP devices.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.guest_config import VM_INITRD
@@ -23,6 +29,18 @@ CONSOLE_LOG = "console.log"
 CONSOLE_SOCKET = "console.sock"
 PID_FILE = "qemu.pid"
 
+# QEMU's user-mode network: the guest's address and gateway are fixed by QEMU.
+USER_NET_ADDRESS = "10.0.2.15/24"
+USER_NET_GATEWAY = "10.0.2.2"
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """User-mode networking forwarding ``127.0.0.1:host_port`` to the guest's ``guest_port``."""
+
+    host_port: int
+    guest_port: int
+
 
 def qemu_argv(
     spec: VMSpec,
@@ -31,6 +49,7 @@ def qemu_argv(
     extra_kernel_args: str = "",
     binary: str = "qemu-system-x86_64",
     confine: Sequence[str] = (),
+    forward: PortForward | None = None,
 ) -> list[str]:
     if spec.kernel is None:
         raise ValueError(f"VM {spec.name} has no kernel to boot")
@@ -76,12 +95,31 @@ def qemu_argv(
             "-device",
             "virtio-blk-device,drive=root",
         ]
+    for volume in spec.volumes:
+        # One more virtio-blk disk per volume; the serial is how the init finds it whatever
+        # order the disks appear in. "," in a path is QEMU's separator, escaped by doubling.
+        path = str(volume.path).replace(",", ",,")
+        argv += [
+            "-drive",
+            f"id=vol-{volume.name},file={path},format=raw,if=none,cache=writeback",
+            "-device",
+            f"virtio-blk-device,drive=vol-{volume.name},serial={volume.name}",
+        ]
     if spec.network is not None:
         argv += [
             "-netdev",
             f"tap,id=net0,ifname={spec.network.tap},script=no,downscript=no",
             "-device",
             f"virtio-net-device,netdev=net0,mac={spec.network.mac}",
+        ]
+    if forward is not None:
+        if spec.network is not None:
+            raise ValueError(f"VM {spec.name} has a TAP device; it cannot forward a port too")
+        argv += [
+            "-netdev",
+            f"user,id=net0,hostfwd=tcp:127.0.0.1:{forward.host_port}-:{forward.guest_port}",
+            "-device",
+            "virtio-net-device,netdev=net0",
         ]
     cmdline = " ".join(part for part in (spec.kernel_cmdline, extra_kernel_args) if part)
     argv += ["-append", cmdline]

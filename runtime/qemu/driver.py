@@ -26,6 +26,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from reconciler.errors import ToolMissingError, VMRuntimeError
 from reconciler.model import RuntimeKind, VMState
 from runtime.console import last_event, read_markers
+from runtime.console_log import ConsoleLog
 from runtime.detached import alive, launch_detached, running_pid
 from runtime.guest_config import VM_INITRD, write_vm_initrd
 from runtime.protocol import VMSpec, VMStatus
@@ -91,9 +92,7 @@ class QemuRuntime:
         for stale in (PID_FILE, QMP_SOCKET, "console.sock"):
             (spec.vm_dir / stale).unlink(missing_ok=True)
         # Each boot gets a fresh console log (health is read from it); the last one is kept.
-        log = spec.vm_dir / CONSOLE_LOG
-        if log.exists():
-            log.replace(spec.vm_dir / f"previous-{CONSOLE_LOG}")
+        ConsoleLog(spec.vm_dir).new_boot()
         if spec.initrd is not None:
             write_vm_initrd(spec.initrd, spec.guest, spec.vm_dir / VM_INITRD)
         elif spec.guest.env or spec.guest.args or spec.guest.address:
@@ -156,6 +155,7 @@ class QemuRuntime:
                 monitor.close()
 
     def status(self, spec: VMSpec) -> VMStatus:
+        ConsoleLog(spec.vm_dir).maintain()  # rotated by size, sampled for `logs --since`
         console = spec.vm_dir / CONSOLE_LOG
         markers = read_markers(console)
         pid = self._pid(spec)

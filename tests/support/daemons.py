@@ -1,5 +1,6 @@
 """Running real ``reconciler daemon`` processes in tests and benchmarks: a fleet of host-process
-echo servers (fast to build and start), daemons as subprocesses, and their HTTP view."""
+echo servers (``process_fleet``) on a pool of its own, daemons as subprocesses, and their HTTP
+view."""
 
 from __future__ import annotations
 
@@ -7,66 +8,27 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from process_fleet import network_yaml, new_pool, remove_deployment
-
-ECHO = Path(__file__).resolve().parents[1] / "fleet-example" / "services" / "echo" / "echo.c"
+from support.process_fleet import (
+    echo_repo,
+    echo_workload,
+    fleet_document,
+    network_yaml,
+    new_pool,
+    remove_deployment,
+)
+from support.repo import FleetRepo
+from support.waiting import free_port
 
 # Host-process VMs live on a bridge with pool addresses: one of their own for this run.
 BRIDGE, CIDR = new_pool()
-FLEET = f"""apiVersion: reconciler/v1alpha1
-kind: Fleet
-metadata: {{name: daemon-test}}
-{network_yaml(BRIDGE, CIDR)}
-"""
-
-WORKLOAD = """---
-apiVersion: reconciler/v1alpha1
-kind: Workload
-metadata: {{name: {name}}}
-spec:
-  source: {{path: {source}, language: c, entrypoint: echo.c}}
-  build: {{targets: [executable]}}
-  deploy:
-    runtime: process
-    replicas: 1
-    env: {{ECHO_PORT: "{port}"{extra_env}}}
-    health: {{type: tcp, port: {port}, startPeriodSeconds: 30}}
-"""
-
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def echo(port: int, address: str) -> bytes:
-    """Ask the echo server of the VM at ``address`` (its pool address, see ``address_of``)."""
-    with socket.create_connection((address, port), timeout=5) as conn:
-        conn.sendall(b"ping\n")
-        return conn.recv(16)
-
-
-def slow_echo_source() -> str:
-    """The echo server, sleeping ``$ECHO_DELAY`` seconds before it listens: a VM that takes a
-    while to get healthy, so a test can catch a leader in the middle of a rollout."""
-    return ECHO.read_text().replace(
-        "    signal(SIGPIPE, SIG_IGN);",
-        '    if (getenv("ECHO_DELAY")) sleep((unsigned)atoi(getenv("ECHO_DELAY")));\n'
-        "    signal(SIGPIPE, SIG_IGN);",
-    )
+FLEET = fleet_document("daemon-test", network_yaml(BRIDGE, CIDR))
 
 
 def fleet_text(
@@ -78,30 +40,18 @@ def fleet_text(
     """A fleet of echo servers on the given ports; ``slow`` ones (in ``slow/``, the repository
     must hold ``slow_echo_source()`` there) wait ``ECHO_DELAY`` seconds before listening."""
     extra = "".join(f', {k}: "{v}"' for k, v in (env or {}).items())
-    fast = [
-        WORKLOAD.format(name=name, port=port, extra_env=extra, source="echo")
-        for name, port in sorted(workloads.items())
-    ]
+    fast = [echo_workload(name, port, extra_env=extra) for name, port in sorted(workloads.items())]
     delayed = [
-        WORKLOAD.format(name=name, port=port, extra_env=extra + ', ECHO_DELAY: "8"', source="slow")
+        echo_workload(name, port, source="slow", extra_env=extra + ', ECHO_DELAY: "8"')
         for name, port in sorted((slow or {}).items())
     ]
     return FLEET + "".join(fast + delayed)
 
 
-def eventually(probe: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll ``probe`` until it returns a truthy value; fail saying ``what`` did not happen."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-        except (OSError, ValueError, KeyError) as exc:
-            last_error, value = exc, None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} did not happen within {timeout:g} s (last error: {last_error})")
+def fleet_repo(path: Path, workloads: dict[str, int]) -> FleetRepo:
+    """A repository at ``path`` with ``fleet_text(workloads)``, the echo server and the slow
+    one, committed once."""
+    return echo_repo(path, fleet_text(workloads), slow=True)
 
 
 class Daemon:
