@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
         "reconciler.redact",
         "reconciler.formatting",  # how revisions and durations read
         "reconciler.log_context",  # the fields of a cycle's log lines
+        "reconciler.lifetimes",  # with-blocks for what holds a resource
         "reconciler",
     ),
     ("reconciler.errors",),  # the one error tree

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from builders.cache import ArtifactCache
 from builders.images import guest_init
@@ -23,6 +21,7 @@ from reconciler.execution.executor import ApplyReport, Executor
 from reconciler.execution.health import judge_health
 from reconciler.execution.observer import observe, record_observation
 from reconciler.leadership.fence import Fence
+from reconciler.lifetimes import ClosedOnExit
 from reconciler.model import DesiredFleet, ObservedFleet, Plan, RuntimeKind, VMState
 from reconciler.state import StateStore, open_state_store
 from runtime.firecracker.driver import FirecrackerRuntime
@@ -33,7 +32,7 @@ from runtime.qemu.driver import QemuRuntime
 
 
 @dataclass
-class LocalHost:
+class LocalHost(ClosedOnExit):
     """This machine: its state directory, state store and runtimes. A context manager."""
 
     state_dir: Path
@@ -111,17 +110,6 @@ class LocalHost:
 
     def close(self) -> None:
         self.store.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def open_host_at(directory: Path) -> LocalHost:

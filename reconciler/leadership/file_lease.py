@@ -20,11 +20,10 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from reconciler.errors import LeadershipError
 from reconciler.leadership.protocol import LeaseHolder, LeaseSettings
+from reconciler.lifetimes import ClosedOnExit
 
 POLL_INTERVAL = 0.1
 
@@ -38,7 +37,7 @@ CREATE TABLE IF NOT EXISTS lease_terms (
 """
 
 
-class FileLease:
+class FileLease(ClosedOnExit):
     """``Lease`` on an ``flock``; see the module docstring."""
 
     def __init__(
@@ -180,14 +179,3 @@ class FileLease:
         if self._term is not None:
             self.release(self._term)
         self._db.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

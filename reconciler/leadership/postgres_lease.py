@@ -31,7 +31,6 @@ import re
 import select
 import threading
 from datetime import timedelta
-from types import TracebackType
 from typing import Any, LiteralString
 
 import psycopg
@@ -41,6 +40,7 @@ from psycopg.rows import TupleRow
 
 from reconciler.errors import ConfigError, LeadershipError
 from reconciler.leadership.protocol import LeaseHolder, LeaseSettings
+from reconciler.lifetimes import ClosedOnExit
 
 log = logging.getLogger("reconciler.leadership")
 
@@ -113,7 +113,7 @@ SELECT NOT EXISTS (
 Connection = psycopg.Connection[TupleRow]
 
 
-class PostgresLease:
+class PostgresLease(ClosedOnExit):
     """``Lease`` on a row of ``reconciler_leases``; see the module docstring."""
 
     def __init__(
@@ -235,17 +235,6 @@ class PostgresLease:
             listener.stop()
         if conn is not None:
             conn.close()
-
-    def __enter__(self) -> PostgresLease:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- connections ----------------------------------------------------------------------------
 

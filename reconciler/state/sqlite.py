@@ -20,11 +20,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from reconciler.errors import StateError
 from reconciler.leadership.fence import Fence
+from reconciler.lifetimes import ClosedOnExit
 from reconciler.model import (
     FLEET_WIDE,
     ObservedFleet,
@@ -93,7 +92,7 @@ CREATE TABLE IF NOT EXISTS revisions (
 """
 
 
-class SQLiteStateStore:
+class SQLiteStateStore(ClosedOnExit):
     """``StateStore`` on one SQLite file."""
 
     def __init__(self, path: Path) -> None:
@@ -337,17 +336,6 @@ class SQLiteStateStore:
 
     def close(self) -> None:
         self._db.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _vm_from_row(row: tuple[object, ...]) -> ObservedVM:

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from reconciler.lifetimes import ClosedOnExit
 from reconciler.model import NetworkPool
 from runtime.network.allocator import AddressAllocator, Lease
 from runtime.network.firewall import firewall_rules, load_rules
@@ -44,7 +43,7 @@ __all__ = [
 ]
 
 
-class Network:
+class Network(ClosedOnExit):
     def __init__(
         self, pool: NetworkPool, db_path: Path, *, netns: str | None = None, scope: str = ""
     ) -> None:
@@ -117,14 +116,3 @@ class Network:
 
     def close(self) -> None:
         self.allocator.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

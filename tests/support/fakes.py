@@ -17,13 +17,13 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from reconciler.errors import SourceError
 from reconciler.execution.events import EventKind, ExecutionEvent, Reporter, print_event
 from reconciler.execution.executor import ApplyReport
 from reconciler.leadership.fence import Fence
+from reconciler.lifetimes import ClosedOnExit
 from reconciler.model import (
     FLEET_WIDE,
     ActionType,
@@ -138,7 +138,7 @@ class _Memory:
         self.term = 0
 
 
-class MemoryStateStore:
+class MemoryStateStore(ClosedOnExit):
     """An in-memory ``StateStore``. ``handle()`` opens another handle on the same data (another
     replica's connection): fencing between replicas is tested through it."""
 
@@ -245,17 +245,6 @@ class MemoryStateStore:
     def close(self) -> None:
         self.closed = True
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def _sha(text: str) -> str:
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
@@ -340,7 +329,7 @@ class FakeLoader:
 
 
 @dataclass
-class FakeHost:
+class FakeHost(ClosedOnExit):
     """A ``Host`` whose runtimes are the store: converging a plan writes the VMs it would run,
     as the executor does, and records the revision. What goes wrong is scripted."""
 
@@ -431,17 +420,6 @@ class FakeHost:
     def close(self) -> None:
         self.closed = True
         self.store.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 __all__ = [
