@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.venv/bin
 export RECONCILER_STATE_DIR="${RECONCILER_STATE_DIR:-$PWD/.demo/state}"
+# fleet-example's web reads a secret (fleet-example/secrets/web.sops.yaml) encrypted with sops
+# for a TEST-ONLY age key that is committed to this repository: the demo decrypts it with that
+# key. It protects nothing; a real fleet encrypts for its hosts' own key.
+export SOPS_AGE_KEY_FILE="${SOPS_AGE_KEY_FILE:-$PWD/tests/secrets/age-key.txt}"
+echo "== secrets are decrypted with the TEST-ONLY age key $SOPS_AGE_KEY_FILE (demo only)"
 
 demo_repo="$PWD/.demo/fleet"
 if [ ! -d "$demo_repo/.git" ]; then
@@ -35,5 +40,6 @@ address="$($bin/reconciler status --format json | $bin/python -c \
 echo "== curl http://$address:8080/"
 curl -fsS "http://$address:8080/"
 echo "== the fleet keeps running; keep it converged with the daemon, then edit and commit:"
-echo "   RECONCILER_STATE_DIR=$RECONCILER_STATE_DIR $bin/reconciler daemon --repo $demo_repo"
+echo "   SOPS_AGE_KEY_FILE=$SOPS_AGE_KEY_FILE RECONCILER_STATE_DIR=$RECONCILER_STATE_DIR \\"
+echo "     $bin/reconciler daemon --repo $demo_repo"
 echo "   (or one change at a time: reconciler diff / reconciler apply --repo $demo_repo)"

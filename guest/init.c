@@ -81,6 +81,7 @@ struct config {
     struct list env;
     struct list modules;
     struct list volumes; /* "<serial> <fstype> <mount path>" */
+    struct list secret_files; /* "<path under /run/secrets/> <content>" */
 };
 
 static int pid1;
@@ -276,6 +277,26 @@ static int valid_volume(const char *value) {
     return 1;
 }
 
+/* A secret-file record: "<path> <content>", the path under /run/secrets/ made of names of
+ * [A-Za-z0-9._-] that do not start with '.' (so no "." or ".."), as the host checks too. */
+#define SECRET_DIR "/run/secrets"
+static int valid_secret_file(const char *value) {
+    size_t prefix = strlen(SECRET_DIR "/");
+    size_t end = strcspn(value, " ");
+    if (!value[end] || end <= prefix || end > 200 || strncmp(value, SECRET_DIR "/", prefix))
+        return 0;
+    for (size_t i = prefix; i < end; i++) {
+        char ch = value[i];
+        int name = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+                   (ch >= '0' && ch <= '9') || ch == '.' || ch == '_' || ch == '-';
+        int starts = i == prefix || value[i - 1] == '/';
+        if (starts && (ch == '.' || ch == '/')) return 0;
+        if (!name && ch != '/') return 0;
+        if (ch == '/' && i + 1 == end) return 0;
+    }
+    return 1;
+}
+
 /* Check the per-VM configuration and, with `c`, apply it. Returns 0, or -1 with the reason in
  * `why`. Only per-VM keys are accepted: what runs, its modules and root disk come from the
  * artifact alone. Every length is checked against what is left of the buffer. */
@@ -351,6 +372,9 @@ static int parse_vm_config(struct config *c, const char *blob, size_t len, char 
         } else if (!strcmp(key, "volume")) {
             ok = valid_volume(copy);
             if (ok && c) add_item(&c->volumes, copy);
+        } else if (!strcmp(key, "secret-file")) {
+            ok = valid_secret_file(copy);
+            if (ok && c) add_item(&c->secret_files, copy);
         } else {
             snprintf(why, why_size, "unknown key %s", key);
             free(copy);
@@ -359,7 +383,9 @@ static int parse_vm_config(struct config *c, const char *blob, size_t len, char 
         free(copy);
         if (!ok) {
             snprintf(why, why_size, "record %s is not %s", key,
-                     strcmp(key, "volume") ? "NAME=value" : "<serial> ext4 <path>");
+                     !strcmp(key, "volume")        ? "<serial> ext4 <path>"
+                     : !strcmp(key, "secret-file") ? "<path under " SECRET_DIR "/> <content>"
+                                                   : "NAME=value");
             return -1;
         }
     }
@@ -579,6 +605,48 @@ static int mount_volumes(struct config *c) {
             return -1;
         }
         marker("volume-mounted", "\"name\":\"%s\",\"device\":\"%s\"", serial, device);
+    }
+    return 0;
+}
+
+/* Write every secret file, mode 0400, before the workload starts; -1 (after an error marker
+ * that names the path, never the content) when one cannot be written. Inside a VM the
+ * directory is a fresh tmpfs (never the root disk); the process sandbox provides its own. */
+static int write_secret_files(struct config *c) {
+    if (!c->secret_files.count) return 0;
+    if (pid1) {
+        make_dirs(SECRET_DIR);
+        if (mount("tmpfs", SECRET_DIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  "mode=0700,size=2m") < 0) {
+            error_marker("mount tmpfs on %s: %s", SECRET_DIR, strerror(errno));
+            return -1;
+        }
+    }
+    for (size_t i = 0; i < c->secret_files.count; i++) {
+        char *record = c->secret_files.items[i];
+        char *space = strchr(record, ' ');
+        *space = 0; /* the path; the content follows */
+        const char *content = space + 1;
+        char *slash = strrchr(record, '/');
+        *slash = 0;
+        make_dirs(record);
+        *slash = '/';
+        unlink(record); /* a file of an earlier start is 0400: replace it, never write into it */
+        int fd = open(record, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0400);
+        size_t len = strlen(content), done = 0;
+        while (fd >= 0 && done < len) {
+            ssize_t n = write(fd, content + done, len - done);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) break;
+            done += (size_t)n;
+        }
+        int err = errno;
+        if (fd < 0 || done < len || close(fd) < 0) {
+            error_marker("secret file %s: %s", record, strerror(fd < 0 || done < len ? err : errno));
+            *space = ' ';
+            return -1;
+        }
+        *space = ' ';
     }
     return 0;
 }
@@ -821,6 +889,10 @@ int main(int argc, char **argv) {
         }
         configure_network(&c);
         if (mount_volumes(&c) < 0) power_off();
+    }
+    if (write_secret_files(&c) < 0) {
+        if (pid1) power_off();
+        return 127;
     }
     marker("booted", NULL);
 

@@ -19,7 +19,10 @@ string except NUL arrives byte for byte::
 
 Keys: ``hostname``, ``ip``, ``gateway``, ``restart``, ``boot-only`` (scalars), ``env``
 (``NAME=value``), ``arg`` (repeatable, in order) and ``volume`` (``<serial> <fs> <path>``,
-repeatable: a disk the init mounts before the workload starts); the limits are those the
+repeatable: a disk the init mounts before the workload starts) and ``secret-file``
+(``<path> <content>``, repeatable: written by the init, mode 0400, under ``/run/secrets/``
+before the workload starts; the path is plain names, so the first space ends it); the limits
+are those the
 manifests are checked against (``reconciler.guest_values``). The init refuses any other key,
 a record cut short, or a missing ``end``, so a new kind of entry (secret env, files) is a new
 key that both sides learn together; the init's digest is part of every artifact's cache key.
@@ -42,6 +45,11 @@ from reconciler.guest_values import (
 
 HEADER = b"reconciler-vm-config 1\n"
 RESTART_POLICIES = ("always", "on-failure", "never")
+SECRET_DIR = "/run/secrets/"
+# Plain names under SECRET_DIR: what guest/init.c's valid_secret_file accepts.
+SECRET_FILE_PATH = re.compile(
+    r"/run/secrets/[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*"
+)
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # a DNS label
 
 
@@ -76,6 +84,16 @@ class GuestConfig:
     secret_env: Mapping[str, str] = field(default_factory=dict)
     boot_only: bool = False
     volumes: tuple[GuestVolume, ...] = ()
+    # Path under SECRET_DIR -> content; secret like ``secret_env`` (the init writes them 0400).
+    secret_files: Mapping[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # The dataclass repr would print every secret: name them, never their values.
+        return (
+            f"GuestConfig(hostname={self.hostname!r}, address={self.address!r}, "
+            f"env={sorted(self.env)}, secret_env={sorted(self.secret_env)}, "
+            f"secret_files={sorted(self.secret_files)}, volumes={len(self.volumes)})"
+        )
 
 
 def _record(key: str, value: str) -> bytes:
@@ -105,6 +123,11 @@ def _check(config: GuestConfig) -> list[str]:
         problem = mount_path_problem(volume.mount_path)
         if problem:
             problems.append(f"volume {volume.serial}: {problem}")
+    for file_path, content in config.secret_files.items():
+        if not SECRET_FILE_PATH.fullmatch(file_path) or len(file_path) > 200:
+            problems.append(f"secret file {file_path!r} is not a plain path under {SECRET_DIR}")
+        elif "\0" in content:
+            problems.append(f"secret file {file_path} holds a NUL byte")
     env = {**config.env, **config.secret_env}
     for path, message in value_problems(env, config.args):
         at = ".".join(str(p) for p in path)
@@ -129,6 +152,7 @@ def encode(config: GuestConfig) -> bytes:
     parts += [
         _record("volume", f"{v.serial} {v.filesystem} {v.mount_path}") for v in config.volumes
     ]
+    parts += [_record("secret-file", f"{p} {c}") for p, c in sorted(config.secret_files.items())]
     parts.append(_record("restart", config.restart))
     if config.boot_only:
         parts.append(_record("boot-only", "1"))

@@ -162,6 +162,55 @@ class VolumeSpec:
 
 
 @dataclass(frozen=True)
+class SecretRef:
+    """A value of one of the fleet's secrets (``Fleet.spec.secrets``): ``key`` names a value of
+    a sops file, ``""`` the whole of a plain age file. ``digest`` is the keyed digest of the
+    value (``reconciler.secrets``): what settings, the state store and plans hold instead of it.
+    """
+
+    secret: str
+    key: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class SecretFileSpec:
+    """A secret the guest init writes, mode 0400, at ``path`` (under ``/run/secrets/``) before
+    the workload starts (``deploy.secretFiles``)."""
+
+    path: str
+    ref: SecretRef
+
+
+class SensitiveValues:
+    """Decrypted secret values by their keyed digest, in memory only: what the executor hands to
+    a guest's per-VM configuration. Its ``repr`` shows a count, so that no log, traceback or
+    debugger line of a desired fleet prints a value."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, str] | None = None) -> None:
+        self._values = dict(values or {})
+
+    def get(self, digest: str) -> str | None:
+        return self._values.get(digest)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"<{len(self._values)} sensitive values>"
+
+    def values(self) -> tuple[str, ...]:
+        """The values themselves: for masking them in free text (the daemon's redactor)."""
+        return tuple(self._values.values())
+
+    def union(self, other: SensitiveValues) -> SensitiveValues:
+        """These values and ``other``'s (both are keyed by digest, so they never conflict)."""
+        return SensitiveValues({**other._values, **self._values})
+
+
+@dataclass(frozen=True)
 class DeploySpec:
     target: Target
     runtime: RuntimeKind
@@ -179,6 +228,8 @@ class DeploySpec:
     prevent_destroy: bool = False
     """No plan may delete these VMs (``planning.guard``) until a commit clears the flag."""
     volumes: tuple[VolumeSpec, ...] = ()
+    secret_env: Mapping[str, SecretRef] = field(default_factory=dict)
+    secret_files: tuple[SecretFileSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -249,6 +300,8 @@ class FleetSettings:
     (``planning.guard``)."""
     declared: bool = True
     """False when the revision has no Fleet document and these are the built-in defaults."""
+    secrets: Mapping[str, str] = field(default_factory=dict)
+    """Secret name -> its encrypted file, relative to the fleet directory (``spec.secrets``)."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +311,8 @@ class DesiredFleet:
     workloads: Mapping[str, Workload]
     vms: Mapping[str, DesiredVM]
     artifacts: Mapping[tuple[str, Target], ArtifactRef]
+    sensitive: SensitiveValues = field(default_factory=SensitiveValues, compare=False)
+    """The decrypted values behind the digests of ``deploy.secretEnv``/``secretFiles``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,12 +592,53 @@ def vm_settings(workload: Workload, artifact: ArtifactRef, kernel: str | None) -
         settings[f"{VOLUME_RECLAIM_KEY}{volume.name}"] = volume.reclaim_policy
     for key, value in deploy.env.items():
         settings[f"deploy.env.{key}"] = value
+    # Only the reference and its keyed digest: a new value is a new digest (a restart), and
+    # nothing that stores or shows settings ever holds the value.
+    for key, ref in deploy.secret_env.items():
+        settings[f"{SECRET_ENV_KEY}{key}"] = _secret_setting(ref)
+    for secret_file in deploy.secret_files:
+        settings[f"{SECRET_FILE_KEY}{secret_file.path}"] = _secret_setting(secret_file.ref)
     for key, value in workload.labels.items():
         settings[f"metadata.labels.{key}"] = value
     return {key: canonical_json(value) for key, value in settings.items()}
 
 
 HEALTH_KEY = "deploy.health"
+SECRET_ENV_KEY = "deploy.secretEnv."
+SECRET_FILE_KEY = "deploy.secretFiles."
+SENSITIVE = "(sensitive)"
+"""What every plan shows instead of a secret setting's value, before and after."""
+
+
+def _secret_setting(ref: SecretRef) -> dict[str, str]:
+    return {"secret": ref.secret, "key": ref.key, "digest": ref.digest}
+
+
+def is_sensitive(key: str) -> bool:
+    """Whether settings ``key`` stands for a secret (shown as ``SENSITIVE``)."""
+    return key.startswith((SECRET_ENV_KEY, SECRET_FILE_KEY))
+
+
+def settings_change(key: str, before: str | None, after: str | None) -> Change:
+    """A changed setting as plans carry it: a secret's digests become ``SENSITIVE``, so that a
+    plan still says *that* a secret changed, in every rendering, and never what it is."""
+    if is_sensitive(key):
+        before = None if before is None else SENSITIVE
+        after = None if after is None else SENSITIVE
+    return Change(key, before, after)
+
+
+def secret_digests_of(settings: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``({env name: digest}, {file path: digest})`` of a VM's flat settings (inverse of
+    ``vm_settings``): what the executor looks up in ``SensitiveValues`` at start time."""
+    env: dict[str, str] = {}
+    files: dict[str, str] = {}
+    for key, raw in settings.items():
+        for prefix, found in ((SECRET_ENV_KEY, env), (SECRET_FILE_KEY, files)):
+            if key.startswith(prefix):
+                value = json.loads(raw)
+                found[key.removeprefix(prefix)] = str(value["digest"])
+    return env, files
 
 
 def _health_setting(check: HealthCheck) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from reconciler.manifests import ParseCache, load_fleet
 from reconciler.model import DesiredFleet, ObservedFleet, Plan
 from reconciler.planning import check_deletions, diff, observed_from_desired
+from reconciler.secrets import SecretResolver
 from reconciler.source import Source
 
 
@@ -25,6 +26,9 @@ class RevisionLoader:
     source: Source
     subpath: str = ""
     cache: ParseCache = field(default_factory=ParseCache)
+    secrets: SecretResolver | None = None
+    """Decrypts the fleet's secrets; None only where nothing is started or compared
+    (``validate``)."""
 
     def resolve(self, rev: str | None) -> str:
         return self.source.resolve(rev)
@@ -32,7 +36,9 @@ class RevisionLoader:
     def load(self, rev: str | None) -> DesiredFleet:
         revision = self.source.resolve(rev)
         root = self.source.checkout(revision)
-        return load_fleet(root, subpath=self.subpath, revision=revision, cache=self.cache)
+        return load_fleet(
+            root, subpath=self.subpath, revision=revision, cache=self.cache, secrets=self.secrets
+        )
 
 
 def plan_against_observed(

@@ -13,6 +13,11 @@ from support.builds import build_artifacts
 from support.kernel import fetch_kernel_deb, register_kernel
 from support.repo import FleetRepo
 
+# fleet-example's web reads a secret encrypted for the TEST-ONLY age key committed under
+# tests/secrets/; every command a test runs (in process or as a subprocess) finds it here.
+TEST_AGE_KEY = Path(__file__).resolve().parent / "secrets" / "age-key.txt"
+os.environ.setdefault("SOPS_AGE_KEY_FILE", str(TEST_AGE_KEY))
+
 
 @pytest.fixture
 def fleet_repo(tmp_path: Path) -> FleetRepo:

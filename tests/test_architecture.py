@@ -36,7 +36,10 @@ LAYERS: list[tuple[str, ...]] = [
         "builders",  # the only build tools
         "runtime",  # the only VMMs and netlink
     ),
-    ("reconciler.leadership",),  # leases, terms and the fence every write checks
+    (
+        "reconciler.leadership",  # leases, terms and the fence every write checks
+        "reconciler.secrets",  # decrypting the fleet's sops/age secrets; keyed digests
+    ),
     ("reconciler.guest_config",),  # what the guest init reads, shared by runtimes and execution
     (
         "reconciler.model",  # the pure types every layer shares

@@ -72,7 +72,7 @@ def run_apply(args: argparse.Namespace) -> int:
             f"the daemon {leader['holder']} (term {leader['term']}) manages this state directory; "
             "commit to the fleet repository, or run `reconciler reconcile --now`"
         )
-    loader = revision_loader(args)
+    loader = revision_loader(args, create_digest_key=True)
     with open_host(args) as host:
         saved = _saved_plan(args.plan) if args.plan is not None else None
         revision = loader.resolve(saved.head if saved is not None else args.rev)

@@ -91,7 +91,7 @@ def kernel_registry(args: argparse.Namespace) -> KernelRegistry:
 
 def run_build(args: argparse.Namespace) -> int:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    loader = revision_loader(args)
+    loader = revision_loader(args, decrypt=False)
     revision = loader.resolve(args.rev)
     desired = loader.load(revision)
     checkout = loader.source.checkout(revision)

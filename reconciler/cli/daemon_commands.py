@@ -30,6 +30,7 @@ from reconciler.cli.options import (
     add_history_option,
     add_repo_options,
     add_state_option,
+    age_key_file,
     repo_credential,
     state_dir,
 )
@@ -158,6 +159,7 @@ def daemon_settings(args: argparse.Namespace) -> DaemonSettings:
             revoked_keys=tuple(args.revoked_key),
             allow_non_descendant=args.allow_non_descendant,
             watch=not args.no_watch,
+            age_key_file=age_key_file(args),
         ),
         state_dir=state_dir(args),
         cache_dir=cache_dir(args),

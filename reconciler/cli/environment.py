@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reconciler.secrets import AGE_KEY_ENV
 from reconciler.source.credentials import CREDENTIAL_ENV
 from reconciler.state import default_state_dir
 
@@ -34,6 +35,7 @@ class Environment:
     api_token: str | None = field(default=None, repr=False)
     webhook_secret: str | None = field(default=None, repr=False)
     git_credential: str | None = field(default=None, repr=False)
+    age_key_file: Path | None = None  # $SOPS_AGE_KEY_FILE, the variable sops itself reads
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -51,4 +53,5 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         api_token=value(API_TOKEN_ENV),
         webhook_secret=value(WEBHOOK_SECRET_ENV),
         git_credential=value(CREDENTIAL_ENV),
+        age_key_file=Path(age_key) if (age_key := value(AGE_KEY_ENV)) else None,
     )

@@ -56,7 +56,7 @@ def register(commands: Any) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    loader = revision_loader(args)
+    loader = revision_loader(args, decrypt=False)
     desired = loader.load(args.rev)
     print(
         f"ok: fleet {desired.fleet.name!r} at {desired.revision}: "

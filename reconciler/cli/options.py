@@ -16,6 +16,7 @@ from pathlib import Path
 from reconciler.cli.environment import read_environment
 from reconciler.errors import ConfigError
 from reconciler.pipeline import RevisionLoader
+from reconciler.secrets import AGE_KEY_ENV, AGE_KEY_FILE, open_resolver
 from reconciler.source import open_source
 from reconciler.source.credentials import CREDENTIAL_ENV, GitCredential
 from reconciler.source.signatures import SignatureVerifier, TrustedKeys, VerifiedSource
@@ -45,6 +46,14 @@ def add_repo_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help=f"file holding user:token (or a token) for an HTTPS --repo (default: "
         f"${CREDENTIAL_ENV}); never put it in the URL: arguments are visible in ps",
+    )
+    parser.add_argument(
+        "--age-key-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"age identity that decrypts the fleet's secrets (default: ${AGE_KEY_ENV}, else "
+        f"<state dir>/{AGE_KEY_FILE}); needed only when the fleet declares secrets",
     )
     parser.add_argument(
         "--trusted-key",
@@ -112,17 +121,37 @@ def trusted_keys(args: argparse.Namespace) -> TrustedKeys:
     )
 
 
-def revision_loader(args: argparse.Namespace) -> RevisionLoader:
+def age_key_file(args: argparse.Namespace) -> Path | None:
+    """``--age-key-file``, else ``$SOPS_AGE_KEY_FILE`` (else the state directory's file, found
+    by ``reconciler.secrets``)."""
+    chosen: Path | None = getattr(args, "age_key_file", None)
+    return chosen if chosen is not None else read_environment().age_key_file
+
+
+def revision_loader(
+    args: argparse.Namespace, *, decrypt: bool = True, create_digest_key: bool = False
+) -> RevisionLoader:
     """The fleet repository of the options; with trusted keys, one whose trees come only from
-    commits signed by them."""
+    commits signed by them. ``decrypt``: secrets are decrypted with the age key (commands that
+    plan or start VMs); without, only checked (``validate``, ``build``). ``create_digest_key``:
+    the fleet's digest key is created when missing (commands that write the state)."""
     keys = trusted_keys(args)  # a bad key file fails before any fetch
     source = open_source(
         args.repo, ref=args.ref, cache_dir=state_dir(args) / "git", credential=repo_credential(args)
     )
+    secrets = (
+        open_resolver(
+            state_dir(args), age_key_file=age_key_file(args), create_digest_key=create_digest_key
+        )
+        if decrypt
+        else None
+    )
     if not keys:
-        return RevisionLoader(source=source, subpath=args.path)
+        return RevisionLoader(source=source, subpath=args.path, secrets=secrets)
     verifier = SignatureVerifier(keys, state_dir(args) / "signatures")
     verifier.prepare()
     return RevisionLoader(
-        source=VerifiedSource(source, verifier, source.repo_path), subpath=args.path
+        source=VerifiedSource(source, verifier, source.repo_path),
+        subpath=args.path,
+        secrets=secrets,
     )

@@ -44,6 +44,7 @@ from reconciler.leadership.protocol import Lease
 from reconciler.log_context import log_fields
 from reconciler.model import DesiredFleet
 from reconciler.pipeline import RevisionLoader
+from reconciler.secrets import open_resolver
 from reconciler.source import Source, open_source
 from reconciler.source.signatures import SignatureVerifier, TrustedKeys
 from reconciler.state import FLEET_WIDE, StateStore
@@ -160,7 +161,15 @@ class Daemon:
         self.state = LoopState(started_at=time.time())
         self._stopping = threading.Event()
         self.cycle = ReconcileCycle(
-            RevisionLoader(source=source, subpath=settings.source.path),
+            RevisionLoader(
+                source=source,
+                subpath=settings.source.path,
+                secrets=open_resolver(
+                    settings.state_dir,
+                    age_key_file=settings.source.age_key_file,
+                    create_digest_key=True,
+                ),
+            ),
             host,
             settings.cache_dir,
             verify=verify,
@@ -342,6 +351,8 @@ class Daemon:
     def _remember_desired(self, desired: DesiredFleet) -> None:
         for vm in desired.vms.values():
             self.redactor.remember(env_values(vm.settings))
+        # A workload that prints its secret: masked in its console lines, logs and events too.
+        self.redactor.remember(desired.sensitive.values())
 
     def _refresh_metrics(self, store: StateStore) -> None:
         observed = store.observed()

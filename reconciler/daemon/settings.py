@@ -43,6 +43,7 @@ class SourceSettings:
     revoked_keys: tuple[Path, ...] = ()  # revocations of trusted keys
     allow_non_descendant: bool = False  # apply a head that does not descend from the applied
     watch: bool = True  # file watch when the repository is a local path
+    age_key_file: Path | None = None  # decrypts the fleet's secrets (else the state dir's)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from reconciler.model import (
     Plan,
     RevisionOutcome,
     RuntimeKind,
+    SensitiveValues,
     VMAction,
     VMState,
 )
@@ -89,9 +90,13 @@ class Executor:
     """False when re-converging onto the last applied revision (the daemon healing drift while a
     newer revision is refused): that is not an attempt, and must not hide the refused one."""
     _last_healthy: dict[str, ObservedVM] = field(default_factory=dict, init=False)
+    # Secret values of the revisions applied by this process (memory only), by keyed digest:
+    # a roll back restarts a VM with the values it had.
+    _sensitive: SensitiveValues = field(default_factory=SensitiveValues, init=False)
 
     def apply(self, plan: Plan, desired: DesiredFleet) -> ApplyReport:
         revision = plan.head or "unknown"
+        self._sensitive = desired.sensitive.union(self._sensitive)
         for intent in self.store.open_intents():
             # A reconciler was killed mid-action; the observer has already seen what it left
             # (a recorded VM is adopted or recreated), so the plan finishes the job.
@@ -256,6 +261,7 @@ class Executor:
             # Created once, grown here while the VM is stopped, never part of its directory: a
             # replace gets a fresh root disk and the same volumes.
             volumes=prepare_volumes(self.state_dir, record, on_event=self.on_event),
+            sensitive=self._sensitive,
         )
         if record.runtime is RuntimeKind.FIRECRACKER:
             # Firecracker boots the uncompressed ELF of the kernel the artifact was built with.

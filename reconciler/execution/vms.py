@@ -14,7 +14,7 @@ from pathlib import Path
 
 from reconciler.errors import NotImplementedFeatureError
 from reconciler.execution.launch import LaunchConfig, guest_config, kernel_cmdline
-from reconciler.model import ObservedVM, RuntimeKind
+from reconciler.model import ObservedVM, RuntimeKind, SensitiveValues
 from runtime.protocol import NetworkAttachment, Runtime, VMSpec, VolumeAttachment
 
 
@@ -40,6 +40,7 @@ def vm_spec(
     artifact: Path | None = None,
     network: NetworkAttachment | None = None,
     volumes: tuple[VolumeAttachment, ...] = (),
+    sensitive: SensitiveValues | None = None,
 ) -> VMSpec:
     """A ``VMSpec``; without ``config``/``artifact`` it is enough to query or stop the VM."""
     if config is None or artifact is None:
@@ -70,7 +71,9 @@ def vm_spec(
         rootfs=rootfs,
         executable=artifact / "workload" if (artifact / "workload").exists() else None,
         kernel_cmdline=kernel_cmdline(base, config),
-        guest=guest_config(config, hostname=name, address=address, gateway=gateway),
+        guest=guest_config(
+            config, hostname=name, address=address, gateway=gateway, sensitive=sensitive
+        ),
         network=network,
         volumes=volumes,
     )

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.build_flags import build_input_problems
-from reconciler.guest_values import deploy_problems
+from reconciler.guest_values import deploy_problems, value_problems
 from reconciler.manifests.paths import SourceTrees, relative
+from reconciler.manifests.secrets import FleetSecrets
 from reconciler.model import (
     BuildSpec,
     DeploySpec,
@@ -30,6 +31,8 @@ from reconciler.model import (
     RestartPolicy,
     RolloutPolicy,
     RuntimeKind,
+    SecretFileSpec,
+    SecretRef,
     SourceSpec,
     Target,
     VolumeSpec,
@@ -81,6 +84,7 @@ def compile_fleet(document: Document | None) -> FleetSettings:
         kernel=spec.get("kernel"),
         variables=spec.get("variables") or {},
         max_deletions=spec.get("maxDeletions"),
+        secrets={name: s["path"] for name, s in (spec.get("secrets") or {}).items()},
     )
 
 
@@ -127,6 +131,7 @@ def compile_workload(
     fleet_dir: Path,
     trees: SourceTrees,
     report: Report,
+    secrets: FleetSecrets | None = None,
 ) -> Workload | None:
     spec = document.content["spec"]
     source = spec["source"]
@@ -197,7 +202,8 @@ def compile_workload(
     for where, message in build_input_problems(source["language"], source["entrypoint"], build):
         report(document, ("spec", *where), message)
         ok = False
-    if escapes or not ok:
+    secret_env, secret_files = _secret_refs(document, deploy, secrets, report)
+    if escapes or not ok or secret_env is None or secret_files is None:
         return None
 
     health = deploy.get("health")
@@ -249,11 +255,80 @@ def compile_workload(
                 )
                 for v in deploy.get("volumes", [])
             ),
+            secret_env=secret_env,
+            secret_files=secret_files,
         ),
         source_digest=digest,
         declared_in=document.file,
         suspended=bool(spec.get("suspend", False)),
     )
+
+
+def _secret_refs(
+    document: Document,
+    deploy: Mapping[str, Any],
+    secrets: FleetSecrets | None,
+    report: Report,
+) -> tuple[dict[str, SecretRef] | None, tuple[SecretFileSpec, ...] | None]:
+    """``deploy.secretEnv`` and ``deploy.secretFiles`` as references with keyed digests, or
+    ``(None, None)`` after reporting what is wrong (``manifests.secrets``)."""
+    wanted_env = deploy.get("secretEnv") or {}
+    wanted_files = deploy.get("secretFiles") or []
+    if not wanted_env and not wanted_files:
+        return {}, ()
+    ok = True
+    env: dict[str, SecretRef] = {}
+    files: list[SecretFileSpec] = []
+
+    def resolve(at: tuple[Hashable, ...], secret: str, key: str) -> SecretRef | None:
+        nonlocal ok
+        if secrets is None:
+            ref: SecretRef | str = "the fleet declares no secrets (Fleet spec.secrets)"
+        else:
+            ref = secrets.ref(secret, key)
+        if isinstance(ref, str):
+            report(document, ("spec", "deploy", *at), ref)
+            ok = False
+            return None
+        return ref
+
+    plain_env = deploy.get("env") or {}
+    for name, wanted in wanted_env.items():
+        if name in plain_env:
+            report(
+                document,
+                ("spec", "deploy", "secretEnv", name),
+                f"{name} is also in deploy.env; a variable is either plain or secret",
+            )
+            ok = False
+        ref = resolve(("secretEnv", name), wanted["secret"], wanted.get("key", ""))
+        if ref is not None:
+            env[name] = ref
+    seen: set[str] = set()
+    for index, wanted in enumerate(wanted_files):
+        if wanted["path"] in seen:
+            report(document, ("spec", "deploy", "secretFiles", index, "path"), "path used twice")
+            ok = False
+        seen.add(wanted["path"])
+        ref = resolve(("secretFiles", index), wanted["secret"], wanted.get("key", ""))
+        if ref is not None:
+            files.append(SecretFileSpec(wanted["path"], ref))
+    if secrets is not None and ok:
+        # The limits every env value has (no NUL, a size cap), checked on the values without
+        # ever naming them.
+        values = {n: secrets.sensitive.get(r.digest, "") for n, r in env.items()}
+        for at, why in value_problems(values, ()):
+            report(document, ("spec", "deploy", "secretEnv", *at[1:]), why)
+            ok = False
+        for index, secret_file in enumerate(files):
+            if "\0" in secrets.sensitive.get(secret_file.ref.digest, ""):
+                report(
+                    document,
+                    ("spec", "deploy", "secretFiles", index),
+                    "the secret holds a NUL byte, which the guest cannot be given",
+                )
+                ok = False
+    return (env, tuple(files)) if ok else (None, None)
 
 
 def check_dependencies(workloads: Mapping[str, Document], known: set[str], report: Report) -> None:

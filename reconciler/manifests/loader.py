@@ -27,7 +27,7 @@ import difflib
 import hashlib
 import posixpath
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +44,11 @@ from reconciler.manifests.ignore import IGNORE_FILE, IgnoreRules
 from reconciler.manifests.limits import DEFAULT_LIMITS, Limits
 from reconciler.manifests.paths import SourceTrees, find_manifests, is_inside, relative
 from reconciler.manifests.schema import KIND_FILES, SchemaProblem, json_path, validate
+from reconciler.manifests.secrets import FleetSecrets
 from reconciler.manifests.templates import render_templates
 from reconciler.manifests.yaml_loader import ParsedDocument, YAMLProblem, line_of, parse_documents
-from reconciler.model import API_VERSION, DesiredFleet, Workload, assemble_fleet
+from reconciler.model import API_VERSION, DesiredFleet, SensitiveValues, Workload, assemble_fleet
+from reconciler.secrets import SecretResolver
 
 API_GROUP = API_VERSION.split("/", 1)[0] + "/"
 
@@ -305,6 +307,12 @@ def _fleet_ignore(files: Sequence[_File]) -> tuple[_File | None, IgnoreRules]:
                 continue
             spec = content.get("spec")
             patterns = spec.get("ignore") if isinstance(spec, dict) else None
+            # A secret's file is encrypted data, not a manifest, wherever it is declared.
+            secrets = spec.get("secrets") if isinstance(spec, dict) else None
+            if isinstance(secrets, dict):
+                declared = [s.get("path") for s in secrets.values() if isinstance(s, dict)]
+                extra = ["/" + p.lstrip("/") for p in declared if isinstance(p, str)]
+                patterns = [*(patterns if isinstance(patterns, list) else []), *extra]
             if isinstance(patterns, list) and all(isinstance(p, str) for p in patterns):
                 try:
                     return file, IgnoreRules.parse(patterns)
@@ -331,8 +339,12 @@ def load_fleet(
     revision: str | None = None,
     limits: Limits = DEFAULT_LIMITS,
     cache: ParseCache | None = None,
+    secrets: SecretResolver | None = None,
 ) -> DesiredFleet:
     """The desired fleet of the revision checked out at ``root`` (see the module docstring).
+
+    ``secrets`` decrypts the secrets that workloads reference (``manifests.secrets``); without
+    it they are only checked, and the fleet must not be started.
 
     ``subpath`` is the fleet directory inside ``root``; source paths in manifests are relative
     to it and must stay inside ``root``. Raises ``ManifestError`` with every problem found.
@@ -418,6 +430,7 @@ def load_fleet(
     known = {name for kind, name in rev.declared if kind == "Workload"}
     check_dependencies(documents, known, rev.report)
     trees = SourceTrees(root)
+    fleet_secrets = FleetSecrets(settings.secrets, root=root, fleet_dir=fleet_dir, resolver=secrets)
     workloads: dict[str, Workload] = {}
     for name, document in sorted(documents.items()):
         workload = compile_workload(
@@ -427,10 +440,12 @@ def load_fleet(
             fleet_dir=fleet_dir,
             trees=trees,
             report=rev.report,
+            secrets=fleet_secrets,
         )
         if workload is not None:
             workloads[name] = workload
 
     if rev.problems:
         raise ManifestError(rev.problems)
-    return assemble_fleet(revision, settings, workloads)
+    fleet = assemble_fleet(revision, settings, workloads)
+    return replace(fleet, sensitive=SensitiveValues(fleet_secrets.sensitive))

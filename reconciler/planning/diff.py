@@ -44,6 +44,7 @@ from reconciler.model import (
     Target,
     VMAction,
     VMState,
+    settings_change,
     volumes_of,
 )
 from reconciler.planning.rules import disruption_of
@@ -236,7 +237,7 @@ def _plan_vm(vm: DesiredVM, current: ObservedVM | None, restart_policy: RestartP
             workload=vm.workload,
             disruption=Disruption.NONE,
             reason="not running",
-            changes=tuple(Change(k, None, v) for k, v in sorted(vm.settings.items())),
+            changes=tuple(settings_change(k, None, v) for k, v in sorted(vm.settings.items())),
             artifact_after=vm.artifact.input_digest,
         )
 
@@ -292,7 +293,7 @@ def _changes(before: Mapping[str, str], after: Mapping[str, str]) -> tuple[Chang
     if before == after:
         return ()
     return tuple(
-        Change(key, before.get(key), after.get(key))
+        settings_change(key, before.get(key), after.get(key))
         for key in sorted(before.keys() | after.keys())
         if before.get(key) != after.get(key)
     )

@@ -23,6 +23,9 @@ _RULES: tuple[tuple[str, Disruption], ...] = (
     # Handed to the guest init at boot (kernel command line): a restart picks them up, and the
     # VM keeps its address and disk.
     ("deploy.env.", Disruption.RESTART),
+    # Secrets travel the same way: a new value (a new keyed digest) is a restart.
+    ("deploy.secretEnv.", Disruption.RESTART),
+    ("deploy.secretFiles.", Disruption.RESTART),
     ("deploy.args", Disruption.RESTART),
     ("deploy.ports", Disruption.RESTART),
     ("deploy.restartPolicy", Disruption.RESTART),

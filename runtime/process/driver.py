@@ -104,6 +104,7 @@ class ProcessRuntime:
             tools=tools,
             layout=HostLayout.probe(),
             volumes=[(v.path, v.mount_path) for v in spec.volumes],
+            secret_files=bool(spec.guest.secret_files),
         )
         # Started through a shell that exits at once: the sandbox is re-parented to the host's
         # init, never a child (or a zombie) of the reconciler.
@@ -134,7 +135,12 @@ class ProcessRuntime:
         log = spec.vm_dir / CONSOLE_LOG
         pid = self._pid(spec)
         if pid is not None:
-            error = last_event(read_markers(log), "error")
+            markers = read_markers(log)
+            if last_event(markers, "booted") is not None:
+                # The init read its per-VM configuration (secrets included) into memory before
+                # it said "booted": no copy of it stays on the host's disk.
+                (spec.vm_dir / VM_CONFIG).unlink(missing_ok=True)
+            error = last_event(markers, "error")
             return VMStatus(
                 spec.name, VMState.RUNNING, pid, str(error.get("message", "")) if error else "", log
             )

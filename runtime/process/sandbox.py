@@ -143,12 +143,15 @@ def sandbox_argv(
     tools: Tools,
     layout: HostLayout,
     volumes: Sequence[tuple[Path, str]] = (),
+    secret_files: bool = False,
 ) -> list[str]:
     """The command line that runs ``command`` (the init) as VM ``name`` (see the module
     docstring). ``read_only``: host files shown at their own paths (the init, the executable,
     its configuration); ``workdir``: the only writable host directory; ``netns``: the VM's
     network namespace, or None for no network at all (only a loopback of its own);
-    ``volumes``: ``(host directory, mount path)`` pairs, writable, mounted last."""
+    ``volumes``: ``(host directory, mount path)`` pairs, writable, mounted last;
+    ``secret_files``: a private tmpfs at ``/run/secrets`` (mode 0700, the VM's uid) where the
+    init writes them, in memory, never under the state directory."""
     files = [os.path.abspath(p) for p in read_only]
     work = os.path.abspath(workdir)
     mounts = [(os.path.abspath(source), target) for source, target in volumes]
@@ -172,6 +175,8 @@ def sandbox_argv(
     for path in layout.etc:
         outer += ["--ro-bind", path, path]
     outer += ["--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--tmpfs", "/tmp"]
+    if secret_files:
+        outer += ["--perms", "0755", "--dir", "/run/secrets"]  # the inner bwrap's mount point
     trees = ["/usr", "/dev", "/proc", *layout.links, *layout.directories]
     for path in _parents([*files, work], exists=["/etc", "/tmp"], trees=trees):
         outer += ["--perms", "0755", "--dir", path]
@@ -223,6 +228,8 @@ def sandbox_argv(
         work,
         work,
         *[arg for _s, target in mounts for arg in ("--bind", target, target)],
+        # Made by the unprivileged bwrap, so owned by the VM's uid inside its user namespace.
+        *(["--perms", "0700", "--tmpfs", "/run/secrets"] if secret_files else []),
         "--chdir",
         work,
         "--",

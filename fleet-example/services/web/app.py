@@ -1,5 +1,8 @@
-"""A small HTTP service: JSON greeting on /, liveness on /healthz. Standard library only."""
+"""A small HTTP service: JSON greeting on /, liveness on /healthz, and /private, which needs
+the API token the fleet hands it as a secret (``API_TOKEN``, from secrets/web.sops.yaml) in an
+``Authorization: Bearer`` header. Standard library only."""
 
+import hmac
 import json
 import os
 import socket
@@ -12,8 +15,19 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/healthz":
             body, kind = b"ok\n", "text/plain"
         elif self.path == "/":
-            reply = {"greeting": os.environ.get("GREETING", "hello"), "host": socket.gethostname()}
+            reply = {
+                "greeting": os.environ.get("GREETING", "hello"),
+                "host": socket.gethostname(),
+                "api_token": "set" if os.environ.get("API_TOKEN") else "missing",  # never the value
+            }
             body, kind = (json.dumps(reply) + "\n").encode(), "application/json"
+        elif self.path == "/private":
+            token = os.environ.get("API_TOKEN", "")
+            given = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            if not token or not hmac.compare_digest(given.encode(), token.encode()):
+                self.send_error(403)
+                return
+            body, kind = b"welcome\n", "text/plain"
         else:
             self.send_error(404)
             return
