@@ -212,6 +212,8 @@ def test_hostile_values_reach_a_confined_vm_byte_for_byte(
         assert "init=" not in cmdline
         assert "T_" not in cmdline
         assert found["VMCONF"] == ["gone"]  # the init removed it after reading
+        # ... and the host's copy, the per-VM initrd, left once QEMU had loaded it.
+        assert not (spec.vm_dir / "initrd.img").exists()
 
         # Nothing per-VM on QEMU's command line (what `ps` shows).
         qemu_cmdline = Path(f"/proc/{started.pid}/cmdline").read_bytes()

@@ -117,6 +117,11 @@ class QemuRuntime:
         status = self.status(spec)
         if status.state is not VMState.RUNNING:
             raise VMRuntimeError(f"VM {spec.name} exited right after starting: {status.detail}")
+        if not status.detail:
+            # QEMU answered QMP, so its machine is built: the kernel and the initrd are in guest
+            # memory. The per-VM initrd holds the VM's env and secrets; it leaves the host now
+            # (every start writes a new one).
+            (spec.vm_dir / VM_INITRD).unlink(missing_ok=True)
         return status
 
     def _chroot(self) -> Path:
