@@ -50,7 +50,13 @@ def host_checks() -> list[Check]:
         tool_check("busybox (static)", "busybox", "busybox-static"),
         tool_check("C compiler", "gcc", "gcc libc6-dev"),
         tool_check("nftables", "nft", "nftables", required=False),
-        tool_check("bubblewrap", "bwrap", "bubblewrap", required=False),
+        # Every build runs in bubblewrap, and a process VM in bubblewrap entered with nsenter
+        # into its network namespace and dropped to its own uid with setpriv: no fallback.
+        tool_check("bubblewrap", "bwrap", "bubblewrap"),
+        tool_check("setpriv", "setpriv", "util-linux"),
+        tool_check("nsenter", "nsenter", "util-linux"),
+        # QEMU drops to a system user of its own, created with useradd on first start.
+        tool_check("useradd", "useradd", "passwd"),
     ]
     firecracker = shutil.which("firecracker")
     checks.append(

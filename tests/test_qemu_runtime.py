@@ -118,6 +118,10 @@ def test_check_reports_every_prerequisite_and_probes_kvm(
         "Firecracker",
         "TAP devices",
         "nftables",
+        "bubblewrap",
+        "setpriv",
+        "nsenter",
+        "useradd",
     ):
         assert name in out
     kvm_line = next(line for line in out.splitlines() if "KVM usable" in line)
