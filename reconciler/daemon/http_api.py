@@ -577,17 +577,22 @@ class _Handler(BaseHTTPRequestHandler):
         if response.stream is not None:
             self._send_stream(response, response.stream, head=head)
             return
+        self._send_head(response, "Content-Length", str(len(response.body)))
+        if not head:
+            self.wfile.write(response.body)
+
+    def _send_head(self, response: Response, length_header: str, length: str) -> None:
+        """Status line and headers, the same for a whole body and a stream but for how its
+        length is told."""
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
+        self.send_header(length_header, length)
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         for name, value in response.headers.items():
             self.send_header(name, value)
         self.send_header("Connection", "close")
         self.end_headers()
-        if not head:
-            self.wfile.write(response.body)
 
     def _send_stream(
         self,
@@ -598,15 +603,7 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         chunks = stream(self._client_gone)
         try:
-            self.send_response(response.status)
-            self.send_header("Content-Type", response.content_type)
-            self.send_header("Transfer-Encoding", "chunked")
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            for name, value in response.headers.items():
-                self.send_header(name, value)
-            self.send_header("Connection", "close")
-            self.end_headers()
+            self._send_head(response, "Transfer-Encoding", "chunked")
             if head:
                 return
             for chunk in chunks:
