@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from reconciler.cli.options import state_dir
+from reconciler.cli.options import state_dir, store_location
 from reconciler.execution.host import LocalHost, open_host_at
 
 __all__ = ["LocalHost", "open_host"]
 
 
 def open_host(args: argparse.Namespace) -> LocalHost:
-    return open_host_at(state_dir(args))
+    return open_host_at(state_dir(args), store_location(args))

@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from reconciler.cli.environment import read_environment
+from reconciler.cli.environment import STORE_ENV, read_environment
 from reconciler.errors import ConfigError
+from reconciler.manifests.compile_cache import CACHE_FILE
 from reconciler.pipeline import RevisionLoader
 from reconciler.secrets import AGE_KEY_ENV, AGE_KEY_FILE, open_resolver
 from reconciler.source import open_source
 from reconciler.source.credentials import CREDENTIAL_ENV, GitCredential
 from reconciler.source.signatures import SignatureVerifier, TrustedKeys, VerifiedSource
+from reconciler.state import StoreLocation
 
 
 def add_repo_options(parser: argparse.ArgumentParser) -> None:
@@ -91,11 +93,27 @@ def add_state_option(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="state directory (default: $RECONCILER_STATE_DIR or ~/.local/state/reconciler)",
     )
+    parser.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help=f"state store: 'sqlite' (in the state directory) or a postgresql:// URL shared by "
+        f"the fleet's hosts (default: ${STORE_ENV}, else sqlite); a password is best given in "
+        "the variable or ~/.pgpass, not here: arguments are visible in ps",
+    )
 
 
 def state_dir(args: argparse.Namespace) -> Path:
     chosen: Path | None = getattr(args, "state_dir", None)
     return chosen if chosen is not None else read_environment().state_dir
+
+
+def store_location(args: argparse.Namespace) -> StoreLocation:
+    """Where the command's state store is: ``--store``, else ``$RECONCILER_STORE``, else
+    SQLite in the state directory."""
+    chosen: str | None = getattr(args, "store", None)
+    url = chosen if chosen is not None else read_environment().store
+    return StoreLocation(state_dir(args), url=url).validated()
 
 
 def repo_credential(args: argparse.Namespace) -> GitCredential | None:
@@ -146,12 +164,16 @@ def revision_loader(
         if decrypt
         else None
     )
+    compiled = state_dir(args) / CACHE_FILE
     if not keys:
-        return RevisionLoader(source=source, subpath=args.path, secrets=secrets)
+        return RevisionLoader(
+            source=source, subpath=args.path, secrets=secrets, compile_cache=compiled
+        )
     verifier = SignatureVerifier(keys, state_dir(args) / "signatures")
     verifier.prepare()
     return RevisionLoader(
         source=VerifiedSource(source, verifier, source.repo_path),
         subpath=args.path,
         secrets=secrets,
+        compile_cache=compiled,
     )

@@ -141,7 +141,7 @@ class PostgresLease(ClosedOnExit):
                 f"--lease is not a valid postgresql:// URL or libpq DSN: {reason}"
             ) from exc
         self._password = str(params.get("password") or "")
-        self.where = _describe(params)
+        self.where = describe_database(params)
         self._duration = timedelta(seconds=self.settings.duration)
         # A renewal must not hang past the renew deadline waiting on a lock or a sick server.
         self._statement_timeout_ms = max(
@@ -322,17 +322,7 @@ class PostgresLease(ClosedOnExit):
 
     def reason(self, exc: BaseException) -> str:
         """The useful part of a psycopg error, on one line and without the DSN's password."""
-        text = _first_line(exc)
-        # Connection errors repeat where they went ("connection to server at ... failed: ");
-        # our message already says that.
-        text = re.sub(r"^connection (?:failed|is bad): ", "", text)
-        text = re.sub(r"^connection to server .*? failed: ", "", text)
-        text = re.sub(r"^(?:FATAL|ERROR):\s+", "", text)
-        if len(text) > 1 and text[0].isupper() and text[1].islower():
-            text = text[0].lower() + text[1:]
-        if self._password:
-            text = text.replace(self._password, "***")
-        return text or type(exc).__name__
+        return error_reason(exc, password=self._password)
 
 
 class _Listener:
@@ -406,12 +396,27 @@ def _is_idle_and_alive(conn: Connection) -> bool:
     return not readable
 
 
+def error_reason(exc: BaseException, *, password: str) -> str:
+    """The useful part of a psycopg error, on one line and without ``password`` (the DSN's)."""
+    text = _first_line(exc)
+    # Connection errors repeat where they went ("connection to server at ... failed: ");
+    # our message already says that.
+    text = re.sub(r"^connection (?:failed|is bad): ", "", text)
+    text = re.sub(r"^connection to server .*? failed: ", "", text)
+    text = re.sub(r"^(?:FATAL|ERROR):\s+", "", text)
+    if len(text) > 1 and text[0].isupper() and text[1].islower():
+        text = text[0].lower() + text[1:]
+    if password:
+        text = text.replace(password, "***")
+    return text or type(exc).__name__
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else ""
 
 
-def _describe(params: dict[str, Any]) -> str:
+def describe_database(params: dict[str, Any]) -> str:
     """Where the DSN points, for messages: host, port, database and user, never the password."""
     keys = ("host", "hostaddr", "port", "dbname", "user")
     parts = [f"{key}={params[key]}" for key in keys if params.get(key)]

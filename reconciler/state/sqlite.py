@@ -9,6 +9,8 @@ term (``meta.term`` only grows). Every write of VMs, intents and revisions then 
 its transaction, that the fence is still valid and that no newer term was claimed since; a stale
 leader's write is rolled back and raises ``StaleTermError``. Events and suspensions are the
 operator's history and switches, not fleet state, and are never fenced.
+The notification outbox is fenced (only the leader enqueues and settles) but, not being
+fleet state, never bumps the version.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,18 +30,34 @@ from reconciler.model import (
     FLEET_WIDE,
     ObservedFleet,
     ObservedVM,
+    RolloutCommand,
+    RolloutState,
+    RolloutSwitch,
     RuntimeKind,
     Target,
     VMState,
 )
 from reconciler.redact import redact_text
 from reconciler.state.paths import private_file, private_state_dir
-from reconciler.state.protocol import Event, Intent, RevisionRecord, StateStore
+from reconciler.state.protocol import (
+    VM_HISTORY_KEPT,
+    Event,
+    Intent,
+    OutboxEntry,
+    OutboxMessage,
+    OutboxState,
+    Pin,
+    RevisionRecord,
+    StateStore,
+    VMHistoryEntry,
+    pin_message,
+)
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _EVENTS_KEPT = 10_000
+_OUTBOX_KEPT = 10_000  # settled messages; their keys deduplicate for as long as they are kept
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -82,6 +100,16 @@ CREATE TABLE IF NOT EXISTS suspensions (
     reason TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rollouts (
+    workload TEXT PRIMARY KEY,
+    state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_switches (
+    workload TEXT PRIMARY KEY,
+    command TEXT NOT NULL,
+    version TEXT NOT NULL,
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS revisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     revision TEXT NOT NULL,
@@ -89,6 +117,42 @@ CREATE TABLE IF NOT EXISTS revisions (
     message TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS revision_artifacts (
+    revision TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    digests TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (revision, workload)
+);
+CREATE TABLE IF NOT EXISTS pins (
+    workload TEXT PRIMARY KEY,
+    revision TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vm_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm TEXT NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    healthy INTEGER,
+    term INTEGER
+);
+CREATE INDEX IF NOT EXISTS vm_history_by_vm ON vm_history (vm, id);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state, destination, id);
 """
 
 
@@ -239,6 +303,41 @@ class SQLiteStateStore(ClosedOnExit):
         rows = self._db.execute("SELECT workload, reason FROM suspensions").fetchall()
         return {str(r[0]): str(r[1]) for r in rows}
 
+    def rollouts(self) -> dict[str, RolloutState]:
+        rows = self._db.execute("SELECT workload, state FROM rollouts").fetchall()
+        return {str(r[0]): RolloutState.from_json(str(r[1])) for r in rows}
+
+    def put_rollout(self, state: RolloutState) -> None:
+        with self._write(bump=False):
+            self._db.execute(
+                "INSERT OR REPLACE INTO rollouts VALUES (?, ?)", (state.workload, state.to_json())
+            )
+
+    def switch_rollout(self, switch: RolloutSwitch) -> None:
+        with self._write(fenced=False, bump=False):
+            self._db.execute(
+                "INSERT OR REPLACE INTO rollout_switches VALUES (?, ?, ?, ?)",
+                (switch.workload, switch.command.value, switch.version, switch.at),
+            )
+            self._db.execute(
+                "INSERT INTO events (at, kind, subject, message) VALUES (?, ?, ?, ?)",
+                (
+                    time.time(),
+                    f"rollout-{switch.command.value}",
+                    switch.workload,
+                    "by the operator",
+                ),
+            )
+
+    def rollout_switches(self) -> dict[str, RolloutSwitch]:
+        rows = self._db.execute(
+            "SELECT workload, command, version, at FROM rollout_switches"
+        ).fetchall()
+        return {
+            str(r[0]): RolloutSwitch(str(r[0]), RolloutCommand(r[1]), str(r[2]), float(r[3]))
+            for r in rows
+        }
+
     def version(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key='version'").fetchone()
         return int(row[0]) if row else 0
@@ -307,6 +406,91 @@ class SQLiteStateStore(ClosedOnExit):
         ).fetchone()
         return RevisionRecord(row[0], row[1], row[2], row[3]) if row else None
 
+    def revisions(self, limit: int = 50) -> list[RevisionRecord]:
+        rows = self._db.execute(
+            "SELECT revision, outcome, message, at FROM revisions ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [RevisionRecord(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def record_artifacts(self, revision: str, artifacts: Mapping[str, Sequence[str]]) -> None:
+        with self._write(bump=False):
+            for workload, digests in artifacts.items():
+                self._db.execute(
+                    "INSERT OR REPLACE INTO revision_artifacts VALUES (?, ?, ?, ?)",
+                    (revision, workload, json.dumps(sorted(set(digests))), time.time()),
+                )
+
+    def revision_artifacts(self, revision: str) -> dict[str, tuple[str, ...]]:
+        rows = self._db.execute(
+            "SELECT workload, digests FROM revision_artifacts WHERE revision = ?", (revision,)
+        ).fetchall()
+        return {str(r[0]): tuple(json.loads(str(r[1]))) for r in rows}
+
+    def pin(self, workload: str | None, revision: str, reason: str = "") -> None:
+        with self._write(fenced=False, bump=False):
+            self._db.execute(
+                "INSERT OR REPLACE INTO pins VALUES (?, ?, ?, ?)",
+                (workload or FLEET_WIDE, revision, reason, time.time()),
+            )
+            self._db.execute(
+                "INSERT INTO events (at, kind, subject, message) VALUES (?, 'pinned', ?, ?)",
+                (time.time(), workload or "fleet", pin_message(revision, reason)),
+            )
+
+    def unpin(self, workload: str | None) -> bool:
+        with self._write(fenced=False, bump=False):
+            cursor = self._db.execute(
+                "DELETE FROM pins WHERE workload = ?", (workload or FLEET_WIDE,)
+            )
+            if cursor.rowcount > 0:
+                self._db.execute(
+                    "INSERT INTO events (at, kind, subject, message) "
+                    "VALUES (?, 'unpinned', ?, 'by the operator')",
+                    (time.time(), workload or "fleet"),
+                )
+        return cursor.rowcount > 0
+
+    def pins(self) -> dict[str, Pin]:
+        rows = self._db.execute("SELECT workload, revision, reason, at FROM pins").fetchall()
+        return {str(r[0]): Pin(str(r[0]), str(r[1]), str(r[2]), float(r[3])) for r in rows}
+
+    def record_vm_history(
+        self,
+        vm: str,
+        kind: str,
+        detail: str,
+        *,
+        healthy: bool | None = None,
+        term: int | None = None,
+    ) -> None:
+        with self._write(fenced=False, bump=False):
+            self._db.execute(
+                "INSERT INTO vm_history (vm, at, kind, detail, healthy, term)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    vm,
+                    time.time(),
+                    kind,
+                    redact_text(detail),
+                    None if healthy is None else int(healthy),
+                    term,
+                ),
+            )
+            self._db.execute(
+                "DELETE FROM vm_history WHERE vm = ? AND id NOT IN"
+                " (SELECT id FROM vm_history WHERE vm = ? ORDER BY id DESC LIMIT ?)",
+                (vm, vm, VM_HISTORY_KEPT),
+            )
+
+    def vm_history(self, vm: str, limit: int = VM_HISTORY_KEPT) -> list[VMHistoryEntry]:
+        rows = self._db.execute(
+            "SELECT vm, at, kind, detail, healthy, term FROM vm_history WHERE vm = ?"
+            " ORDER BY id DESC LIMIT ?",
+            (vm, limit),
+        ).fetchall()
+        return [_history_from_row(row) for row in rows]
+
     def begin_intent(self, vm: str, action: str) -> int:
         with self._write():
             cursor = self._db.execute(
@@ -334,8 +518,85 @@ class SQLiteStateStore(ClosedOnExit):
     def attempted_revision(self) -> RevisionRecord | None:
         return self._last_revision("")
 
+    def enqueue(self, messages: Sequence[OutboxMessage]) -> int:
+        added = 0
+        with self._write(bump=False):
+            now = time.time()
+            for message in messages:
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO outbox"
+                    " (key, destination, kind, body, created_at, next_attempt_at)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (message.key, message.destination, message.kind, message.body, now, now),
+                )
+                added += cursor.rowcount
+        return added
+
+    def due_messages(self, now: float, limit: int = 100) -> list[OutboxEntry]:
+        rows = self._db.execute(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox AS o WHERE state = 'pending'"
+            " AND id = (SELECT MIN(id) FROM outbox"
+            "           WHERE state = 'pending' AND destination = o.destination)"
+            " AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [_entry_from_row(row) for row in rows]
+
+    def settle_message(
+        self, entry: int, *, delivered: bool, error: str = "", retry_at: float | None = None
+    ) -> None:
+        with self._write(bump=False):
+            if delivered:
+                self._db.execute(
+                    "UPDATE outbox SET state = 'delivered' WHERE id = ? AND state = 'pending'",
+                    (entry,),
+                )
+            else:
+                self._db.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, last_error = ?,"
+                    " state = ?, next_attempt_at = COALESCE(?, next_attempt_at)"
+                    " WHERE id = ? AND state = 'pending'",
+                    (
+                        redact_text(error),
+                        "pending" if retry_at is not None else "abandoned",
+                        retry_at,
+                        entry,
+                    ),
+                )
+            # Settled messages are kept for their keys (deduplication) and the operator's
+            # history, the newest of them only.
+            self._db.execute(
+                "DELETE FROM outbox WHERE state != 'pending' AND id <= "
+                "(SELECT MAX(id) FROM outbox) - ?",
+                (_OUTBOX_KEPT,),
+            )
+
+    def outbox(self, limit: int = 50) -> list[OutboxEntry]:
+        rows = self._db.execute(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [_entry_from_row(row) for row in rows]
+
     def close(self) -> None:
         self._db.close()
+
+
+_OUTBOX_COLUMNS = (
+    "id, key, destination, kind, body, state, attempts, created_at, next_attempt_at, last_error"
+)
+
+
+def _entry_from_row(row: tuple[object, ...]) -> OutboxEntry:
+    (entry, key, destination, kind, body, state, attempts, created, due, error) = row
+    return OutboxEntry(
+        id=int(str(entry)),
+        message=OutboxMessage(str(key), str(destination), str(kind), str(body)),
+        state=OutboxState(str(state)),
+        attempts=int(str(attempts)),
+        created_at=float(str(created)),
+        next_attempt_at=float(str(due)),
+        last_error=str(error),
+    )
 
 
 def _vm_from_row(row: tuple[object, ...]) -> ObservedVM:
@@ -357,6 +618,18 @@ def _vm_from_row(row: tuple[object, ...]) -> ObservedVM:
         detail=str(detail),
         started_at=None if started_at is None else float(str(started_at)),
         restarts=int(str(restarts or 0)),
+    )
+
+
+def _history_from_row(row: tuple[object, ...]) -> VMHistoryEntry:
+    vm, at, kind, detail, healthy, term = row
+    return VMHistoryEntry(
+        vm=str(vm),
+        at=float(str(at)),
+        kind=str(kind),
+        detail=str(detail),
+        healthy=None if healthy is None else bool(healthy),
+        term=None if term is None else int(str(term)),
     )
 
 
