@@ -1,0 +1,112 @@
+"""``Notice``: one thing that happened that people may want to hear of, with the key that makes
+it happen once.
+
+The key is derived from what happened, never from when or by whom: a revision's failure is
+``revision-failed:<sha>`` whichever leader refuses it and however often, a VM's ill health is
+keyed by its incarnation (the artifact and start time the store records), a leader change by its
+term. So a new leader that re-evaluates the same failing revision produces the same key, and the
+outbox (which holds one message per key) sends nothing twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from reconciler.formatting import short_sha
+from reconciler.model import NotificationEvent, short_digest
+
+COMMIT_STATUS = ":commit-status"
+"""The outbox destination of commit statuses; no endpoint name can start with ':'."""
+
+StatusState = Literal["pending", "success", "failure"]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """``event`` is what endpoints subscribe to (``None``: it only sets a commit status);
+    ``status`` the commit status of ``revision`` it sets, if any."""
+
+    event: NotificationEvent | None
+    key: str
+    title: str  # one line: what happened
+    message: str  # the detail (an error, a health verdict)
+    revision: str | None = None
+    vm: str | None = None
+    status: StatusState | None = None
+    at: float = field(default_factory=time.time)
+
+
+def revision_attempted(sha: str) -> Notice:
+    return Notice(
+        None,
+        f"revision-attempted:{sha}",
+        f"revision {short_sha(sha)} is being applied",
+        "",
+        revision=sha,
+        status="pending",
+    )
+
+
+def revision_applied(sha: str, detail: str) -> Notice:
+    return Notice(
+        NotificationEvent.REVISION_APPLIED,
+        f"revision-applied:{sha}",
+        f"revision {short_sha(sha)} applied",
+        detail,
+        revision=sha,
+        status="success",
+    )
+
+
+def revision_failed(sha: str, reason: str) -> Notice:
+    return Notice(
+        NotificationEvent.REVISION_FAILED,
+        f"revision-failed:{sha}",
+        f"revision {short_sha(sha)} failed",
+        reason,
+        revision=sha,
+        status="failure",
+    )
+
+
+def vm_unhealthy(vm: str, incarnation: str, detail: str) -> Notice:
+    return Notice(
+        NotificationEvent.VM_UNHEALTHY,
+        f"vm-unhealthy:{vm}:{incarnation}",
+        f"VM {vm} is unhealthy",
+        detail,
+        vm=vm,
+    )
+
+
+def rollback(vm: str, artifact: str | None, revision: str) -> Notice:
+    return Notice(
+        NotificationEvent.ROLLBACK,
+        f"rollback:{vm}:{revision}:{artifact}",
+        f"VM {vm} rolled back",
+        f"back to artifact {short_digest(artifact)}, the last it ran healthy",
+        vm=vm,
+    )
+
+
+def revision_rolled_back(sha: str, previous: str | None) -> Notice:
+    """The operator's rollback (``reconciler rollback``) converged: the fleet runs ``sha``
+    again, after ``previous``; keyed by both, so each rollback is told once."""
+    return Notice(
+        NotificationEvent.ROLLBACK,
+        f"revision-rollback:{previous}:{sha}",
+        f"fleet rolled back to {short_sha(sha)}",
+        f"pinned by the operator; it ran {short_sha(previous)} before",
+        revision=sha,
+    )
+
+
+def leader_change(holder: str, term: int) -> Notice:
+    return Notice(
+        NotificationEvent.LEADER_CHANGE,
+        f"leader-change:{term}",
+        f"{holder} leads",
+        f"term {term}",
+    )
