@@ -1,17 +1,51 @@
 """The Markdown rendering of a plan: a pull-request comment with a summary table, the actions
-table, the artifacts to build, then the per-VM changes folded in ``<details>``."""
+table, the expected disruption per workload (when an estimate is given: ``diff`` gives one),
+the artifacts to build, then the per-VM changes folded in ``<details>``."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 from reconciler.model import Plan, short_digest
 from reconciler.render.common import SYMBOL, grouped_noops, revision_line, summary_line
+
+
+class WorkloadDisruption(Protocol):
+    """One workload's row of the expected disruption (``planning.disruption`` makes them;
+    render and planning are independent layers, so this is what render reads of one)."""
+
+    @property
+    def workload(self) -> str: ...
+    @property
+    def disrupted(self) -> int: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def at_once(self) -> int: ...
+    @property
+    def waves(self) -> int: ...
+    @property
+    def median_seconds(self) -> float | None: ...
+    @property
+    def samples(self) -> int: ...
+    @property
+    def degraded_seconds(self) -> float | None: ...
+
+
+class DisruptionEstimate(Protocol):
+    @property
+    def workloads(self) -> Sequence[WorkloadDisruption]: ...
+    @property
+    def budget_seconds(self) -> float: ...
+    def warnings(self) -> list[str]: ...
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(plan: Plan) -> str:
+def render_markdown(plan: Plan, disruption: DisruptionEstimate | None = None) -> str:
     counts = plan.summary()
     out = [f"### reconciler plan: {_cell(revision_line(plan))}", ""]
     for warning in plan.warnings:
@@ -38,6 +72,8 @@ def render_markdown(plan: Plan) -> str:
                 f"{a.disruption.label} | {a.wave} | {_cell(a.reason)} |"
             )
         out.append("")
+    if disruption is not None and disruption.workloads:
+        out += _disruption_section(disruption)
     if plan.builds:
         out += [
             "#### Artifacts to build",
@@ -69,3 +105,37 @@ def render_markdown(plan: Plan) -> str:
         out += ["", "</details>", ""]
     out.append(f"_{summary_line(plan)}_")
     return "\n".join(out) + "\n"
+
+
+def _disruption_section(estimate: DisruptionEstimate) -> list[str]:
+    out = ["#### Expected disruption", ""]
+    out += [f"> **Warning:** {_cell(w)}" for w in estimate.warnings()]
+    if estimate.warnings():
+        out.append("")
+    out += [
+        "| workload | restarted or replaced | unavailable at once | waves "
+        "| start-to-healthy (median) | below full capacity for |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    out += [_disruption_row(w) for w in estimate.workloads]
+    out += [
+        "",
+        f"_Waves follow the rollout policy (maxUnavailable); times are the median of the "
+        f"newest start-to-healthy measurements of each workload; budget "
+        f"{estimate.budget_seconds:g} s below full capacity per workload._",
+        "",
+    ]
+    return out
+
+
+def _disruption_row(w: WorkloadDisruption) -> str:
+    if w.median_seconds is None:
+        time_cell = degraded_cell = "not measured yet"
+    else:
+        runs = f"{w.samples} run{'s' if w.samples != 1 else ''}"
+        time_cell = f"{w.median_seconds:.1f} s ({runs})"
+        degraded_cell = f"~{w.degraded_seconds or 0:.1f} s"
+    return (
+        f"| {_cell(w.workload)} | {w.disrupted} | {w.at_once} of {w.running} | {w.waves} "
+        f"| {time_cell} | {degraded_cell} |"
+    )

@@ -1,0 +1,111 @@
+"""What ``diff`` adds for a review: the working tree as the head (``--worktree``), and the
+expected disruption in the Markdown plan (``--disruption-budget``).
+
+    diff --worktree ──▶ WorktreeSource (reconciler.source.worktree) around the loader's source
+    diff --format markdown ──▶ vm.timeline events (state store) ──▶ planning.disruption
+                                                                ──▶ render_markdown(plan, estimate)
+
+The measured start-to-healthy times are read from the state directory's store only when that
+directory exists: a CI job reviewing a pull request has none and says "not measured yet", and
+no command creates a state directory just to read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from reconciler.cli.options import state_dir
+from reconciler.errors import ConfigError
+from reconciler.model import Plan
+from reconciler.pipeline import RevisionLoader
+from reconciler.planning.disruption import (
+    DEFAULT_BUDGET_SECONDS,
+    estimate_disruption,
+    start_to_healthy_samples,
+)
+from reconciler.render import RENDERERS, render_markdown
+from reconciler.source.git import GitSource
+from reconciler.source.worktree import WORKTREE, WorktreeSource
+from reconciler.state import open_state_store
+
+TIMELINE_EVENTS_READ = 2000  # the newest events scanned for measurements
+
+
+def add_worktree_option(parser: Any) -> None:
+    parser.add_argument(
+        "--worktree",
+        action="store_true",
+        help="read the uncommitted working tree of --repo (tracked and untracked, not ignored "
+        "files) instead of a revision; diff: against --base REV or the live fleet",
+    )
+
+
+def add_review_options(parser: Any, command: str) -> None:
+    if command == "diff":
+        add_worktree_option(parser)
+    parser.add_argument(
+        "--disruption-budget",
+        type=_seconds,
+        default=DEFAULT_BUDGET_SECONDS,
+        metavar="SECONDS",
+        help="Markdown plan: warn when a workload would run below full capacity longer than "
+        f"this (default {DEFAULT_BUDGET_SECONDS:g})",
+    )
+
+
+def with_worktree(args: argparse.Namespace, loader: RevisionLoader) -> RevisionLoader:
+    """With ``--worktree``: ``loader`` reading the working tree as its head revision."""
+    if not getattr(args, "worktree", False):
+        return loader
+    if getattr(args, "head", None) is not None or args.rev is not None:
+        raise ConfigError("--worktree is the head: give --base REV (or nothing), not --head/--rev")
+    if not isinstance(loader.source, GitSource):
+        raise ConfigError(
+            "--worktree cannot be verified with --trusted-key: uncommitted files carry no "
+            "signature; commit and sign, or drop --trusted-key for this review"
+        )
+    source = WorktreeSource(loader.source, state_dir(args) / "git")
+    args.worktree_source = source  # closed by ``close_worktree`` when the command is done
+    loader.source = source
+    if getattr(args, "base", None) is not None:
+        args.head = WORKTREE
+    else:
+        args.rev = WORKTREE
+    return loader
+
+
+def close_worktree(args: argparse.Namespace) -> None:
+    """Remove the working tree's export, if ``with_worktree`` made one. (A killed command's
+    export is removed by a later one: ``source.worktree`` prunes those of dead processes.)"""
+    source: WorktreeSource | None = getattr(args, "worktree_source", None)
+    if source is not None:
+        source.close()
+
+
+def render_plan(args: argparse.Namespace, plan: Plan) -> str:
+    """The plan in ``--format``; Markdown with the expected disruption."""
+    if args.format != "markdown":
+        return RENDERERS[args.format](plan)
+    estimate = estimate_disruption(plan, measured_start_to_healthy(args), args.disruption_budget)
+    return render_markdown(plan, estimate)
+
+
+def measured_start_to_healthy(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Workload -> the newest start-to-healthy times the daemon recorded, newest first."""
+    directory = state_dir(args)
+    if not directory.is_dir():
+        return {}
+    with open_state_store(directory) as store:
+        events = store.events(TIMELINE_EVENTS_READ)
+    return start_to_healthy_samples((e.kind, e.message) for e in events)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    return value
