@@ -204,12 +204,11 @@ def test_planner_is_deterministic() -> None:
     assert diff(after, running(before)) == diff(after, running(before))
 
 
-def test_max_surge_is_reported_as_not_implemented() -> None:
+def test_max_surge_no_longer_warns() -> None:
+    # maxSurge is implemented (tests/test_rollout_planning.py has its plans).
     desired = fleet(WEB, rollout=RolloutPolicy(max_unavailable=1, max_surge=1))
     plan = diff(desired, running(desired))
-    assert plan.warnings == (
-        "spec.rollout.maxSurge is not implemented yet: replaces stop the old VM first",
-    )
+    assert plan.warnings == ()
 
 
 # -- Deletion guards (planning.guard) -------------------------------------------------------

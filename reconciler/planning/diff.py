@@ -14,7 +14,11 @@ Decisions, in the order they are taken for each VM:
    batch job (``restartPolicy: never``) that ended, which is left alone.
 5. Otherwise the settings are compared key by key and the worst disruption class of the changed
    keys (``rules``) picks ``update`` (in place), ``restart`` or ``replace``.
-6. An observed VM that is no longer desired is deleted, if the fleet prunes.
+6. An observed VM that is no longer desired is deleted, if the fleet prunes; a surge stand-in
+   (``<vm>-surge``, ``rollout``) is deleted once its VM no longer needs it, prune or not.
+
+Waves follow each workload's rollout policy (``rollout.surge_waves``): ``maxUnavailable`` VMs
+at a time, or with ``maxSurge`` a stand-in first, so capacity never drops during a replace.
 
 Volumes (``deploy.volumes``) outlive every action but a delete: a plan that would shrink one is
 refused (ext4 is grown in place, never shrunk), and a delete says whether it discards the VM's
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 from reconciler.errors import PlanError
 from reconciler.model import (
@@ -44,8 +49,15 @@ from reconciler.model import (
     Target,
     VMAction,
     VMState,
+    VolumeSpec,
     settings_change,
     volumes_of,
+)
+from reconciler.planning.rollout import (
+    policy_of,
+    stand_in_delete,
+    stands_in_for,
+    surge_waves,
 )
 from reconciler.planning.rules import disruption_of
 
@@ -102,14 +114,11 @@ def diff(
 
     _refuse_shrinking(desired, owned)
     order = _workload_order(desired, owned.values())
-    warnings_for_fleet = (
-        ["spec.rollout.maxSurge is not implemented yet: replaces stop the old VM first"]
-        if desired.fleet.rollout.max_surge > 0
-        else []
-    )
     actions: list[VMAction] = []
     noops: list[VMAction] = []
-    warnings: list[str] = list(warnings_for_fleet)
+    warnings: list[str] = []
+    # Surge stand-ins of an earlier plan still running (``rollout``), by the VM they stand in for.
+    stand_ins: dict[str, VMAction] = {}
 
     for name, foreign in sorted(observed.vms.items()):
         if foreign.fleet != fleet:
@@ -150,6 +159,18 @@ def diff(
             if workload is not None and workload.suspended:
                 noops.append(_noop(vm_name, current.workload, "workload is suspended"))
                 continue
+            slot = stands_in_for(vm_name)
+            if slot is not None:
+                # Temporary capacity of an interrupted surge: it goes, prune or not, once its
+                # VM is replaced (``_assign_waves`` orders it after that VM's action).
+                stand_ins[slot] = stand_in_delete(
+                    vm_name,
+                    current.workload,
+                    slot,
+                    current.artifact_digest,
+                    f"surge: stood in for {slot}, which no longer needs it",
+                )
+                continue
             reason = (
                 f"workload {workload_name!r} is no longer in the revision"
                 if workload is None
@@ -170,12 +191,21 @@ def diff(
                 )
             )
 
+    staged = sorted(
+        {a.workload for a in actions if a.action is not ActionType.CREATE}
+        & {w for w in desired.workloads if policy_of(desired, w).canary}
+    )
+    warnings += [
+        f"workload {w!r} rolls out with canaries under the daemon (deploy.rollout.canary); "
+        "a one-off apply moves every replica in waves"
+        for w in staged
+    ]
     return Plan(
         fleet=fleet,
         base=base.revision if base is not None else observed.applied_revision,
         head=desired.revision,
         observed_version=observed.version,
-        actions=tuple(_assign_waves(actions, order, desired)),
+        actions=tuple(_assign_waves(actions, order, desired, owned, stand_ins)),
         noops=tuple(noops),
         builds=tuple(_builds(desired, owned, actions, base)),
         warnings=tuple(warnings),
@@ -186,12 +216,21 @@ def _refuse_shrinking(desired: DesiredFleet, owned: Mapping[str, ObservedVM]) ->
     """A volume is never made smaller (resize2fs can shrink only what is unused, and a plan
     cannot know what that is): the whole revision is refused, naming every such volume."""
     problems = []
+    # The replicas of a workload share one settings mapping: read its volumes once.
+    parsed: dict[int, tuple[VolumeSpec, ...]] = {}
+
+    def volumes(settings: Mapping[str, str]) -> tuple[VolumeSpec, ...]:
+        known = parsed.get(id(settings))
+        if known is None:
+            known = parsed[id(settings)] = volumes_of(settings)
+        return known
+
     for name, vm in sorted(desired.vms.items()):
         current = owned.get(name)
         if current is None:
             continue
-        before = {v.name: v for v in volumes_of(current.settings)}
-        for volume in volumes_of(vm.settings):
+        before = {v.name: v for v in volumes(current.settings)}
+        for volume in volumes(vm.settings):
             old = before.get(volume.name)
             if old is not None and volume.size_mib < old.size_mib:
                 problems.append(
@@ -370,52 +409,61 @@ def _json_list(encoded: str | None) -> list[str]:
 
 
 def _assign_waves(
-    actions: list[VMAction], order: list[str], desired: DesiredFleet
+    actions: list[VMAction],
+    order: list[str],
+    desired: DesiredFleet,
+    owned: Mapping[str, ObservedVM],
+    stand_ins: Mapping[str, VMAction],
 ) -> list[VMAction]:
     """Order actions by workload dependency order and cut them into rollout waves.
 
     Per workload: creates first (new capacity before anything is disturbed), then in-place
-    updates, then restarts and replaces in batches of ``maxUnavailable``, then scale-down
-    deletes. Waves are numbered across the whole plan so the executor runs them in sequence.
+    updates, then restarts and replaces per the workload's rollout policy (batches of
+    ``maxUnavailable``, or surged ``maxSurge`` at a time: ``rollout.surge_waves``), then
+    scale-down deletes and the stand-ins no VM needs any more. Waves are numbered across the
+    whole plan so the executor runs them in sequence.
     """
-    batch = max(1, desired.fleet.rollout.max_unavailable)
     rank = {name: index for index, name in enumerate(order)}
     by_workload: dict[str, list[VMAction]] = {}
     for action in actions:
         by_workload.setdefault(action.workload, []).append(action)
+    for stand_in in stand_ins.values():
+        by_workload.setdefault(stand_in.workload, [])
 
     result: list[VMAction] = []
     wave = 0
     for workload in sorted(by_workload, key=lambda w: rank.get(w, len(rank))):
         group = by_workload[workload]
-        phases = (
+        moving = [a for a in group if a.action in (ActionType.RESTART, ActionType.REPLACE)]
+        slots = {a.vm for a in moving}
+        own_stand_ins = {s: a for s, a in stand_ins.items() if a.workload == workload}
+        leftover = [a for s, a in sorted(own_stand_ins.items()) if s not in slots]
+        for phase in (
             [a for a in group if a.action is ActionType.CREATE],
             [a for a in group if a.action is ActionType.UPDATE],
-            [a for a in group if a.action in (ActionType.RESTART, ActionType.REPLACE)],
-            [a for a in group if a.action is ActionType.DELETE],
-        )
-        for index, phase in enumerate(phases):
-            if not phase:
-                continue
-            size = batch if index == 2 else len(phase)
-            for start in range(0, len(phase), size):
+        ):
+            if phase:
                 wave += 1
-                result.extend(_with_wave(a, wave) for a in phase[start : start + size])
+                result.extend(_with_wave(a, wave) for a in phase)
+        if moving:
+            surged, wave = surge_waves(
+                moving,
+                policy=policy_of(desired, workload),
+                observed=owned,
+                stand_ins={s: a for s, a in own_stand_ins.items() if s in slots},
+                workload=workload,
+                first_wave=wave,
+            )
+            result.extend(surged)
+        deletes = [a for a in group if a.action is ActionType.DELETE] + leftover
+        if deletes:
+            wave += 1
+            result.extend(_with_wave(a, wave) for a in deletes)
     return result
 
 
 def _with_wave(action: VMAction, wave: int) -> VMAction:
-    return VMAction(
-        action=action.action,
-        vm=action.vm,
-        workload=action.workload,
-        disruption=action.disruption,
-        reason=action.reason,
-        changes=action.changes,
-        artifact_before=action.artifact_before,
-        artifact_after=action.artifact_after,
-        wave=wave,
-    )
+    return replace(action, wave=wave)
 
 
 def _builds(
@@ -442,8 +490,9 @@ def _builds(
     for action in actions:
         if action.action not in (ActionType.CREATE, ActionType.REPLACE):
             continue
-        vm = desired.vms[action.vm]
-        current = owned.get(action.vm)
+        slot = action.stands_in_for or action.vm  # a surge stand-in runs its VM's artifact
+        vm = desired.vms[slot]
+        current = owned.get(slot)
         if current is not None and current.artifact_digest == vm.artifact.input_digest:
             continue
         key = (vm.workload, vm.target)

@@ -149,7 +149,10 @@ def check_deletions(
 
     ``force_deletions`` lifts the guards that a command-line flag may lift (see ``GUARDS``).
     """
-    deletions = tuple(a for a in plan.actions if a.action is ActionType.DELETE)
+    # A surge stand-in's delete gives back temporary capacity: it deletes nothing of the fleet.
+    deletions = tuple(
+        a for a in plan.actions if a.action is ActionType.DELETE and a.stands_in_for is None
+    )
     if not deletions:
         return plan
     context = _Context(plan, desired, observed, deletions)
