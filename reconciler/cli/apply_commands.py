@@ -24,10 +24,11 @@ from reconciler.cli.options import (
     revision_loader,
     state_dir,
 )
+from reconciler.cli.watch import printed, watch
 from reconciler.daemon.leader_file import running_leader
-from reconciler.errors import EXIT_ERROR, EXIT_OK, LeadershipError, PlanError
+from reconciler.errors import EXIT_ERROR, EXIT_OK, ConfigError, LeadershipError, PlanError
 from reconciler.execution.events import print_event
-from reconciler.execution.status import fleet_status
+from reconciler.execution.status import describe_pin, describe_rollout, fleet_status
 from reconciler.formatting import format_duration, short_sha
 from reconciler.model import Plan, RevisionOutcome, short_digest
 from reconciler.pipeline import plan_against_observed
@@ -55,6 +56,10 @@ def register(commands: Any) -> None:
     status = commands.add_parser("status", help="show the VMs that run and the revisions")
     add_state_option(status)
     status.add_argument("--format", choices=["table", "json"], default="table")
+    status.add_argument(
+        "--watch", action="store_true", help="refresh until Ctrl-C (in place on a terminal)"
+    )
+    status.add_argument("--interval", type=float, default=2.0, help="--watch: seconds")
     status.set_defaults(handler=run_status)
 
 
@@ -115,6 +120,14 @@ def run_apply(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    if getattr(args, "watch", False):
+        if args.interval <= 0:
+            raise ConfigError("--interval must be more than 0 seconds")
+        return watch(lambda: printed(lambda: _status_once(args)), args.interval)
+    return _status_once(args)
+
+
+def _status_once(args: argparse.Namespace) -> int:
     leader = running_leader(state_dir(args))
     with open_host(args) as host:
         # Reading: observe without recording (with a daemon leading, only it may write).
@@ -122,7 +135,17 @@ def run_status(args: argparse.Namespace) -> int:
         applied = host.store.applied_revision()
         attempted = host.store.attempted_revision()
         suspended = host.store.suspensions()
-    status = fleet_status(observed, applied, attempted, suspended, state_dir=state_dir(args))
+        rollouts = host.store.rollouts()
+        pins = host.store.pins()
+    status = fleet_status(
+        observed,
+        applied,
+        attempted,
+        suspended,
+        state_dir=state_dir(args),
+        rollouts=rollouts,
+        pins=pins,
+    )
     vms = status["vms"]
     if args.format == "json":
         shown = {
@@ -145,6 +168,10 @@ def run_status(args: argparse.Namespace) -> int:
                 for w, why in sorted(suspended.items())
             )
         )
+    for rollout in status["rollouts"]:
+        print(f"rollout:            {describe_rollout(rollout)}")
+    for pin in status["pins"]:
+        print(f"pinned:             {describe_pin(pin)}")
     print(f"applied revision:   {applied.revision if applied else '-'}")
     if attempted is not None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(attempted.at))

@@ -12,6 +12,7 @@ a runtime, so it can be tested with an in-memory view. State-changing endpoints 
 configured secret and are verified by ``webhooks.verify_delivery``.
 
     GET  /healthz  /readyz  /metrics  /api/status  /api/events?limit=N  /
+    GET  /api/vms/NAME  /?vm=NAME   one VM whole (``describe``; its console and build log: token)
     GET  /api/vms/NAME/logs?follow=1&since=10m&tail=N       (bearer token; chunked stream)
     POST /api/reconcile  /api/suspend  /api/resume          (bearer token)
     POST /webhook/github  /webhook/gitlab  /webhook/generic  (signature or token)
@@ -55,7 +56,7 @@ from reconciler.daemon.http_server import ConnectionServer, Limits
 from reconciler.daemon.metrics import DaemonMetrics
 from reconciler.daemon.redaction import Redactor
 from reconciler.daemon.status_page import EVENTS_SHOWN, render_page
-from reconciler.daemon.view import DaemonView
+from reconciler.daemon.view import DaemonView, DescribesVMs
 from reconciler.daemon.webhooks import (
     KINDS,
     MAX_BODY_BYTES,
@@ -76,6 +77,7 @@ JSON_TYPE = "application/json"
 # The status page loads nothing from anywhere and runs no script; say so to the browser.
 PAGE_POLICY = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
 LOGS_PATH = re.compile(r"/api/vms/([^/]{1,100})/logs")
+VM_PATH = re.compile(r"/api/vms/([^/]{1,100})")
 TRUE_WORDS = ("1", "true", "yes", "on")
 
 
@@ -260,6 +262,8 @@ class OperatorServer:
         methods = self._routes.get(request.path)
         if methods is None and LOGS_PATH.fullmatch(request.path):
             methods = {"GET": self._logs}
+        if methods is None and VM_PATH.fullmatch(request.path):
+            methods = {"GET": self._vm}
         if methods is None:
             return error_response(404, f"no such endpoint: {request.path}")
         route = methods.get(request.method)
@@ -312,10 +316,39 @@ class OperatorServer:
             limit = int(raw)
         return json_response(200, self.redactor.json(self.view.events(limit)))
 
-    def _page(self, _request: Request) -> Response:
+    def _describe(self, request: Request, name: str) -> dict[str, Any] | None:
+        """The VM's description, scrubbed; its console and build log (guest and build output,
+        which may print what they should not) only for a request with the token."""
+        if not isinstance(self.view, DescribesVMs):
+            return None
+        described = dict(self.view.describe_vm(name))
+        if self._authorize(request) is not None:
+            described["console_tail"], described["build_log"] = [], []
+        scrubbed: dict[str, Any] = self.redactor.json(described)
+        return scrubbed
+
+    def _vm(self, request: Request) -> Response:
+        """``GET /api/vms/NAME``: ``reconciler describe NAME`` as JSON."""
+        match = VM_PATH.fullmatch(request.path)
+        assert match is not None
+        try:
+            described = self._describe(request, urllib.parse.unquote(match.group(1)))
+        except ConfigError as err:  # not a VM name, or no such VM
+            return error_response(404, self.redactor.text(str(err)))
+        if described is None:
+            return error_response(404, "this daemon does not describe VMs")
+        return json_response(200, described)
+
+    def _page(self, request: Request) -> Response:
+        name = (request.query.get("vm") or [""])[-1]
+        try:
+            vm = self._describe(request, name) if name else None
+        except ConfigError as err:
+            vm = {"error": self.redactor.text(str(err))}
         html = render_page(
             self.redactor.json(self.view.status()),
             self.redactor.json(self.view.events(EVENTS_SHOWN)),
+            vm=vm,
         )
         return Response(
             200,

@@ -2,6 +2,7 @@
 
     DaemonView.status() + events(50) ──Redactor.json (http_api)──▶ page_context
         ──▶ templates/status.html.j2 ──▶ HTML
+    ?vm=NAME: DescribesVMs.describe_vm(NAME) ──▶ the VM's panel (``describe``'s data)
 
 The page is rendered from the same scrubbed status and events that ``/api/status`` and
 ``/api/events`` answer with (never the store, git or runtimes), shows the same data as
@@ -10,7 +11,8 @@ and loads nothing from elsewhere. jinja2 autoescapes every value: VM details, er
 event text come from guests, git and manifests, so they are untrusted.
 
 Elements carry stable ids and ``data-`` attributes (``id="leader"``, ``id="last-error"``,
-``id="vms"``, ``<tr data-vm="web-0" data-healthy="true">``) for tests and scrapers.
+``id="vms"``, ``<tr data-vm="web-0" data-healthy="true">``, ``id="pins"``, ``id="vm-panel"``)
+for tests and scrapers.
 """
 
 from __future__ import annotations
@@ -54,8 +56,74 @@ def _fleet_name(status: Mapping[str, Any]) -> str | None:
     return str(fleet) if fleet else None
 
 
+def _pin_text(pin: Mapping[str, Any], head: object) -> str:
+    """``execution.status.describe_pin``'s line, from the status JSON (this layer sees only
+    the view's payloads)."""
+    workload = pin.get("workload")
+    text = f"{'workload ' + str(workload) if workload else 'the fleet'}: pinned at "
+    text += short_sha(pin.get("revision"))
+    if head and head != pin.get("revision"):
+        text += f" (head is {short_sha(head)})"
+    if pin.get("reason"):
+        text += f": {pin['reason']}"
+    return text
+
+
+def _vm_panel(vm: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The VM panel (``?vm=NAME``): ``describe``'s data with times formatted."""
+    if vm is None:
+        return None
+    if "error" in vm:
+        return {"error": str(vm["error"])}
+    manifest = vm.get("manifest") or {}
+    where = str(manifest.get("file") or "")
+    if where and manifest.get("line"):
+        where += f":{manifest['line']}"
+
+    def entries(key: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "at": format_time(entry.get("at")),
+                "kind": entry.get("kind") or "",
+                "detail": entry.get("detail") or "",
+                "healthy": _healthy(entry.get("healthy")),
+                "term": entry.get("term") if entry.get("term") is not None else "",
+            }
+            for entry in vm.get(key) or []
+        ]
+
+    return {
+        "error": "",
+        "name": str(vm.get("name", "")),
+        "workload": vm.get("workload") or "",
+        "host": vm.get("host") or "",
+        "revision": short_sha(vm.get("revision")),
+        "revision_full": vm.get("revision") or "",
+        "pinned": bool(vm.get("pinned")),
+        "manifest": where or "unknown",
+        "artifact": vm.get("artifact") or "",
+        "last_term": vm.get("last_term") if vm.get("last_term") is not None else "-",
+        "boot": [
+            {
+                "at": format_time(marker.get("at")),
+                "event": marker.get("event") or "",
+                "detail": marker.get("detail") or "",
+            }
+            for marker in vm.get("boot") or []
+        ],
+        "probes": entries("probes"),
+        "actions": entries("actions"),
+        "build_log": [str(line) for line in vm.get("build_log") or []],
+        "console_tail": [str(line) for line in vm.get("console_tail") or []],
+    }
+
+
 def page_context(
-    status: Mapping[str, Any], events: list[dict[str, Any]], *, now: float | None = None
+    status: Mapping[str, Any],
+    events: list[dict[str, Any]],
+    *,
+    now: float | None = None,
+    vm: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the template shows, normalised from the status JSON (fields may be missing or
     null: a follower that never observed, a daemon before its first cycle)."""
@@ -102,6 +170,27 @@ def page_context(
             "fleet": bool(suspended.get("fleet")),
             "workloads": [str(w) for w in suspended.get("workloads") or []],
         },
+        # The operator's pins (``reconciler rollback``): new commits wait until unpinned.
+        "pins": [
+            {
+                "workload": str(p.get("workload") or ""),
+                "revision": str(p.get("revision") or ""),
+                "text": _pin_text(p, daemon.get("head")),
+            }
+            for p in status.get("pins") or []
+            if isinstance(p, dict)
+        ],
+        "panel": _vm_panel(vm),
+        # Progressive rollouts under way or rolled back (``planning.rollout``), one line each.
+        "rollouts": [
+            {
+                "workload": str(r.get("workload", "")),
+                "phase": str(r.get("phase", "")),
+                "text": str(r.get("summary", "")),
+            }
+            for r in status.get("rollouts") or []
+            if isinstance(r, dict)
+        ],
         "vms": [
             {
                 "name": str(vm.get("name", "")),
@@ -137,6 +226,12 @@ def page_context(
 
 
 def render_page(
-    status: Mapping[str, Any], events: list[dict[str, Any]], *, now: float | None = None
+    status: Mapping[str, Any],
+    events: list[dict[str, Any]],
+    *,
+    now: float | None = None,
+    vm: Mapping[str, Any] | None = None,
 ) -> str:
-    return _ENV.get_template("status.html.j2").render(page_context(status, events, now=now))
+    """The page; with ``vm`` (a ``describe`` of one VM, or ``{"error": ...}``), its panel."""
+    context = page_context(status, events, now=now, vm=vm)
+    return _ENV.get_template("status.html.j2").render(context)

@@ -10,9 +10,9 @@ of ``/api/status`` and ``/api/events``, which scripts and the status page read.
 
 from __future__ import annotations
 
-from typing import Protocol, TypedDict
+from typing import Protocol, TypedDict, runtime_checkable
 
-from reconciler.execution.status import FleetStatus
+from reconciler.execution.status import FleetStatus, VMDescription
 
 
 class LeaderStatus(TypedDict):
@@ -78,3 +78,12 @@ class DaemonView(Protocol):
         ...
 
     def resume(self, workload: str | None) -> None: ...
+
+
+@runtime_checkable
+class DescribesVMs(Protocol):
+    """A view that can describe one VM whole (``GET /api/vms/NAME``, the page's VM panel)."""
+
+    def describe_vm(self, name: str) -> VMDescription:
+        """``reconciler describe NAME``'s data; ``ConfigError`` for an unknown VM."""
+        ...

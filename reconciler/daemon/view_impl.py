@@ -12,6 +12,7 @@ worker reads suspensions every cycle.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from reconciler.daemon.settings import DaemonSettings
 from reconciler.daemon.triggers import TriggerQueue
 from reconciler.daemon.view import DaemonInfo, DaemonStatus, EventEntry, LeaderStatus
 from reconciler.errors import LeadershipError, ReconcilerError
-from reconciler.execution.status import fleet_status
+from reconciler.execution.status import VMDescription, describe_vm, fleet_status
 from reconciler.leadership.elector import Elector
 from reconciler.leadership.fence import Fence
 from reconciler.model import ObservedFleet
@@ -61,7 +62,7 @@ class LoopView:
 
     @contextmanager
     def _reader(self) -> Iterator[StateStore]:
-        with closing(open_state_store(self.settings.state_dir)) as store:
+        with closing(open_state_store(self.settings.store_location())) as store:
             yield store
 
     def _leader(self) -> LeaderStatus:
@@ -103,6 +104,8 @@ class LoopView:
                 store.attempted_revision(),
                 store.suspensions(),
                 state_dir=self.settings.state_dir,
+                rollouts=store.rollouts(),
+                pins=store.pins(),
             )
         return {
             **fleet,
@@ -110,6 +113,30 @@ class LoopView:
             "leader": self._leader(),
             "daemon": self._daemon(),
         }
+
+    def describe_vm(self, name: str) -> VMDescription:
+        """One VM whole, read from the store, its console and the artifact cache; its manifest
+        from the desired fleet the worker loaded last (whose trees are exported already, so
+        this thread never runs git)."""
+        loaded = self.cycle.last_loaded
+        with self._reader() as store:
+            desired = loaded[1] if loaded is not None else None
+            root = None
+            if loaded is not None:
+                workload = store.observed().vms.get(name)
+                pins = store.pins()
+                pin = pins.get(workload.workload) if workload is not None else None
+                revision = pin.revision if pin is not None else loaded[0]
+                root = self.source.checkout(revision) / self.settings.source.path
+            return describe_vm(
+                store,
+                name,
+                state_dir=self.settings.state_dir,
+                cache_dir=self.cycle.cache_dir,
+                host=socket.gethostname(),
+                desired=desired,
+                manifest_root=root,
+            )
 
     def ready(self) -> tuple[bool, str]:
         try:
