@@ -1,35 +1,45 @@
-"""Benchmark: ``reconciler diff --base --head`` over a generated fleet of 10,000 VM instances.
+"""Benchmark: ``reconciler diff --base --head`` on generated fleets, from 1,000 to 100,000 VMs.
 
-1,000 Workloads x 10 replicas in 100 manifest files, each workload with its own small source
-directory. Commit A, then commit B changes one workload's replicas and another's env. Measures,
-in one run and side by side:
+Each fleet: N Workloads x R replicas in manifest files of 10 workloads, each workload with its
+own small source directory. Commit A, then commit B changes one workload's replicas and
+another's env. For every size, in one run and side by side:
 
-* wall time and peak RSS of the ``reconciler diff`` process (cold: empty state directory, so the
-  two checkouts are exported; warm: the checkouts are cached),
-* the time PyYAML's C loader alone takes to parse the same manifest files of both revisions,
-* the ratio of the two.
+* ``cold``: a fresh state directory (both checkouts exported, nothing cached);
+* ``first``: checkouts exported already, no compile cache (the first diff of a pull request on
+  a runner that keeps its state directory);
+* ``repeat``: the same pair again (the PR re-run, and what the daemon's per-commit cycle pays);
+* PyYAML's C loader alone on the manifest files of both revisions, and the ratios;
+* the peak RSS of the diff process.
 
-Targets (issue): <= 1.5 s wall, <= 2x the C loader, peak RSS <= 300 MB.
-Usage: ``python bench/bench_diff.py [--out bench/results/diff.md]``.
+For the 1,000 x 10 fleet, the share of each phase of a ``first`` diff (start: the interpreter
+and the imports of ``diff``; git: resolve, export, list trees; parse; validate; compile;
+load: walking, reading and checking the revision; plan; render), measured in process by timing
+the functions of each phase.
+
+Targets (issue): 1,000 x 10 <= 1.0 s and <= 2x the C loader, repeat <= 0.5 s; 10,000 x 10
+<= 3 s and <= 300 MB; 1,000 x 100 <= 2 s.
+Usage: ``python bench/bench_diff.py [--runs 3] [--out bench/results/diff.md] [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-WORKLOADS = 1000
-FILES = 100
-REPLICAS = 10
+PER_FILE = 10
 
 FLEET = """apiVersion: reconciler/v1alpha1
 kind: Fleet
@@ -50,13 +60,13 @@ WORKLOAD = """---
 apiVersion: reconciler/v1alpha1
 kind: Workload
 metadata:
-  name: wl-{i:04d}
+  name: wl-{i:05d}
   labels:
     team: team-{team}
     tier: backend
 spec:
   source:
-    path: ../src/wl-{i:04d}
+    path: ../src/wl-{i:05d}
     language: python
     entrypoint: app.py
   build:
@@ -69,7 +79,7 @@ spec:
     memoryMiB: 256
     env:
       LOG_LEVEL: {log_level}
-      SERVICE_NAME: wl-{i:04d}
+      SERVICE_NAME: wl-{i:05d}
     ports:
       - name: http
         port: 8080
@@ -87,95 +97,70 @@ def git(repo: Path, *args: str) -> str:
     ).stdout.strip()
 
 
-def write_fleet(repo: Path, *, changed: bool) -> None:
+def write_fleet(repo: Path, workloads: int, replicas: int, *, changed: bool) -> None:
     fleet_dir = repo / "fleet"
     (fleet_dir / "workloads").mkdir(parents=True, exist_ok=True)
     (fleet_dir / "fleet.yaml").write_text(FLEET)
-    per_file = WORKLOADS // FILES
-    for f in range(FILES):
+    for f in range(workloads // PER_FILE):
         docs = []
-        for i in range(f * per_file, (f + 1) * per_file):
-            replicas = REPLICAS + 1 if changed and i == 7 else REPLICAS
+        for i in range(f * PER_FILE, (f + 1) * PER_FILE):
+            count = replicas + 1 if changed and i == 7 else replicas
             log_level = "debug" if changed and i == 42 else "info"
-            docs.append(WORKLOAD.format(i=i, team=i % 17, replicas=replicas, log_level=log_level))
-        (fleet_dir / "workloads" / f"file-{f:03d}.yaml").write_text("".join(docs))
+            docs.append(WORKLOAD.format(i=i, team=i % 17, replicas=count, log_level=log_level))
+        (fleet_dir / "workloads" / f"file-{f:04d}.yaml").write_text("".join(docs))
     if not changed:
-        for i in range(WORKLOADS):
-            src = repo / "src" / f"wl-{i:04d}"
+        for i in range(workloads):
+            src = repo / "src" / f"wl-{i:05d}"
             src.mkdir(parents=True, exist_ok=True)
             (src / "app.py").write_text(f"print('workload {i}')\n")
 
 
-def make_repo(root: Path) -> tuple[Path, str, str]:
-    repo = root / "fleet-repo"
+def make_repo(root: Path, workloads: int, replicas: int) -> tuple[Path, str, str]:
+    repo = root / f"fleet-{workloads}x{replicas}"
     repo.mkdir()
     git(repo, "init", "-q", "-b", "main")
     git(repo, "config", "user.email", "bench@example.invalid")
     git(repo, "config", "user.name", "bench")
-    write_fleet(repo, changed=False)
+    write_fleet(repo, workloads, replicas, changed=False)
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "A")
     base = git(repo, "rev-parse", "HEAD")
-    write_fleet(repo, changed=True)
+    write_fleet(repo, workloads, replicas, changed=True)
     git(repo, "commit", "-qam", "B")
-    head = git(repo, "rev-parse", "HEAD")
-    return repo, base, head
+    return repo, base, git(repo, "rev-parse", "HEAD")
 
 
-def time_diff(repo: Path, base: str, head: str, state_dir: Path) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS in MB and exit code of one ``reconciler diff`` process."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "reconciler",
-        "diff",
-        "--repo",
-        str(repo),
-        "--path",
-        "fleet",
-        "--base",
-        base,
-        "--head",
-        head,
-        "--format",
-        "json",
-        "--state-dir",
-        str(state_dir),
-    ]
-    start = time.perf_counter()
-    # A fresh interpreter per run: RUSAGE_CHILDREN keeps the max over all children, so measure
-    # in a wrapper process that reports its own child's peak.
+def time_diff(repo: Path, base: str, head: str, state_dir: Path) -> tuple[float, float, int, float]:
+    """Wall seconds, peak RSS in MB, exit code and CPU seconds (user + system, git included)
+    of one ``reconciler diff`` process."""
+    cmd = [sys.executable, "-m", "reconciler", "diff", "--repo", str(repo), "--path", "fleet"]
+    cmd += ["--base", base, "--head", head, "--format", "json", "--state-dir", str(state_dir)]
+    # RUSAGE_CHILDREN keeps the max over all children: measure in a wrapper process that
+    # reports its own child's peak. Its start-up is outside the timed span.
     wrapper = (
-        "import resource,subprocess,sys;"
+        "import resource,subprocess,sys,time;t=time.perf_counter();"
         "r=subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL);"
-        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        "u=resource.getrusage(resource.RUSAGE_CHILDREN);"
+        "print(r.returncode, u.ru_maxrss, time.perf_counter()-t, u.ru_utime+u.ru_stime)"
     )
     out = subprocess.run(
         [sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True
     ).stdout.split()
-    wall = time.perf_counter() - start
-    return wall, int(out[1]) / 1024, int(out[0])
+    return float(out[2]), int(out[1]) / 1024, int(out[0]), float(out[3])
 
 
-def time_in_process(repo: Path, base: str, head: str, state_dir: Path) -> float:
-    """Seconds of the pipeline alone (load both revisions, plan, render JSON) in a process that
-    has already imported reconciler: what the diff costs without interpreter start-up."""
-    code = (
-        "import sys,time;from pathlib import Path;"
-        "from reconciler.source import open_source;from reconciler.pipeline import "
-        "RevisionLoader,plan_between;from reconciler.render import render_json;"
-        "s=open_source(sys.argv[1],ref=None,cache_dir=Path(sys.argv[4]));"
-        "t=time.perf_counter();"
-        "render_json(plan_between(RevisionLoader(s,'fleet'),sys.argv[2],sys.argv[3]));"
-        "print(time.perf_counter()-t)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(repo), base, head, str(state_dir / "git")],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return float(out.strip())
+def time_start() -> float:
+    """Seconds to start the interpreter and import what ``diff`` imports before it reads."""
+    code = "import reconciler.cli.main, reconciler.cli.fleet_commands, reconciler.render"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - start
+
+
+def time_bare() -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.perf_counter() - start
 
 
 def time_yaml(repo: Path, base: str, head: str) -> float:
@@ -183,79 +168,228 @@ def time_yaml(repo: Path, base: str, head: str) -> float:
     contents: list[bytes] = []
     for rev in (base, head):
         names = git(repo, "ls-tree", "-r", "--name-only", rev, "fleet").splitlines()
-        for name in names:
-            contents.append(
-                subprocess.run(
-                    ["git", "-C", str(repo), "show", f"{rev}:{name}"],
-                    check=True,
-                    capture_output=True,
-                ).stdout
-            )
-    start = time.perf_counter()
+        batch = "".join(f"{rev}:{name}\n" for name in names).encode()
+        out = subprocess.run(
+            ["git", "-C", str(repo), "cat-file", "--batch"],
+            input=batch,
+            capture_output=True,
+            check=True,
+        ).stdout
+        while out:
+            header, _, rest = out.partition(b"\n")
+            size = int(header.split()[2])
+            contents.append(rest[:size])
+            out = rest[size + 1 :]
+    start = time.process_time()  # CPU seconds: comparable with the diff's on a busy machine
     for data in contents:
         list(yaml.load_all(data, Loader=yaml.CSafeLoader))
-    return time.perf_counter() - start
+    return time.process_time() - start
+
+
+PHASES = r"""
+import json, sys, time
+from pathlib import Path
+import reconciler.manifests.loader as loader
+import reconciler.pipeline as pipeline
+from reconciler.render import render_json
+from reconciler.source import GitSource
+
+spent = {}
+def timed(phase, function):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent[phase] = spent.get(phase, 0.0) + time.perf_counter() - start
+    return wrapper
+
+for name in ("resolve", "checkout", "tree_entries"):
+    setattr(GitSource, name, timed("git", getattr(GitSource, name)))
+loader.parse_documents = timed("parse", loader.parse_documents)
+loader.validate = timed("validate", loader.validate)
+loader.compile_workload = timed("compile", loader.compile_workload)
+loader.assemble_fleet = timed("compile", loader.assemble_fleet)
+pipeline.load_fleet = timed("load", pipeline.load_fleet)
+for name in ("diff", "observed_from_desired", "check_deletions"):
+    setattr(pipeline, name, timed("plan", getattr(pipeline, name)))
+repo, base, head, state = sys.argv[1:5]
+source = GitSource(repo, cache_dir=Path(state) / "git")
+compiled = Path(state) / "compile-cache"
+run = pipeline.RevisionLoader(source, "fleet", compile_cache=compiled)
+start = time.perf_counter()
+plan = pipeline.plan_between(run, base, head)
+middle = time.perf_counter()
+render_json(plan)
+spent["render"] = time.perf_counter() - middle
+spent["total"] = time.perf_counter() - start
+# load_fleet includes parse, validate and compile: what remains is walking and reading files,
+# classifying documents, the reuse lookups and the checks across documents.
+inner = sum(spent.get(p, 0.0) for p in ("parse", "validate", "compile"))
+spent["load"] = spent.get("load", 0.0) - inner
+print(json.dumps(spent))
+"""
+
+
+def phases(repo: Path, base: str, head: str, state_dir: Path) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", PHASES, str(repo), base, head, str(state_dir)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    result: dict[str, float] = json.loads(out.splitlines()[-1])
+    return result
+
+
+@dataclass
+class Case:
+    workloads: int
+    replicas: int
+    cold: float = 0.0
+    first: float = 0.0
+    repeat: float = 0.0
+    first_cpu: float = 0.0
+    repeat_cpu: float = 0.0
+    yaml_s: float = 0.0
+    rss: float = 0.0
+    codes: frozenset[int] = frozenset()
+
+    @property
+    def vms(self) -> int:
+        return self.workloads * self.replicas
+
+
+def measure(root: Path, case: Case, runs: int) -> Case:
+    repo, base, head = make_repo(root, case.workloads, case.replicas)
+    colds, firsts, repeats, rss, codes = [], [], [], [], set()
+    first_cpus, repeat_cpus = [], []
+    for run in range(runs):
+        state = root / f"state-{case.workloads}x{case.replicas}-{run}"
+        wall, peak, code, _ = time_diff(repo, base, head, state)  # cold: nothing exported
+        colds.append(wall)
+        rss.append(peak)
+        codes.add(code)
+        (state / "compile-cache").unlink(missing_ok=True)
+        wall, peak, code, cpu = time_diff(repo, base, head, state)  # first: checkouts exist
+        firsts.append(wall)
+        first_cpus.append(cpu)
+        rss.append(peak)
+        codes.add(code)
+        wall, peak, code, cpu = time_diff(repo, base, head, state)  # repeat: the same pair
+        repeats.append(wall)
+        repeat_cpus.append(cpu)
+        rss.append(peak)
+        codes.add(code)
+        shutil.rmtree(state, ignore_errors=True)
+    case.cold = statistics.median(colds)
+    case.first = statistics.median(firsts)
+    case.repeat = statistics.median(repeats)
+    case.first_cpu = statistics.median(first_cpus)
+    case.repeat_cpu = statistics.median(repeat_cpus)
+    case.rss = max(rss)
+    case.codes = frozenset(codes)
+    case.yaml_s = statistics.median(time_yaml(repo, base, head) for _ in range(runs))
+    return case
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diff.md")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1,000 x 10 only")
     args = parser.parse_args()
+    sizes = [(1000, 10)] if args.quick else [(1000, 10), (100, 10), (1000, 1), (1000, 100)]
+    sizes += [] if args.quick else [(10000, 10)]
 
+    cases: list[Case] = []
     with tempfile.TemporaryDirectory(prefix="reconciler-bench-") as tmp:
         root = Path(tmp)
-        repo, base, head = make_repo(root)
-        cold = []
-        for run in range(args.runs):
-            cold.append(time_diff(repo, base, head, root / f"state-cold-{run}"))
-        warm_state = root / "state-warm"
-        time_diff(repo, base, head, warm_state)
-        warm = [time_diff(repo, base, head, warm_state) for _ in range(args.runs)]
-        yaml_times = [time_yaml(repo, base, head) for _ in range(args.runs)]
-        pipeline = [time_in_process(repo, base, head, warm_state) for _ in range(args.runs)]
+        starts = [time_start() for _ in range(args.runs)]
+        bares = [time_bare() for _ in range(args.runs)]
+        for workloads, replicas in sizes:
+            runs = args.runs if workloads * replicas <= 10_000 else max(1, args.runs - 1)
+            cases.append(measure(root, Case(workloads, replicas), runs))
+            print(f"{workloads} x {replicas}: done", file=sys.stderr)
+        (root / "phases").mkdir()
+        repo, base, head = make_repo(root / "phases", 1000, 10)
+        state = root / "state-phases"
+        time_diff(repo, base, head, state)  # export the checkouts
+        (state / "compile-cache").unlink(missing_ok=True)
+        first_phases = phases(repo, base, head, state)
+        repeat_phases = phases(repo, base, head, state)
 
-    codes = {c for _, _, c in cold + warm}
-    cold_wall = statistics.median(w for w, _, _ in cold)
-    warm_wall = statistics.median(w for w, _, _ in warm)
-    peak = max(m for _, m, _ in cold + warm)
-    yaml_s = statistics.median(yaml_times)
-    pipeline_s = statistics.median(pipeline)
+    start_s, bare_s = statistics.median(starts), statistics.median(bares)
+    main_case = cases[0]
     lines = [
-        "# `reconciler diff --base --head`, 10,000 VM instances",
+        "# `reconciler diff --base --head` at fleet scale",
         "",
-        f"Generated by `bench/bench_diff.py` ({args.runs} runs each, medians) on "
-        f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}.",
-        f"{WORKLOADS} workloads x {REPLICAS} replicas in {FILES} files; commit B changes one "
-        "workload's replicas and another's env. Exit codes seen: "
-        f"{sorted(codes)} (2 = changes).",
+        f"Generated by `bench/bench_diff.py --runs {args.runs}` on "
+        f"{datetime.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPUs "
+        f"(shared with other work while it ran), Python {platform.python_version()}; medians. "
+        "Rerun: `.venv/bin/python bench/bench_diff.py` (add `--quick` for 1,000 x 10 only).",
+        f"Workloads in files of {PER_FILE}, each with its own source directory; commit B changes "
+        "one workload's replicas and another's env. Exit codes seen: "
+        f"{sorted(set().union(*(c.codes for c in cases)))} (2 = changes).",
         "",
-        "| measure | value | target |",
-        "|---|---:|---|",
-        f"| diff wall, cold (checkouts exported) | {cold_wall:.2f} s | <= 1.5 s |",
-        f"| diff wall, warm (checkouts cached) | {warm_wall:.2f} s | <= 1.5 s |",
-        f"| PyYAML CSafeLoader alone, both revisions | {yaml_s:.2f} s | |",
-        f"| ratio cold diff / C loader | {cold_wall / yaml_s:.2f}x | <= 2x |",
-        f"| ratio warm diff / C loader | {warm_wall / yaml_s:.2f}x | <= 2x |",
-        f"| pipeline alone, in process (load both, plan, render) | {pipeline_s:.2f} s | |",
-        f"| ratio pipeline alone / C loader | {pipeline_s / yaml_s:.2f}x | <= 2x |",
-        f"| peak RSS of the diff process | {peak:.0f} MB | <= 300 MB |",
+        "* **cold**: empty state directory: both revisions exported, nothing cached.",
+        "* **first**: checkouts already exported, no compile cache: the first diff of a pair.",
+        "* **repeat**: the same pair again, compile cache warm (the PR re-run; the daemon's "
+        "per-commit load is the same reuse, in memory).",
         "",
-        f"Wall-clock target met: {'yes' if warm_wall <= 1.5 else 'no'} (warm), "
-        f"{'yes' if cold_wall <= 1.5 else 'no'} (cold); 2x ratio met: "
-        f"{'yes' if warm_wall / yaml_s <= 2 else 'no'}. About 0.2 s of every run is the "
-        "interpreter starting and importing (jsonschema, GitPython, jinja2), and compiling 1,000 "
-        "workloads per revision (source-tree digests, artifact digests, VM settings) costs more "
-        "than parsing them. Identical files are parsed and schema-checked once across the two "
-        "revisions (the parse cache), and jsonschema-rs answers 'valid' in microseconds; the next "
-        "step would be reusing a compiled workload when its document and source tree are "
-        "unchanged between base and head.",
+        "Wall times depend on what else the machine runs; CPU seconds (user + system of the "
+        "diff process and its git children) much less: the ratio to the C loader (CPU too) is "
+        "taken on them.",
         "",
+        "| workloads x replicas | VMs | cold wall | first wall | repeat wall | first CPU | "
+        "repeat CPU | C loader CPU, both revisions | first / C loader | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    for c in cases:
+        lines.append(
+            f"| {c.workloads:,} x {c.replicas} | {c.vms:,} | {c.cold:.2f} s | {c.first:.2f} s | "
+            f"{c.repeat:.2f} s | {c.first_cpu:.2f} s | {c.repeat_cpu:.2f} s | {c.yaml_s:.2f} s | "
+            f"{c.first_cpu / c.yaml_s:.1f}x | {c.rss:.0f} MB |"
+        )
+    lines += [
+        "",
+        f"Interpreter alone: {bare_s:.3f} s. Interpreter plus the imports of `diff` (the floor "
+        f"of every run, `python -X importtime -m reconciler diff ...` shows the tree): "
+        f"{start_s:.3f} s.",
+        "",
+        "Phases of one 1,000 x 10 diff, in process (seconds; `start` measured separately):",
+        "",
+        "| phase | first | repeat |",
+        "|---|---:|---:|",
+        f"| start (interpreter + imports) | {start_s:.3f} | {start_s:.3f} |",
+    ]
+    for phase in ("git", "parse", "validate", "compile", "load", "plan", "render", "total"):
+        first, repeat = first_phases.get(phase, 0.0), repeat_phases.get(phase, 0.0)
+        lines.append(f"| {phase} | {first:.3f} | {repeat:.3f} |")
+    lines += ["", "Targets:", ""]
+    targets = [
+        ("1,000 x 10 first <= 1.0 s (wall)", main_case.first, 1.0),
+        ("1,000 x 10 first <= 1.0 s (CPU)", main_case.first_cpu, 1.0),
+        ("1,000 x 10 first <= 2x C loader (CPU)", main_case.first_cpu / main_case.yaml_s, 2.0),
+        ("1,000 x 10 repeat <= 0.5 s (wall)", main_case.repeat, 0.5),
+        ("1,000 x 10 repeat <= 0.5 s (CPU)", main_case.repeat_cpu, 0.5),
+    ]
+    for c in cases:
+        if (c.workloads, c.replicas) == (10000, 10):
+            targets += [("10,000 x 10 first <= 3 s (wall)", c.first, 3.0)]
+            targets += [("10,000 x 10 first <= 3 s (CPU)", c.first_cpu, 3.0)]
+            targets += [("10,000 x 10 peak RSS <= 300 MB", c.rss, 300.0)]
+        if (c.workloads, c.replicas) == (1000, 100):
+            targets += [("1,000 x 100 first <= 2 s (wall)", c.first, 2.0)]
+            targets += [("1,000 x 100 first <= 2 s (CPU)", c.first_cpu, 2.0)]
+    for label, value, limit in targets:
+        verdict = "met" if value <= limit else f"missed by {value - limit:.2f} ({value:.2f})"
+        lines.append(f"* {label}: {verdict}")
+    lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
-    return 0 if codes == {2} else 1
+    return 0
 
 
 if __name__ == "__main__":

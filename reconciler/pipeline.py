@@ -6,39 +6,82 @@
 
 Commands choose what happens to the plan (render it, save it, execute it); none of them has a
 second way of making one.
+
+An operator's pin (``reconciler rollback --workload``) composes two revisions: the desired fleet
+is the target revision's, except that the pinned workload is the pinned revision's
+(``pin_workloads``).
+
+A loader keeps what it learnt (``manifests.compile_cache``): a file parsed, a source tree
+digested or a workload compiled at one revision is reused at the next when its content (its
+text, its Git tree id) is the same. With ``compile_cache`` set, that lasts across processes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
+from reconciler.errors import PlanError
+from reconciler.formatting import short_sha
 from reconciler.manifests import ParseCache, load_fleet
-from reconciler.model import DesiredFleet, ObservedFleet, Plan
+from reconciler.manifests.compile_cache import CompileCache, TreeIndex
+from reconciler.model import DesiredFleet, ObservedFleet, Plan, Workload, assemble_fleet
 from reconciler.planning import check_deletions, diff, observed_from_desired
 from reconciler.secrets import SecretResolver
 from reconciler.source import Source
 
 
+@runtime_checkable
+class ListsTrees(Protocol):
+    """A ``Source`` that names the trees of a revision (``GitSource.tree_entries``)."""
+
+    def tree_entries(self, rev: str) -> dict[str, tuple[str, str]]: ...
+
+
 @dataclass
 class RevisionLoader:
-    """Loads the desired fleet at any revision of one source, parsing each file content once."""
+    """Loads the desired fleet at any revision of one source, parsing each file content once
+    and compiling each unchanged workload once."""
 
     source: Source
     subpath: str = ""
-    cache: ParseCache = field(default_factory=ParseCache)
+    cache: ParseCache = field(default_factory=lambda: ParseCache(CompileCache()))
     secrets: SecretResolver | None = None
     """Decrypts the fleet's secrets; None only where nothing is started or compared
     (``validate``)."""
+    compile_cache: Path | None = None
+    """File of the persistent compile cache (in the state directory); read at the first load,
+    written after each. None: reuse lasts as long as the loader."""
+    _opened: bool = field(default=False, init=False, repr=False)
 
     def resolve(self, rev: str | None) -> str:
         return self.source.resolve(rev)
 
-    def load(self, rev: str | None) -> DesiredFleet:
+    def load(self, rev: str | None, *, save: bool = True) -> DesiredFleet:
+        """The desired fleet at ``rev``; ``save=False`` leaves writing the persistent cache to
+        a later load (``plan_between`` writes once for both revisions)."""
         revision = self.source.resolve(rev)
         root = self.source.checkout(revision)
-        return load_fleet(
-            root, subpath=self.subpath, revision=revision, cache=self.cache, secrets=self.secrets
+        if not self._opened:
+            self._opened = True
+            if self.compile_cache is not None:
+                self.cache.store = CompileCache.open(self.compile_cache)
+        index = None
+        if self.cache.store is not None and isinstance(self.source, ListsTrees):
+            index = TreeIndex.from_entries(self.source.tree_entries(revision))
+        fleet = load_fleet(
+            root,
+            subpath=self.subpath,
+            revision=revision,
+            cache=self.cache,
+            secrets=self.secrets,
+            tree_index=index,
         )
+        if save and self.cache.store is not None:
+            self.cache.store.save()
+        return fleet
 
 
 def plan_against_observed(
@@ -62,8 +105,46 @@ def plan_between(
     """Desired at ``head`` against the fleet as ``base`` would run it: the pull-request review.
 
     Needs no runtime and no state store. Guarded like ``plan_against_observed``."""
-    base_fleet = loader.load(base)
+    base_fleet = loader.load(base, save=False)
     head_fleet = loader.load(head)
     observed = observed_from_desired(base_fleet)
     plan = diff(head_fleet, observed, base=base_fleet)
     return check_deletions(plan, head_fleet, observed, force_deletions=force_deletions)
+
+
+@dataclass(frozen=True)
+class PinnedWorkload:
+    """One workload held at an earlier revision: that revision's desired fleet and checkout."""
+
+    workload: str
+    fleet: DesiredFleet
+    checkout: Path
+
+
+def pin_workloads(desired: DesiredFleet, pinned: Mapping[str, PinnedWorkload]) -> DesiredFleet:
+    """``desired`` with each pinned workload as its pinned revision declares it.
+
+    What is pinned is the workload's own document (its deploy, build and source settings) and
+    its source tree: its artifact is built from the pinned checkout (the workload's source path
+    becomes that checkout's, an absolute path the builder joins to nothing). The fleet's own
+    settings (network pool, kernel, rollout policy, secrets files) stay the target revision's,
+    so a pin never holds back the rest of the fleet; the artifact digest follows, which is the
+    pinned one unless the fleet's kernel changed since. A workload the pinned revision does not
+    declare cannot be pinned there (``PlanError``); one the target revision deleted comes back.
+    """
+    if not pinned:
+        return desired
+    workloads: dict[str, Workload] = dict(desired.workloads)
+    sensitive = desired.sensitive
+    for name, pin in sorted(pinned.items()):
+        own = pin.fleet.workloads.get(name)
+        if own is None:
+            raise PlanError(
+                f"workload {name} is pinned at {short_sha(pin.fleet.revision)}, which does not "
+                f"declare it; unpin it (reconciler unpin --workload {name})"
+            )
+        source = replace(own.source, path=str(pin.checkout / own.source.path))
+        workloads[name] = replace(own, source=source)
+        sensitive = sensitive.union(pin.fleet.sensitive)
+    composed = assemble_fleet(desired.revision, desired.fleet, workloads)
+    return replace(composed, sensitive=sensitive)

@@ -11,8 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reconciler.cli.host import open_host
 from reconciler.cli.options import add_repo_options, add_state_option, revision_loader
+from reconciler.cli.plan_review import (
+    add_review_options,
+    add_worktree_option,
+    close_worktree,
+    render_plan,
+    with_worktree,
+)
 from reconciler.errors import EXIT_CHANGES, EXIT_OK, ConfigError
 from reconciler.model import Plan
 from reconciler.pipeline import plan_against_observed, plan_between
@@ -27,6 +33,7 @@ def register(commands: Any) -> None:
     add_repo_options(validate)
     add_state_option(validate)
     validate.add_argument("--rev", default=None, help="revision to check (default: the ref)")
+    add_worktree_option(validate)
     validate.set_defaults(handler=run_validate)
 
     for name, help_text in (
@@ -48,6 +55,7 @@ def register(commands: Any) -> None:
             help="plan as apply --force-deletions would: lift the Fleet's maxDeletions "
             "(never a workload's preventDestroy)",
         )
+        add_review_options(sub, name)
         if name == "plan":
             sub.add_argument(
                 "-o", "--out", type=Path, required=True, help="write the plan as JSON here"
@@ -56,10 +64,13 @@ def register(commands: Any) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    loader = revision_loader(args, decrypt=False)
-    desired = loader.load(args.rev)
+    loader = with_worktree(args, revision_loader(args, decrypt=False))
+    try:
+        desired = loader.load(args.rev)
+    finally:
+        close_worktree(args)
     print(
-        f"ok: fleet {desired.fleet.name!r} at {desired.revision}: "
+        f"ok: fleet {desired.fleet.name!r} at {desired.revision or 'the working tree'}: "
         f"{len(desired.workloads)} workloads, {len(desired.vms)} VMs, "
         f"{len(desired.artifacts)} artifacts"
     )
@@ -71,10 +82,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ConfigError("--head needs --base (or use --rev to compare with the live fleet)")
     if args.base is not None and args.rev is not None:
         raise ConfigError("use either --rev (against the live fleet) or --base/--head, not both")
-    loader = revision_loader(args)
+    loader = with_worktree(args, revision_loader(args))
     force = args.force_deletions
     if args.base is not None:
         return plan_between(loader, args.base, args.head, force_deletions=force)
+    from reconciler.cli.host import open_host  # noqa: PLC0415 (runtimes: the live fleet only)
+
     host = open_host(args)
     try:
         return plan_against_observed(loader, args.rev, host.observe(), force_deletions=force)[1]
@@ -87,9 +100,11 @@ def run_diff(args: argparse.Namespace) -> int:
         plan = make_plan(args)
     except DeletionGuardError as refused:
         # The reviewer sees what would happen and why it will not; the plan is not saved.
-        sys.stdout.write(RENDERERS[args.format](refused.plan))
+        sys.stdout.write(render_plan(args, refused.plan))
         raise
-    sys.stdout.write(RENDERERS[args.format](plan))
+    finally:
+        close_worktree(args)
+    sys.stdout.write(render_plan(args, plan))
     out: Path | None = getattr(args, "out", None)
     if out is not None:
         _write_plan(out, plan)

@@ -10,15 +10,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from reconciler import __version__
-from reconciler.cli import (
-    apply_commands,
-    build_commands,
-    check_command,
-    daemon_commands,
-    fleet_commands,
-    logs_commands,
-    volume_commands,
-)
+from reconciler.cli import fleet_commands
 from reconciler.daemon.logs import LOG_FORMATS, configure_logging
 from reconciler.errors import EXIT_INTERRUPTED, ConfigError, ReconcilerError
 
@@ -30,7 +22,19 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message} (see --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands that read a fleet revision and nothing else. Invoked by name, only their module is
+# loaded: a pull request's `diff` starts without importing the runtimes, builders or daemon.
+FLEET_COMMANDS = frozenset({"validate", "diff", "plan"})
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first argument that is not an option."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; given ``argv`` naming a fleet command, of that module's
+    commands alone (the rest would only cost imports)."""
     parser = _Parser(
         prog="reconciler",
         description="GitOps for microVM fleets: converge VMs onto the manifests in a Git repo.",
@@ -42,17 +46,35 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     fleet_commands.register(commands)
+    if argv is not None and _command_of(argv) in FLEET_COMMANDS:
+        return parser
+    from reconciler.cli import (  # noqa: PLC0415 (see FLEET_COMMANDS)
+        apply_commands,
+        build_commands,
+        check_command,
+        daemon_commands,
+        forge_commands,
+        history_commands,
+        logs_commands,
+        rollout_commands,
+        volume_commands,
+    )
+
     build_commands.register(commands)
     check_command.register(commands)
     apply_commands.register(commands)
     daemon_commands.register(commands)
+    forge_commands.register(commands)
+    history_commands.register(commands)
     logs_commands.register(commands)
+    rollout_commands.register(commands)
     volume_commands.register(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
         configure_logging(

@@ -27,8 +27,10 @@ from reconciler.model import (
     HealthKind,
     Language,
     NetworkPool,
+    PlacementSpec,
     PortSpec,
     RestartPolicy,
+    RolloutOverrides,
     RolloutPolicy,
     RuntimeKind,
     SecretFileSpec,
@@ -73,6 +75,7 @@ def compile_fleet(document: Document | None) -> FleetSettings:
         rollout=RolloutPolicy(
             max_unavailable=rollout.get("maxUnavailable", 1),
             max_surge=rollout.get("maxSurge", 0),
+            progress_deadline_seconds=rollout.get("progressDeadlineSeconds"),
         ),
         prune=spec.get("prune", True),
         allow_empty=spec.get("allowEmpty", False),
@@ -89,6 +92,9 @@ def compile_fleet(document: Document | None) -> FleetSettings:
 
 
 def check_fleet(document: Document, report: Report) -> None:
+    rollout = (document.content.get("spec") or {}).get("rollout") or {}
+    if rollout.get("maxUnavailable") == 0 and rollout.get("maxSurge", 0) == 0:
+        report(document, ("spec", "rollout"), "maxUnavailable 0 needs maxSurge of 1 or more")
     cidr = ((document.content.get("spec") or {}).get("network") or {}).get("cidr")
     if cidr is None:
         return
@@ -257,10 +263,44 @@ def compile_workload(
             ),
             secret_env=secret_env,
             secret_files=secret_files,
+            placement=PlacementSpec(
+                host_selector=dict((deploy.get("placement") or {}).get("hostSelector") or {}),
+                spread_by=(deploy.get("placement") or {}).get("spreadBy"),
+            ),
+            rollout=_rollout_overrides(document, deploy, report),
         ),
         source_digest=digest,
         declared_in=document.file,
         suspended=bool(spec.get("suspend", False)),
+    )
+
+
+def _rollout_overrides(
+    document: Document, deploy: Mapping[str, Any], report: Report
+) -> RolloutOverrides | None:
+    """``deploy.rollout``, checked against the replicas it moves."""
+    rollout = deploy.get("rollout")
+    if rollout is None:
+        return None
+    path = ("spec", "deploy", "rollout")
+    if rollout.get("maxUnavailable") == 0 and rollout.get("maxSurge", 0) == 0:
+        report(document, path, "maxUnavailable 0 needs maxSurge of 1 or more")
+    canary = rollout.get("canary")
+    if canary and canary >= deploy.get("replicas", 1):
+        report(
+            document,
+            (*path, "canary"),
+            f"canary {canary} must be fewer than the {deploy.get('replicas', 1)} replicas",
+        )
+    deadline = rollout.get("progressDeadlineSeconds")
+    soak = rollout.get("soakSeconds")
+    return RolloutOverrides(
+        max_unavailable=rollout.get("maxUnavailable"),
+        max_surge=rollout.get("maxSurge"),
+        canary=canary,
+        soak_seconds=float(soak) if soak is not None else None,
+        auto_promote=rollout.get("autoPromote"),
+        progress_deadline_seconds=float(deadline) if deadline is not None else None,
     )
 
 

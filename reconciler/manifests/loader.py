@@ -18,15 +18,16 @@ operator excluded its file on purpose:
 Hidden files and directories (``.github/``) are never read. Every problem of the revision is
 collected, then raised in one ``ManifestError``. A ``ParseCache`` shared between calls parses
 and validates each distinct file content once, so comparing two revisions costs little more
-than loading one.
+than loading one. With a ``CompileCache`` (``compile_cache.py``) and the revision's Git tree
+ids, that reuse reaches compiled workloads and lasts across processes: a workload whose
+document and source tree did not change is not compiled again.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import posixpath
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,14 +41,23 @@ from reconciler.manifests.compile import (
     compile_workload,
     fleet_defaults,
 )
+from reconciler.manifests.compile_cache import CompileCache, TreeIndex, text_key, workload_key
 from reconciler.manifests.ignore import IGNORE_FILE, IgnoreRules
 from reconciler.manifests.limits import DEFAULT_LIMITS, Limits
+from reconciler.manifests.notifications import compile_notifications
 from reconciler.manifests.paths import SourceTrees, find_manifests, is_inside, relative
 from reconciler.manifests.schema import KIND_FILES, SchemaProblem, json_path, validate
 from reconciler.manifests.secrets import FleetSecrets
 from reconciler.manifests.templates import render_templates
 from reconciler.manifests.yaml_loader import ParsedDocument, YAMLProblem, line_of, parse_documents
-from reconciler.model import API_VERSION, DesiredFleet, SensitiveValues, Workload, assemble_fleet
+from reconciler.model import (
+    API_VERSION,
+    DesiredFleet,
+    SensitiveValues,
+    Workload,
+    assemble_fleet,
+    canonical_json,
+)
 from reconciler.secrets import SecretResolver
 
 API_GROUP = API_VERSION.split("/", 1)[0] + "/"
@@ -58,6 +68,8 @@ class _Parsed:
     """What is known about one file content, whatever file it is found in."""
 
     text: str
+    key: str = ""  # the digest of ``text``
+    stored: str = ""  # its key in the ``CompileCache``: the digest and the limit it passed
     documents: list[ParsedDocument] = field(default_factory=list)
     error: YAMLProblem | None = None
     schema: dict[int, list[SchemaProblem]] = field(default_factory=dict)
@@ -71,22 +83,40 @@ class _Parsed:
 
 
 class ParseCache:
-    """Parsed and schema-checked file contents, keyed by the digest of the text."""
+    """Parsed and schema-checked file contents, keyed by the digest of the text; backed by a
+    ``CompileCache`` when given (files parsed and validated by an earlier process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: CompileCache | None = None) -> None:
         self._entries: dict[str, _Parsed] = {}
+        self.store = store
 
     def parse(self, text: str, limits: Limits) -> _Parsed:
-        key = hashlib.sha256(text.encode()).hexdigest()
+        key = text_key(text)
         entry = self._entries.get(key)
         if entry is None:
-            entry = _Parsed(text)
-            try:
-                entry.documents = parse_documents(text, max_nodes=limits.max_nodes_per_document)
-            except YAMLProblem as exc:
-                entry.error = exc
+            # A file parsed under a larger node limit must be parsed again under a smaller one.
+            entry = _Parsed(text, key, f"{key}:{limits.max_nodes_per_document}")
+            saved = self.store.documents(entry.stored) if self.store is not None else None
+            if saved is not None:
+                documents, validated = saved
+                entry.documents = [ParsedDocument(*d) for d in documents]
+                entry.schema = {index: [] for index in validated}
+            else:
+                try:
+                    entry.documents = parse_documents(text, max_nodes=limits.max_nodes_per_document)
+                except YAMLProblem as exc:
+                    entry.error = exc
             self._entries[key] = entry
         return entry
+
+    def remember(self, entries: Sequence[_Parsed]) -> None:
+        """Save what ``entries`` (files of a revision that loaded without problems) taught."""
+        if self.store is None:
+            return
+        for entry in entries:
+            if entry.error is None:
+                validated = [i for i, problems in entry.schema.items() if not problems]
+                self.store.remember_documents(entry.stored, entry.documents, validated)
 
 
 @dataclass
@@ -227,6 +257,55 @@ class _Revision:
             self.sources.add(directory)
 
 
+class _Reuse:
+    """The content keys of one revision's workloads (``compile_cache``), and the lookup."""
+
+    def __init__(
+        self,
+        rev: _Revision,
+        store: CompileCache,
+        index: TreeIndex,
+        defaults: Mapping[str, Any],
+    ) -> None:
+        self.rev = rev
+        self.store = store
+        self.index = index
+        fleet_rel = relative(rev.fleet_dir, rev.root)
+        self.fleet_rel = "" if fleet_rel == "." else fleet_rel
+        try:
+            self.defaults: str | None = canonical_json(defaults)
+        except (TypeError, ValueError):
+            self.defaults = None  # not plain data (a YAML date): compile every time
+        # Secret references depend on the decrypted files, not on the document alone.
+        self.secret_defaults = "secretEnv" in defaults or "secretFiles" in defaults
+
+    def key(self, document: Document) -> str | None:
+        if self.defaults is None or self.secret_defaults:
+            return None
+        spec = document.content["spec"]
+        deploy = spec["deploy"]
+        if "secretEnv" in deploy or "secretFiles" in deploy:
+            return None
+        found = self.index.source_tree(self.fleet_rel, spec["source"]["path"])
+        if found is None:
+            return None
+        source_rel, tree = found
+        parsed = self.rev.parsed[document.file]
+        return workload_key(
+            parsed.key,
+            str(document.index),
+            document.file,
+            self.defaults,
+            self.fleet_rel,
+            source_rel,
+            tree,
+        )
+
+    def workload(self, key: str, name: str) -> Workload | None:
+        found = self.store.workload(key)
+        return found if found is not None and found.name == name else None
+
+
 def _is_ours(content: Any) -> bool:
     return isinstance(content, dict) and str(content.get("apiVersion", "")).startswith(API_GROUP)
 
@@ -340,8 +419,12 @@ def load_fleet(
     limits: Limits = DEFAULT_LIMITS,
     cache: ParseCache | None = None,
     secrets: SecretResolver | None = None,
+    tree_index: TreeIndex | None = None,
 ) -> DesiredFleet:
     """The desired fleet of the revision checked out at ``root`` (see the module docstring).
+
+    ``tree_index``: the Git tree ids of the revision (``Source.tree_entries``); with a cache
+    that has a ``CompileCache``, unchanged workloads are reused instead of compiled.
 
     ``secrets`` decrypts the secrets that workloads reference (``manifests.secrets``); without
     it they are only checked, and the fleet must not be started.
@@ -429,23 +512,42 @@ def load_fleet(
     }
     known = {name for kind, name in rev.declared if kind == "Workload"}
     check_dependencies(documents, known, rev.report)
-    trees = SourceTrees(root)
+    store = rev.cache.store if tree_index is not None else None
+    trees = SourceTrees(root, tree_ids=tree_index.plain if tree_index else None, known=store)
     fleet_secrets = FleetSecrets(settings.secrets, root=root, fleet_dir=fleet_dir, resolver=secrets)
+    notifications = compile_notifications(fleet_doc, fleet_secrets, rev.report)
+    settings = replace(settings, notifications=notifications)
+    reuse = _Reuse(rev, store, tree_index, defaults) if store and tree_index else None
     workloads: dict[str, Workload] = {}
     for name, document in sorted(documents.items()):
-        workload = compile_workload(
-            document,
-            defaults=defaults,
-            root=root,
-            fleet_dir=fleet_dir,
-            trees=trees,
-            report=rev.report,
-            secrets=fleet_secrets,
-        )
+        key = reuse.key(document) if reuse is not None else None
+        workload = reuse.workload(key, name) if reuse is not None and key else None
+        if workload is None:
+            workload = compile_workload(
+                document,
+                defaults=defaults,
+                root=root,
+                fleet_dir=fleet_dir,
+                trees=trees,
+                report=rev.report,
+                secrets=fleet_secrets,
+            )
+            if workload is not None and store is not None and key:
+                store.remember_workload(key, workload)
         if workload is not None:
             workloads[name] = workload
 
     if rev.problems:
         raise ManifestError(rev.problems)
-    fleet = assemble_fleet(revision, settings, workloads)
+    rev.cache.remember(list(rev.parsed.values()))
+    if rev.cache.store is None:
+        fleet = assemble_fleet(revision, settings, workloads)
+    else:
+        # Workload objects reused from the last load keep their VMs' settings and artifacts;
+        # only this load's are kept for the next (bounded by the fleet, not by history).
+        expanded = rev.cache.store.expanded
+        fleet = assemble_fleet(revision, settings, workloads, expanded=expanded)
+        rev.cache.store.expanded = {
+            id(w): expanded[id(w)] for w in workloads.values() if id(w) in expanded
+        }
     return replace(fleet, sensitive=SensitiveValues(fleet_secrets.sensitive))

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from reconciler.errors import Problem
 from reconciler.manifests.limits import Limits
@@ -97,12 +99,32 @@ def find_manifests(root: Path, fleet_dir: Path, limits: Limits) -> ManifestFiles
     return found
 
 
-class SourceTrees:
-    """Resolves workload source directories and digests their content, once per directory."""
+class KnownDigests(Protocol):
+    """Source digests by Git tree id, kept across revisions (``compile_cache.CompileCache``)."""
 
-    def __init__(self, root: Path) -> None:
+    def digest(self, tree: str) -> str | None: ...
+
+    def remember_digest(self, tree: str, digest: str) -> None: ...
+
+
+class SourceTrees:
+    """Resolves workload source directories and digests their content, once per directory.
+
+    With ``tree_ids`` (relative path -> Git tree id of the revision's directories that hold no
+    symlink) and ``known``, a directory whose tree was digested before, in any revision, is not
+    read again: equal tree ids mean equal content."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        tree_ids: Mapping[str, str] | None = None,
+        known: KnownDigests | None = None,
+    ) -> None:
         self.root = root
         self._digests: dict[Path, tuple[str, list[str]]] = {}
+        self._tree_ids = tree_ids or {}
+        self._known = known
 
     def resolve(self, fleet_dir: Path, declared: str) -> Path | str:
         """The resolved directory, or a message saying why it is refused."""
@@ -123,6 +145,12 @@ class SourceTrees:
         known = self._digests.get(directory)
         if known is not None:
             return known
+        tree = self._tree_ids.get(relative(directory, self.root)) if self._known else None
+        if tree is not None and self._known is not None:
+            digest = self._known.digest(tree)
+            if digest is not None:
+                self._digests[directory] = (digest, [])
+                return digest, []
         hasher = hashlib.sha256()
         escapes: list[str] = []
         base = str(directory)
@@ -146,4 +174,6 @@ class SourceTrees:
                     hasher.update(f"D {rel}\0".encode())
         result = ("sha256:" + hasher.hexdigest(), escapes)
         self._digests[directory] = result
+        if tree is not None and self._known is not None and not escapes:
+            self._known.remember_digest(tree, result[0])
         return result

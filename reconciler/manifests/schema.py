@@ -13,14 +13,17 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
-
-import jsonschema_rs
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError
-from referencing import Registry, Resource
+from typing import TYPE_CHECKING, Any
 
 from reconciler.errors import ConfigError
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import ValidationError
+
+# The validators are imported where they are built: a revision whose documents were all
+# validated before (``compile_cache``) loads neither, and ``jsonschema`` (the slow import, the
+# one that explains) only when a document is invalid.
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 KIND_FILES = {"Fleet": "fleet.schema.json", "Workload": "workload.schema.json"}
@@ -60,6 +63,9 @@ def load_schemas() -> dict[str, dict[str, Any]]:
 
 @cache
 def _validators() -> dict[str, Draft202012Validator]:
+    from jsonschema import Draft202012Validator  # noqa: PLC0415 (see the imports)
+    from referencing import Registry, Resource  # noqa: PLC0415
+
     schemas = load_schemas()
     registry: Registry[Any] = Registry().with_resources(
         (schema["$id"], Resource.from_contents(schema)) for schema in schemas.values()
@@ -74,6 +80,8 @@ def _fast_validators() -> dict[str, Any]:
     """The same schemas compiled by jsonschema-rs: about 300 times faster at saying "valid",
     which is the answer for almost every document. Its verdict is trusted only when it says
     valid; the messages of an invalid document come from ``jsonschema``."""
+    import jsonschema_rs  # noqa: PLC0415 (see the imports)
+
     schemas = load_schemas()
     registry = jsonschema_rs.Registry([(s["$id"], s) for s in schemas.values()])
     return {

@@ -5,6 +5,7 @@ commit's tree. Downstream (``manifests``) reads plain directories and never sees
 
     location + ref ──resolve──▶ sha ──checkout──▶ <cache>/trees/<sha>/
     fetch (a remote's mirror), is_ancestor (rollback protection), changed_paths (logs)
+    tree_entries (Git tree ids: what lets the manifests layer reuse unchanged workloads)
 
 The ``Source`` Protocol (``git.py``) is everything the pipeline, ``apply`` and the daemon read
 of a repository; ``GitSource`` implements it, ``verifier.VerifiedSource`` wraps one so that only

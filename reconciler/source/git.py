@@ -47,6 +47,7 @@ KEEP_TREES = 32
 # What the mirror holds of the remote: branches and tags, nothing else it may publish.
 MIRROR_REFSPECS = ("+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
 _MIRRORED = ("refs/heads/", "refs/tags/")
+_FILE_MODES = frozenset({"100644", "100755", "100664"})  # what a checkout holds as a plain file
 
 
 class Source(Protocol):
@@ -371,6 +372,25 @@ class GitSource:
         for old in trees[KEEP_TREES:]:
             remove_tree(old)
 
+    def tree_entries(self, rev: str) -> dict[str, tuple[str, str]]:
+        """Every directory, symlink and submodule of commit ``rev``: path -> (mode, object id).
+
+        Git names a tree by the hash of its content, so a directory that did not change keeps
+        its id from one revision to the next: the manifests layer keys reused work on it
+        (``manifests.compile_cache``) instead of hashing files Git has already hashed. Files
+        are left out: the checkout holds them. One ``git ls-tree`` per revision."""
+        if not _SHA.match(rev):
+            rev = self.resolve(rev)
+        try:
+            listed = str(
+                self.repo.git.ls_tree("-r", "-t", "-z", "--full-tree", "--end-of-options", rev)
+            )
+        except git.GitCommandError as exc:
+            raise SourceError(
+                f"cannot list the tree of {short_sha(rev)} in {self.describe()}: {_reason(exc)}"
+            ) from exc
+        return parse_tree_entries(listed)
+
     def changed_paths(self, base: str, head: str) -> list[str]:
         """Paths that differ between two revisions (for logs)."""
         old, new = self.resolve(base), self.resolve(head)
@@ -381,6 +401,20 @@ class GitSource:
                 f"cannot compare {short_sha(old)} and {short_sha(new)}: {_reason(exc)}"
             ) from exc
         return [line for line in out.splitlines() if line]
+
+
+def parse_tree_entries(listed: str) -> dict[str, tuple[str, str]]:
+    """The non-file entries of ``git ls-tree -r -t -z`` output (``MODE TYPE ID\tPATH\0``)."""
+    entries: dict[str, tuple[str, str]] = {}
+    for record in listed.split("\0"):
+        meta, _, path = record.partition("\t")
+        fields = meta.split(" ")
+        if len(fields) != 3 or not path:
+            continue
+        mode, _, object_id = fields
+        if mode not in _FILE_MODES:
+            entries[path] = (mode, object_id)
+    return entries
 
 
 def open_source(

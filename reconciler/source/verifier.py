@@ -196,6 +196,14 @@ class VerifiedSource:
         self.verifier.verify(self.repo_path, sha)
         return self.inner.checkout(sha)
 
+    def tree_entries(self, rev: str) -> dict[str, tuple[str, str]]:
+        """The inner source's listing (``GitSource.tree_entries``), of a verified commit only."""
+        sha = self.inner.resolve(rev) if not _FULL_SHA.match(rev) else rev
+        self.verifier.verify(self.repo_path, sha)
+        listing = getattr(self.inner, "tree_entries", None)
+        entries: dict[str, tuple[str, str]] = {} if listing is None else listing(sha)
+        return entries  # empty: nothing is known by tree id, everything is compiled
+
     def fetch(self) -> None:
         self.inner.fetch()
 

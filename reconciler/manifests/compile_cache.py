@@ -1,0 +1,361 @@
+"""Work the loader need not repeat: parsed files, source digests and compiled workloads.
+
+    GitSource.tree_entries ──▶ TreeIndex (tree id of every symlink-free directory)
+    load_fleet ──▶ CompileCache ──▶ parsed documents by text digest (schema-valid ones marked)
+                                └─▶ source digest by Git tree id
+                                └─▶ compiled Workload by content key ──▶ assemble_fleet
+
+Comparing two revisions, or loading each commit the daemon sees, mostly meets workloads that
+did not change: the same document (content-addressed by the digest of its file's text) and the
+same source tree (named by its Git tree id, which Git computed already). Such a workload is
+compiled once, and its source tree hashed once, whatever the number of revisions.
+
+A workload is reused only when every input of ``compile_workload`` is in its key: the text
+digest and position of its document, the file it is declared in, the Fleet's deploy defaults,
+the fleet directory, the source directory and its tree id, and the compiler's own version
+(a digest of the modules and schemas that decide the output). A source directory is keyed only
+when reaching it crosses no symlink and nothing below it is a symlink or a submodule: what a
+symlink means depends on what lies outside the tree, so those workloads are compiled every time.
+Workloads with secrets are never cached: their references depend on the decrypted files.
+
+The cache persists in one file of the state directory (``save``/``open``), private like the
+rest of it: a magic, the SHA-256 of the payload, the payload (``marshal`` of plain data, never
+pickle). A file that is truncated, altered or from another compiler version is ignored as a
+whole, and an entry that does not decode is dropped: either way the workload is compiled again,
+never trusted. The file holds at most ``MAX_ENTRIES`` of each kind, the most recently used.
+Without a writable state directory it is simply not written: the loader works the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import marshal
+import os
+import posixpath
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from reconciler import model
+from reconciler.manifests.schema import KIND_FILES, SCHEMA_DIR
+from reconciler.model import Expansion, Workload
+
+log = logging.getLogger("reconciler.manifests")
+
+CACHE_FILE = "compile-cache"
+MAGIC = b"reconciler-compile-cache-1\n"
+MAX_ENTRIES = 50_000
+"""Of each kind (files, trees, workloads): a fleet of tens of thousands of workloads keeps its
+own entries, a repository that churns does not grow the file without bound."""
+_TREE_MODE = "040000"
+_INPUTS = (
+    "compile.py",
+    "loader.py",
+    "paths.py",
+    "schema.py",
+    "yaml_loader.py",
+    "compile_cache.py",
+    "../model.py",
+    "../guest_values.py",
+    "../build_flags.py",
+)
+
+
+@cache
+def compiler_version() -> str:
+    """A digest of everything that decides what a document compiles to: these modules and the
+    schemas. A changed reconciler never reuses an older one's work."""
+    here = Path(__file__).resolve().parent
+    hasher = hashlib.sha256()
+    for name in (*_INPUTS, *(str(SCHEMA_DIR / f) for f in sorted(KIND_FILES.values()))):
+        path = here / name
+        try:
+            hasher.update(path.name.encode() + b"\0" + path.read_bytes())
+        except OSError:
+            hasher.update(f"{name} missing".encode())
+    return hasher.hexdigest()
+
+
+def text_key(text: str) -> str:
+    """The content address of a manifest file's text (what ``ParseCache`` keys on too)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TreeIndex:
+    """The directories of one revision whose content Git names by a tree id.
+
+    ``plain`` maps a path (relative to the revision root) to its tree id when neither it nor
+    anything below it is a symlink or a submodule; ``directories`` holds every directory."""
+
+    plain: Mapping[str, str]
+    directories: frozenset[str]
+
+    @classmethod
+    def from_entries(cls, entries: Mapping[str, tuple[str, str]]) -> TreeIndex:
+        """From ``Source.tree_entries``: path -> (mode, object id) of non-file entries."""
+        directories = {path for path, (mode, _) in entries.items() if mode == _TREE_MODE}
+        tainted: set[str] = set()
+        for path, (mode, _) in entries.items():
+            if mode == _TREE_MODE:
+                continue
+            parent = posixpath.dirname(path)
+            while parent and parent not in tainted:
+                tainted.add(parent)
+                parent = posixpath.dirname(parent)
+        plain = {
+            path: object_id
+            for path, (mode, object_id) in entries.items()
+            if mode == _TREE_MODE and path not in tainted
+        }
+        return cls(plain, frozenset(directories))
+
+    def source_tree(self, fleet_rel: str, declared: str) -> tuple[str, str] | None:
+        """(path relative to the root, tree id) of the source directory ``declared`` (relative
+        to the fleet directory ``fleet_rel``), when resolving it crosses only real directories
+        and its content has no symlink; ``None``: resolve it on disk and do not key it."""
+        if posixpath.isabs(declared):
+            return None
+        parts: list[str] = fleet_rel.split("/") if fleet_rel else []
+        for step in declared.split("/"):
+            if step in ("", "."):
+                continue
+            if step == "..":
+                if not parts:
+                    return None  # leaves the repository: the loader says so
+                parts.pop()
+                continue
+            parts.append(step)
+            # A path Git lists as a tree is a directory on every step of the way: no symlink
+            # can stand in for it, so ".." after it means what it says.
+            if "/".join(parts) not in self.directories:
+                return None
+        rel = "/".join(parts)
+        tree = self.plain.get(rel)
+        return None if tree is None else (rel, tree)
+
+
+@dataclass
+class CompileCache:
+    """Parsed files, source digests and compiled workloads, shared by every load of a process
+    and, with ``path``, across processes (see the module docstring)."""
+
+    path: Path | None = None
+    files: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    """text digest and node limit -> ((index, line, content), ...) of a file whose documents
+    are all plain data, and the indexes of those that passed their schema."""
+    trees: dict[str, str] = field(default_factory=dict)
+    """Git tree id -> the ``sha256:`` source digest of that tree (``SourceTrees.digest``)."""
+    workloads: dict[str, Any] = field(default_factory=dict)
+    """content key -> compiled workload; as read from the file (plain data) until first used."""
+    expanded: dict[int, Expansion] = field(default_factory=dict)
+    """What ``assemble_fleet`` derived from the workloads of the last load (memory only)."""
+    changed: bool = False
+    hits: int = 0
+    """Workloads served without compiling, since the cache was made (for logs and tests)."""
+
+    @classmethod
+    def open(cls, path: Path | None) -> CompileCache:
+        """The cache saved at ``path``; empty when there is none or it cannot be trusted."""
+        loaded = cls(path)
+        if path is not None:
+            loaded._read(path)
+        return loaded
+
+    def _read(self, path: Path) -> None:
+        try:
+            with open(path, "rb") as stream:
+                data = stream.read()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.debug("compile cache %s not read: %s", path, exc)
+            return
+        head, digest, payload = data[: len(MAGIC)], data[len(MAGIC) : len(MAGIC) + 32], b""
+        payload = data[len(MAGIC) + 32 :]
+        if head != MAGIC or hashlib.sha256(payload).digest() != digest:
+            log.warning("the compile cache %s is damaged; compiling everything again", path)
+            return
+        try:
+            version, files, trees, workloads = marshal.loads(payload)
+        except (ValueError, EOFError, TypeError):
+            log.warning("the compile cache %s does not decode; compiling everything again", path)
+            return
+        if version != compiler_version():
+            return  # another reconciler wrote it
+        if isinstance(files, dict):
+            self.files = files
+        if isinstance(trees, dict):
+            self.trees = trees
+        if isinstance(workloads, dict):
+            self.workloads = workloads  # decoded when used: a run touches what it loads
+
+    def save(self) -> None:
+        """Write the cache (atomically, mode 0600) when it learnt something; a state directory
+        that cannot be written only costs the next run its reuse."""
+        for entries in (self.files, self.trees, self.workloads):
+            for key in list(entries)[: max(0, len(entries) - MAX_ENTRIES)]:
+                del entries[key]  # the least recently used first
+        if self.path is None or not self.changed:
+            return
+        workloads = {}
+        for key, value in self.workloads.items():
+            encoded = encode_workload(value) if isinstance(value, Workload) else value
+            if encoded is not None:
+                workloads[key] = encoded
+        payload = marshal.dumps(
+            (
+                compiler_version(),
+                self.files,
+                self.trees,
+                workloads,
+            )
+        )
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as stream:
+                stream.write(MAGIC + hashlib.sha256(payload).digest() + payload)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.debug("compile cache %s not written: %s", self.path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return
+        self.changed = False
+
+    # -- the loader's side ------------------------------------------------------------------
+
+    def documents(self, key: str) -> tuple[Any, ...] | None:
+        entry = self.files.get(key)
+        if entry is not None:
+            self.files[key] = self.files.pop(key)  # most recently used last
+        return entry
+
+    def remember_documents(self, key: str, documents: Any, validated: Iterable[int]) -> None:
+        entry = (tuple((d.index, d.line, d.content) for d in documents), tuple(sorted(validated)))
+        if self.files.get(key) == entry:
+            return
+        try:
+            marshal.dumps(entry)  # plain data only: a YAML timestamp or set is parsed again
+        except ValueError:
+            return
+        self.files[key] = entry
+        self.changed = True
+
+    def digest(self, tree: str) -> str | None:
+        return self.trees.get(tree)
+
+    def remember_digest(self, tree: str, digest: str) -> None:
+        if self.trees.get(tree) != digest:
+            self.trees[tree] = digest
+            self.changed = True
+
+    def workload(self, key: str) -> Workload | None:
+        found = self.workloads.pop(key, None)
+        if found is None:
+            return None
+        if not isinstance(found, Workload):
+            decoded = decode_workload(found)
+            if decoded is None:
+                self.changed = True  # a bad entry: dropped, and compiled again
+                return None
+            found = decoded
+        self.workloads[key] = found
+        self.hits += 1
+        return found
+
+    def remember_workload(self, key: str, workload: Workload) -> None:
+        if workload.deploy.secret_env or workload.deploy.secret_files:
+            return
+        self.workloads[key] = workload
+        self.changed = True
+
+
+def workload_key(*parts: str) -> str:
+    """The key of a compiled workload: the compiler's version and every input (see the module
+    docstring), each part length-prefixed so that no two lists of parts collide."""
+    hasher = hashlib.sha256(compiler_version().encode())
+    for part in parts:
+        data = part.encode()
+        hasher.update(len(data).to_bytes(8, "big") + data)
+    return hasher.hexdigest()
+
+
+# -- Workload <-> plain data (marshal) --------------------------------------------------------
+#
+# Generic over the model's dataclasses and enums, so that a field added to a ``Workload`` is
+# kept without touching this module (and, since ``model.py`` is an input of
+# ``compiler_version``, a changed model never reads an older file). Tuples only ever come from
+# the model (YAML gives lists), so they carry the tags: ``(_DATACLASS, name, fields)``,
+# ``(_ENUM, name, value)``, ``(_TUPLE, items)``.
+
+_DATACLASS, _ENUM, _TUPLE = "\0dataclass", "\0enum", "\0tuple"
+_MODEL_TYPES: dict[str, type] = {
+    name: value
+    for name, value in vars(model).items()
+    if isinstance(value, type)
+    and value.__module__ == model.__name__
+    and (dataclasses.is_dataclass(value) or issubclass(value, Enum))
+}
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return (_ENUM, type(value).__name__, value.value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = tuple(_encode(getattr(value, f.name)) for f in dataclasses.fields(value))
+        return (_DATACLASS, type(value).__name__, fields)
+    if isinstance(value, tuple):
+        return (_TUPLE, tuple(_encode(v) for v in value))
+    if isinstance(value, Mapping):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, tuple):
+        tag = value[0]
+        if tag == _TUPLE:
+            return tuple(_decode(v) for v in value[1])
+        cls = _MODEL_TYPES[value[1]]  # KeyError: not ours, the entry is dropped
+        if tag == _ENUM and issubclass(cls, Enum):
+            return cls(value[2])
+        if tag == _DATACLASS and dataclasses.is_dataclass(cls):
+            return cls(*(_decode(v) for v in value[2]))
+        raise ValueError(f"unknown tag {tag!r}")
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def encode_workload(workload: Workload) -> Any | None:
+    """``workload`` as plain data, or ``None`` when some value is not (it is not saved)."""
+    if workload.deploy.secret_env or workload.deploy.secret_files:
+        return None
+    encoded = _encode(workload)
+    try:
+        marshal.dumps(encoded)
+    except ValueError:
+        return None
+    return encoded
+
+
+def decode_workload(encoded: Any) -> Workload | None:
+    """The workload ``encode_workload`` wrote, or ``None`` for anything else."""
+    try:
+        decoded = _decode(encoded)
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    return decoded if isinstance(decoded, Workload) else None

@@ -1,0 +1,418 @@
+"""Reusing compiled workloads (``manifests.compile_cache``) never changes a plan.
+
+Generated fleets in real git repositories take random edits commit after commit (replicas, env,
+defaults, source files, exec bits, documents moved between files, symlinks in and in front of
+source trees); at every step the plan between two revisions made with the cache (in one loader,
+and from the file a previous process saved) is compared with the plan compiled from scratch.
+Then: the cache file is private, a damaged file or entry is compiled again, an unwritable state
+directory only costs the reuse, and ``diff`` imports neither the validators nor the runtimes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import marshal
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+from support.repo import FleetRepo
+
+from reconciler.errors import ManifestError
+from reconciler.manifests import DEFAULT_LIMITS, ParseCache, load_fleet
+from reconciler.manifests.compile_cache import (
+    CACHE_FILE,
+    MAGIC,
+    CompileCache,
+    TreeIndex,
+    decode_workload,
+    encode_workload,
+)
+from reconciler.model import (
+    BuildSpec,
+    DeploySpec,
+    DesiredFleet,
+    HealthCheck,
+    HealthKind,
+    Language,
+    PlacementSpec,
+    PortSpec,
+    RolloutOverrides,
+    RuntimeKind,
+    SourceSpec,
+    Target,
+    VolumeSpec,
+    Workload,
+)
+from reconciler.pipeline import RevisionLoader, plan_between
+from reconciler.render import render_json
+from reconciler.source import GitSource
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+FLEET = """apiVersion: reconciler/v1alpha1
+kind: Fleet
+metadata:
+  name: generated
+spec:
+  defaults:
+    deploy:
+      memoryMiB: {memory}
+"""
+
+WORKLOAD = """---
+apiVersion: reconciler/v1alpha1
+kind: Workload
+metadata:
+  name: {name}
+  labels:
+    team: t{team}
+spec:
+  source:
+    path: {path}
+    language: python
+    entrypoint: app.py
+  build:
+    targets: [executable, microvm]
+  deploy:
+    target: microvm
+    runtime: qemu
+    replicas: {replicas}
+    env:
+      LEVEL: {level}
+"""
+
+
+@dataclass
+class Spec:
+    file: str
+    path: str  # the source path as the manifest declares it (relative to fleet/)
+    replicas: int
+    level: str
+    team: int
+
+
+@dataclass
+class GeneratedFleet:
+    """The fleet as data, written out to the repository before each commit."""
+
+    repo: FleetRepo
+    rng: random.Random
+    memory: int = 128
+    workloads: dict[str, Spec] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)  # directories under src/
+    counter: int = 0
+
+    def new_source(self) -> str:
+        self.counter += 1
+        name = f"s{self.counter}"
+        self.repo.write(f"src/{name}/app.py", f"print({self.counter})\n")
+        self.sources.append(name)
+        return name
+
+    def add_workload(self) -> None:
+        self.counter += 1
+        share = self.sources and self.rng.random() < 0.3
+        source = self.rng.choice(self.sources) if share else self.new_source()
+        self.workloads[f"w{self.counter}"] = Spec(
+            file=f"m{self.rng.randrange(4)}.yaml",
+            path=f"../src/{source}",
+            replicas=self.rng.randint(1, 3),
+            level="info",
+            team=self.rng.randrange(3),
+        )
+
+    def write(self) -> None:
+        fleet = self.repo.path / "fleet"
+        for old in fleet.glob("m*.yaml"):
+            old.unlink()
+        self.repo.write("fleet/fleet.yaml", FLEET.format(memory=self.memory))
+        files: dict[str, list[str]] = {}
+        for name, spec in self.workloads.items():
+            files.setdefault(spec.file, []).append(
+                WORKLOAD.format(
+                    name=name,
+                    path=spec.path,
+                    replicas=spec.replicas,
+                    level=spec.level,
+                    team=spec.team,
+                )
+            )
+        for file, documents in files.items():
+            self.repo.write(f"fleet/{file}", "".join(documents))
+
+    def edit(self) -> str:
+        """One random change; what it was, for the assertion message."""
+        rng = self.rng
+        name = rng.choice(sorted(self.workloads))
+        spec = self.workloads[name]
+        kind = rng.choice(
+            [
+                "replicas",
+                "env",
+                "add",
+                "remove",
+                "source",
+                "exec",
+                "move",
+                "reorder",
+                "defaults",
+                "symlink-inside",
+                "symlink-in-front",
+                "dir-becomes-link",
+                "nothing",
+            ]
+        )
+        source_dir = self.repo.path / "fleet" / spec.path
+        if kind == "replicas":
+            spec.replicas = rng.randint(1, 4)
+        elif kind == "env":
+            spec.level = rng.choice(["debug", "info", "warn"])
+        elif kind == "add":
+            self.add_workload()
+        elif kind == "remove" and len(self.workloads) > 3:
+            del self.workloads[name]
+        elif kind == "source" and source_dir.is_dir() and not source_dir.is_symlink():
+            (source_dir / "app.py").write_text(f"print({rng.random()})\n")
+        elif kind == "exec" and (source_dir / "app.py").is_file():
+            mode = (source_dir / "app.py").stat().st_mode
+            os.chmod(source_dir / "app.py", mode ^ 0o111)
+        elif kind == "move":
+            spec.file = f"m{rng.randrange(4)}.yaml"
+        elif kind == "reorder":
+            items = list(self.workloads.items())
+            rng.shuffle(items)
+            self.workloads = dict(items)
+        elif kind == "defaults":
+            self.memory = rng.choice([128, 192, 256])
+        elif kind == "symlink-inside" and source_dir.is_dir():
+            link = source_dir / f"link{rng.randrange(100)}"
+            if not link.is_symlink():
+                link.symlink_to("app.py")
+        elif kind == "symlink-in-front":
+            # fleet/../alt -> src: the workload is reached through a symlink, then "..".
+            if not (self.repo.path / "alt").is_symlink():
+                (self.repo.path / "alt").symlink_to("src")
+            spec.path = f"../alt/../src/{spec.path.rsplit('/', 1)[1]}"
+        elif kind == "dir-becomes-link" and len(self.sources) > 1:
+            # A source directory replaced by a symlink to another one with the same content.
+            target = rng.choice(self.sources)
+            victim = spec.path.rsplit("/", 1)[1]
+            real = self.repo.path / "src" / victim
+            if victim != target and real.is_dir() and not real.is_symlink():
+                for child in real.iterdir():
+                    child.unlink()
+                real.rmdir()
+                real.symlink_to(target)
+        return f"{kind} {name}"
+
+
+def _loaded(fleet: DesiredFleet) -> tuple[object, ...]:
+    return (fleet.workloads, fleet.vms, fleet.artifacts, fleet.fleet)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_cached_plans_equal_plans_from_scratch(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    repo = FleetRepo(tmp_path / "repo")
+    generated = GeneratedFleet(repo, rng)
+    for _ in range(12):
+        generated.add_workload()
+    generated.write()
+    revisions = [repo.commit("generated")]
+    source = GitSource(str(repo.path), cache_dir=tmp_path / "state" / "git")
+    cache_file = tmp_path / "state" / CACHE_FILE
+    lasting = RevisionLoader(source, "fleet", compile_cache=cache_file)
+
+    for step in range(14):
+        what = generated.edit()
+        generated.write()
+        revisions.append(repo.commit(what))
+        base = revisions[-2] if rng.random() < 0.7 else rng.choice(revisions[:-1])
+        head = revisions[-1]
+        scratch = RevisionLoader(source, "fleet", cache=ParseCache())  # no reuse at all
+        expected = render_json(plan_between(scratch, base, head))
+        reopened = RevisionLoader(source, "fleet", compile_cache=cache_file)
+        for loader in (lasting, reopened):
+            assert render_json(plan_between(loader, base, head)) == expected, (step, what)
+            assert _loaded(loader.load(head)) == _loaded(scratch.load(head)), (step, what)
+    store = lasting.cache.store
+    assert store is not None
+    assert store.hits > 0
+
+
+def _example(tmp_path: Path) -> tuple[FleetRepo, GitSource, str, str]:
+    repo = FleetRepo.of_fleet_example(tmp_path / "repo")
+    base = repo.git("rev-parse", "HEAD")
+    repo.edit("workloads/web.yaml", "replicas: 2", "replicas: 3")
+    head = repo.commit("scale web")
+    return repo, GitSource(str(repo.path), cache_dir=tmp_path / "git"), base, head
+
+
+def test_a_second_process_compiles_nothing(tmp_path: Path) -> None:
+    _, source, base, head = _example(tmp_path)
+    cache_file = tmp_path / "state" / CACHE_FILE
+    first = RevisionLoader(source, compile_cache=cache_file)
+    expected = render_json(plan_between(first, base, head))
+    assert cache_file.stat().st_mode & 0o777 == 0o600
+    again = RevisionLoader(source, compile_cache=cache_file)
+    assert render_json(plan_between(again, base, head)) == expected
+    store = again.cache.store
+    assert store is not None
+    workloads = len(again.load(head).workloads)
+    assert store.hits >= 2 * workloads  # base and head, all served from the file
+
+
+def _planned(source: GitSource, base: str, head: str, cache_file: Path) -> tuple[str, int]:
+    """The rendered plan of a loader using ``cache_file``, and how many workloads it reused."""
+    loader = RevisionLoader(source, compile_cache=cache_file)
+    plan = render_json(plan_between(loader, base, head))
+    assert loader.cache.store is not None
+    return plan, loader.cache.store.hits
+
+
+def test_damaged_cache_is_compiled_again(tmp_path: Path) -> None:
+    _, source, base, head = _example(tmp_path)
+    cache_file = tmp_path / CACHE_FILE
+    # A fresh cache reuses in memory only: head's unchanged workloads are base's.
+    fresh = _planned(source, base, head, cache_file)
+    data = bytearray(cache_file.read_bytes())
+    data[-10] ^= 0xFF  # one flipped bit: the checksum no longer matches
+    cache_file.write_bytes(bytes(data))
+    assert CompileCache.open(cache_file).workloads == {}
+    assert _planned(source, base, head, cache_file) == fresh
+    cache_file.write_bytes(b"not a cache")
+    assert _planned(source, base, head, cache_file) == fresh
+
+
+def test_an_entry_that_does_not_decode_is_dropped(tmp_path: Path) -> None:
+    _, source, base, head = _example(tmp_path)
+    cache_file = tmp_path / CACHE_FILE
+    fresh = _planned(source, base, head, cache_file)
+    payload = cache_file.read_bytes()[len(MAGIC) + 32 :]
+    version, files, _, workloads = marshal.loads(payload)
+    workloads = dict.fromkeys(workloads, ("garbage",))  # well signed, wrong shape
+    bad = marshal.dumps((version, files, {}, workloads))
+    cache_file.write_bytes(MAGIC + hashlib.sha256(bad).digest() + bad)
+    assert _planned(source, base, head, cache_file) == fresh  # every workload compiled again
+    assert decode_workload(("garbage",)) is None
+
+
+def test_an_unwritable_state_directory_only_costs_the_reuse(tmp_path: Path) -> None:
+    _, source, base, head = _example(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cache_file = blocker / "state" / CACHE_FILE  # its parent can never be made
+    expected = render_json(plan_between(RevisionLoader(source, cache=ParseCache()), base, head))
+    loader = RevisionLoader(source, compile_cache=cache_file)
+    assert render_json(plan_between(loader, base, head)) == expected
+    assert not cache_file.exists()
+
+
+def test_workloads_round_trip_through_plain_data(tmp_path: Path) -> None:
+    _, source, base, _ = _example(tmp_path)
+    fleet = RevisionLoader(source).load(base)
+    plain = [w for w in fleet.workloads.values() if not w.deploy.secret_env]
+    assert plain
+    for workload in plain:
+        encoded = encode_workload(workload)
+        assert encoded is not None
+        assert decode_workload(marshal.loads(marshal.dumps(encoded))) == workload
+    # Secret references depend on the decrypted files: never kept.
+    assert all(encode_workload(w) is None for w in fleet.workloads.values() if w not in plain)
+
+
+def test_tree_index_keys_only_symlink_free_paths() -> None:
+    entries = {
+        "src": ("040000", "t-src"),
+        "src/a": ("040000", "t-a"),
+        "src/b": ("040000", "t-b"),
+        "src/b/link": ("120000", "l"),
+        "alt": ("120000", "l2"),
+        "mod": ("160000", "c"),
+        "fleet": ("040000", "t-fleet"),
+    }
+    index = TreeIndex.from_entries(entries)
+    assert index.source_tree("fleet", "../src/a") == ("src/a", "t-a")
+    assert index.source_tree("fleet", "./../src//a/") == ("src/a", "t-a")
+    assert index.source_tree("fleet", "../src/b") is None  # a symlink inside
+    assert index.source_tree("fleet", "../alt/a") is None  # through a symlink
+    assert index.source_tree("fleet", "../alt/../src/a") is None  # ".." after a symlink
+    assert index.source_tree("fleet", "../../x") is None  # leaves the repository
+    assert index.source_tree("fleet", "/src/a") is None
+    assert index.source_tree("fleet", "../mod") is None  # a submodule
+    assert index.source_tree("fleet", "../src") is None  # holds a symlink below
+
+
+def test_diff_imports_neither_validators_nor_runtimes(tmp_path: Path) -> None:
+    """A warm ``diff`` loads what it needs: no jsonschema, jsonschema-rs or Jinja2 (every
+    document was validated before, no template), no runtime, builder or daemon code."""
+    repo, _, base, head = _example(tmp_path)
+    state = tmp_path / "state"
+    argv = ["diff", "--repo", str(repo.path), "--base", base, "--head", head]
+    argv += ["--state-dir", str(state), "--format", "json"]
+    probe = (
+        "import sys, json, contextlib, io\n"
+        "from reconciler.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    code = main({argv!r})\n"
+        "print(json.dumps([code, sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'jsonschema', 'jsonschema_rs', 'jinja2', 'runtime', 'builders', 'pyroute2'} "
+        "or m.startswith(('reconciler.daemon.', 'reconciler.execution')))]))\n"
+    )
+    for run in ("cold", "warm"):
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=PROJECT
+        ).stdout
+        code, loaded = json.loads(out.splitlines()[-1])
+        assert code == 2
+        heavy = [m for m in loaded if not m.startswith("reconciler.daemon.")]
+        if run == "warm":
+            assert heavy == [], heavy
+        else:
+            assert not [m for m in heavy if m.split(".")[0] in {"runtime", "builders", "pyroute2"}]
+
+
+def test_a_smaller_node_limit_parses_again(tmp_path: Path) -> None:
+    """A file saved as parsed under the default node limit is not trusted under a smaller one."""
+    root = tmp_path / "fleet"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "app.py").write_text("print(1)\n")
+    aliased = WORKLOAD.format(name="w", path="src", replicas=1, level="&level info", team=0)
+    (root / "w.yaml").write_text(aliased + "      OTHER: *level\n")
+    store = CompileCache()
+    load_fleet(root, cache=ParseCache(store))
+    small = replace(DEFAULT_LIMITS, max_nodes_per_document=5)
+    with pytest.raises(ManifestError) as refused:
+        load_fleet(root, cache=ParseCache(store), limits=small)
+    assert any("more than 5 nodes" in p.message for p in refused.value.problems)
+
+
+def test_every_field_of_a_workload_survives_the_file() -> None:
+    """The encoding follows the model's dataclasses: a field added there is kept here."""
+    base = DeploySpec(Target.MICROVM, RuntimeKind.QEMU, replicas=2, vcpus=1, memory_mib=64)
+    deploy = dataclasses.replace(
+        base,
+        env={"A": "1"},
+        ports=(PortSpec("http", 80),),
+        health=HealthCheck(HealthKind.TCP, port=80),
+        volumes=(VolumeSpec("data", 16, "/data"),),
+        placement=PlacementSpec({"zone": "a"}, "zone"),
+        rollout=RolloutOverrides(canary=1),
+    )
+    workload = Workload(
+        name="w",
+        labels={"team": "a"},
+        source=SourceSpec("src/w", Language.PYTHON, "app.py"),
+        build=BuildSpec((Target.MICROVM,), {"flags": ["-O2"]}),
+        deploy=deploy,
+        source_digest="sha256:" + "0" * 64,
+    )
+    encoded = encode_workload(workload)
+    assert decode_workload(marshal.loads(marshal.dumps(encoded))) == workload
