@@ -11,6 +11,11 @@
  *   @@reconciler {"event":"workload-exited","code":0,"t":3.001}
  *   @@reconciler {"event":"poweroff","t":3.010}
  *
+ * A stop request (SIGTERM from the process runtime, Ctrl-Alt-Del turned into SIGINT, the ACPI
+ * power button that QEMU's system_powerdown presses, read from its evdev device) stops the
+ * workload at once: SIGTERM, SIGKILL after the grace period, then a "stopped" marker, sync and
+ * power off, so the host sees the VM end instead of waiting out its own timeout.
+ *
  * Configuration comes from two files and never from the kernel command line:
  *   - /etc/reconciler/init.conf, key=value lines baked into the artifact (what to run, which
  *     modules to load, which disk is the root);
@@ -34,6 +39,7 @@
 #include <net/if.h>
 #include <net/route.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -45,8 +51,10 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -77,6 +85,10 @@ struct config {
     int grace;
     int poweroff;
     int boot_only;
+    int snapshot_template; /* wait for vm.conf on the console: see await_snapshot_config */
+    char *mac;             /* the interface's address, set after a snapshot restore */
+    char *realtime;        /* "<seconds>.<nanoseconds>": the host's clock at a restore */
+    char *entropy;         /* hex: fresh randomness for the kernel at a restore */
     struct list args;
     struct list env;
     struct list modules;
@@ -85,6 +97,7 @@ struct config {
 };
 
 static int pid1;
+/* The signal that asked for a stop (SIGTERM, SIGINT or SIGPWR), 0 while none did. */
 static volatile sig_atomic_t stop_requested;
 
 /* The per-VM configuration, read once (before a root switch hides the initramfs). */
@@ -297,6 +310,17 @@ static int valid_secret_file(const char *value) {
     return 1;
 }
 
+/* "52:54:00:12:34:56": six lower-case hex pairs, a unicast address. */
+static int valid_mac(const char *value) {
+    if (strlen(value) != 17) return 0;
+    for (int i = 0; i < 17; i++) {
+        char ch = value[i];
+        int hex = (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f');
+        if (i % 3 == 2 ? ch != ':' : !hex) return 0;
+    }
+    return !(strtol(value, NULL, 16) & 1);
+}
+
 /* Check the per-VM configuration and, with `c`, apply it. Returns 0, or -1 with the reason in
  * `why`. Only per-VM keys are accepted: what runs, its modules and root disk come from the
  * artifact alone. Every length is checked against what is left of the buffer. */
@@ -369,6 +393,18 @@ static int parse_vm_config(struct config *c, const char *blob, size_t len, char 
             if (c) apply(c, key, copy);
         } else if (!strcmp(key, "boot-only")) {
             if (c) c->boot_only = !strcmp(copy, "1");
+        } else if (!strcmp(key, "snapshot-template")) {
+            if (c) c->snapshot_template = !strcmp(copy, "1");
+        } else if (!strcmp(key, "mac")) {
+            ok = valid_mac(copy);
+            if (ok && c) set_scalar(&c->mac, copy);
+        } else if (!strcmp(key, "realtime")) {
+            ok = strspn(copy, "0123456789.") == value_len && value_len < 32;
+            if (ok && c) set_scalar(&c->realtime, copy);
+        } else if (!strcmp(key, "entropy")) {
+            ok = strspn(copy, "0123456789abcdef") == value_len && value_len % 2 == 0 &&
+                 value_len <= 1024;
+            if (ok && c) set_scalar(&c->entropy, copy);
         } else if (!strcmp(key, "volume")) {
             ok = valid_volume(copy);
             if (ok && c) add_item(&c->volumes, copy);
@@ -385,6 +421,9 @@ static int parse_vm_config(struct config *c, const char *blob, size_t len, char 
             snprintf(why, why_size, "record %s is not %s", key,
                      !strcmp(key, "volume")        ? "<serial> ext4 <path>"
                      : !strcmp(key, "secret-file") ? "<path under " SECRET_DIR "/> <content>"
+                     : !strcmp(key, "mac")         ? "a MAC address xx:xx:xx:xx:xx:xx"
+                     : !strcmp(key, "realtime")    ? "<seconds>.<nanoseconds>"
+                     : !strcmp(key, "entropy")     ? "at most 512 bytes in lower-case hex"
                                                    : "NAME=value");
             return -1;
         }
@@ -431,6 +470,108 @@ static void load_config(struct config *c, const char *file) {
     if (!c->iface) c->iface = xstrdup("eth0");
     if (!c->restart) c->restart = xstrdup("never");
     if (!c->rootfstype) c->rootfstype = xstrdup("ext4");
+}
+
+/* Every VM restored from one snapshot starts with the template's memory: the same kernel random
+ * state and a wall clock stopped when the template was saved. The host sends fresh randomness
+ * (credited, then the kernel's generator is reseeded from it, so no two VMs share a stream) and
+ * its own time with each restored VM's configuration. */
+/* <linux/random.h>'s, written out: musl's headers do not carry the kernel's. */
+struct entropy_pool {
+    int entropy_count; /* bits */
+    int buf_size;      /* bytes */
+    unsigned char buf[512];
+};
+#define RNDADDENTROPY_IOCTL _IOW('R', 0x03, int[2])
+#define RNDRESEEDCRNG_IOCTL _IO('R', 0x07)
+
+static void renew_after_restore(struct config *c) {
+    if (c->entropy) {
+        struct entropy_pool pool;
+        size_t bytes = strlen(c->entropy) / 2; /* at most 512: checked when read */
+        for (size_t i = 0; i < bytes; i++) {
+            char pair[3] = {c->entropy[2 * i], c->entropy[2 * i + 1], 0};
+            pool.buf[i] = (unsigned char)strtoul(pair, NULL, 16);
+        }
+        pool.entropy_count = (int)(bytes * 8);
+        pool.buf_size = (int)bytes;
+        int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || ioctl(fd, RNDADDENTROPY_IOCTL, &pool) < 0 ||
+            ioctl(fd, RNDRESEEDCRNG_IOCTL) < 0)
+            error_marker("reseeding the kernel's random generator: %s", strerror(errno));
+        if (fd >= 0) close(fd);
+        memset(&pool, 0, sizeof pool);
+    }
+    if (c->realtime) {
+        struct timespec ts = {0, 0};
+        char *dot = strchr(c->realtime, '.');
+        ts.tv_sec = (time_t)strtoll(c->realtime, NULL, 10);
+        if (dot) ts.tv_nsec = strtol(dot + 1, NULL, 10) % 1000000000L;
+        if (clock_settime(CLOCK_REALTIME, &ts) < 0)
+            error_marker("setting the clock: %s", strerror(errno));
+    }
+}
+
+/* Snapshot-template mode (vm.conf holds `snapshot-template 1` and nothing per-VM): the runtime
+ * boots one template VM per artifact and machine shape, waits for the `snapshot-ready` marker and
+ * saves its memory; every VM of that artifact is then restored from the file and sent its own
+ * vm.conf on the console as "<decimal length>\n<bytes>". So the snapshot holds no per-VM value
+ * (no env, secret or address), and each restored VM still gets its configuration before the
+ * network, volumes, secrets and workload are set up. The console is made raw first (no echo, no
+ * line editing, every byte as sent). Returns 0, or -1 after an error marker. */
+static int await_snapshot_config(struct config *c, const char *config_path) {
+    struct termios raw;
+    if (tcgetattr(0, &raw) == 0) {
+        cfmakeraw(&raw);
+        raw.c_cc[VMIN] = 1;
+        raw.c_cc[VTIME] = 0;
+        tcsetattr(0, TCSANOW, &raw);
+    }
+    marker("snapshot-ready", NULL);
+    size_t len = 0;
+    int digits = 0;
+    for (;;) {
+        char ch;
+        if (read(0, &ch, 1) != 1) {
+            if (errno == EINTR) continue;
+            error_marker("reading the VM configuration from the console: %s", strerror(errno));
+            return -1;
+        }
+        if (ch == '\n' && digits) break;
+        if (ch < '0' || ch > '9' || ++digits > 8) {
+            error_marker("the VM configuration on the console has no length line");
+            return -1;
+        }
+        len = len * 10 + (size_t)(ch - '0');
+    }
+    if (len > VM_CONFIG_MAX) {
+        error_marker("the VM configuration is larger than %d bytes", VM_CONFIG_MAX);
+        return -1;
+    }
+    char *blob = xrealloc(NULL, len ? len : 1);
+    for (size_t got = 0; got < len;) {
+        ssize_t n = read(0, blob + got, len - got);
+        if (n <= 0 && errno != EINTR) {
+            error_marker("reading the VM configuration from the console: %s", strerror(errno));
+            return -1;
+        }
+        if (n > 0) got += (size_t)n;
+    }
+    char why[160];
+    if (parse_vm_config(NULL, blob, len, why, sizeof why) < 0) {
+        error_marker("the VM configuration from the console is malformed: %s", why);
+        return -1;
+    }
+    free(vm_blob);
+    vm_blob = blob;
+    vm_blob_len = len;
+    load_config(c, config_path);
+    if (c->snapshot_template) {
+        error_marker("a restored VM's configuration asks for a snapshot template again");
+        return -1;
+    }
+    renew_after_restore(c);
+    return 0;
 }
 
 /* ------------------------------------------------------------------ PID 1 duties -- */
@@ -673,9 +814,22 @@ static void set_inet(struct sockaddr *sa, in_addr_t address) {
     sin->sin_addr.s_addr = address;
 }
 
+/* A VM restored from a snapshot has the template's MAC address until it is given its own. */
+static void set_mac(int fd, struct config *c) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, c->iface, IFNAMSIZ - 1);
+    ifr.ifr_hwaddr.sa_family = 1; /* ARPHRD_ETHER */
+    for (int i = 0; i < 6; i++)
+        ifr.ifr_hwaddr.sa_data[i] = (char)strtol(c->mac + 3 * i, NULL, 16);
+    if (ioctl(fd, SIOCSIFHWADDR, &ifr) < 0)
+        error_marker("MAC address %s on %s: %s", c->mac, c->iface, strerror(errno));
+}
+
 static void configure_network(struct config *c) {
     int fd = ifreq_socket();
     if (fd < 0) return;
+    if (c->mac) set_mac(fd, c);
     if (link_up(fd, "lo") < 0) error_marker("lo up: %s", strerror(errno));
     if (c->ip) {
         char address[64];
@@ -740,12 +894,95 @@ static void power_off(void) {
 
 /* ------------------------------------------------------------------- the workload -- */
 
-static void on_stop(int sig) {
-    (void)sig;
-    stop_requested = 1;
+static void on_stop(int sig) { stop_requested = sig; }
+
+/* From <linux/input.h> and <linux/input-event-codes.h>, which musl-gcc does not see: the evdev
+ * record (x86-64 layout) and the one key and ioctl this init uses. A stable kernel ABI. */
+struct input_event {
+    struct timeval time;
+    unsigned short type;
+    unsigned short code;
+    int value;
+};
+#define EV_KEY 0x01
+#define KEY_POWER 116
+#define KEY_MAX 0x2ff
+#define EVIOCGBIT(ev, len) _IOC(_IOC_READ, 'E', 0x20 + (ev), len)
+
+/* Who asked for the stop, for the "stopped" marker. */
+static const char *stop_source(int sig) {
+    if (sig == SIGPWR) return "power-button";
+    if (sig == SIGINT) return pid1 ? "ctrl-alt-del" : "sigint";
+    return "sigterm";
 }
 
-static void on_alarm(int sig) { (void)sig; }
+/* Does the evdev device `fd` have a power key? */
+static int has_power_key(int fd) {
+    unsigned long keys[KEY_MAX / (8 * sizeof(unsigned long)) + 1];
+    memset(keys, 0, sizeof keys);
+    if (ioctl(fd, EVIOCGBIT(EV_KEY, sizeof keys), keys) < 0) return 0;
+    size_t bits = 8 * sizeof(unsigned long);
+    return (keys[KEY_POWER / bits] >> (KEY_POWER % bits)) & 1;
+}
+
+/* The ACPI power button (QEMU's system_powerdown on -M microvm: the GED notifies the PNP0C0C
+ * button, whose driver reports KEY_POWER on an evdev device). A child of PID 1 waits for the
+ * key and sends PID 1 SIGPWR; being a separate process, it neither delays the boot while the
+ * device appears nor needs the supervisor loop to poll. Without a button (no ACPI, no button or
+ * evdev driver in the kernel) the runtime's other ways still work: Ctrl-Alt-Del, its own
+ * timeout. */
+static void watch_power_button(void) {
+    pid_t pid = fork();
+    if (pid != 0) {
+        if (pid < 0) error_marker("fork (power button watch): %s", strerror(errno));
+        return;
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
+    signal(SIGPWR, SIG_DFL);
+    struct pollfd fds[8];
+    nfds_t count = 0;
+    /* The devices appear a moment after their drivers bind: look for up to 5 s. */
+    for (int attempt = 0; attempt < 100 && count == 0; attempt++) {
+        DIR *dir = opendir("/dev/input");
+        struct dirent *entry;
+        while (dir && (entry = readdir(dir)) && count < 8) {
+            if (strncmp(entry->d_name, "event", 5)) continue;
+            char path[300];
+            snprintf(path, sizeof path, "/dev/input/%s", entry->d_name);
+            int fd = open(path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0) continue;
+            if (!has_power_key(fd)) {
+                close(fd);
+                continue;
+            }
+            fds[count].fd = fd;
+            fds[count].events = POLLIN;
+            count++;
+        }
+        if (dir) closedir(dir);
+        if (!count) usleep(50000);
+    }
+    if (!count) _exit(0);
+    for (;;) {
+        if (poll(fds, count, -1) < 0) {
+            if (errno == EINTR) continue;
+            _exit(1);
+        }
+        for (nfds_t i = 0; i < count; i++) {
+            if (!(fds[i].revents & POLLIN)) continue;
+            struct input_event events[16];
+            ssize_t n = read(fds[i].fd, events, sizeof events);
+            for (ssize_t k = 0; k + (ssize_t)sizeof *events <= n; k += (ssize_t)sizeof *events) {
+                struct input_event *e = &events[k / (ssize_t)sizeof *events];
+                if (e->type == EV_KEY && e->code == KEY_POWER && e->value == 1) kill(1, SIGPWR);
+            }
+        }
+    }
+}
 
 static pid_t start_workload(struct config *c) {
     char **argv = xrealloc(NULL, (c->args.count + 2) * sizeof *argv);
@@ -768,6 +1005,7 @@ static pid_t start_workload(struct config *c) {
         sigprocmask(SIG_SETMASK, &none, NULL);
         signal(SIGTERM, SIG_DFL);
         signal(SIGINT, SIG_DFL);
+        signal(SIGPWR, SIG_DFL);
         setsid();
         for (size_t i = 0; i < c->env.count; i++) putenv(c->env.items[i]);
         if (c->workdir && chdir(c->workdir) < 0) {
@@ -803,11 +1041,29 @@ static int exit_code(int status) {
 }
 
 /* Wait for the workload while reaping every other child (orphans are re-parented to PID 1).
- * On a stop request: SIGTERM to the workload's process group, SIGKILL after the grace period. */
+ * On a stop request: SIGTERM to the workload's process group, SIGKILL after the grace period.
+ * The stop signals and SIGCHLD are blocked and taken with sigtimedwait, so a request that
+ * arrives at any moment is acted on at once (no window between a check and a blocking wait). */
 static int supervise(pid_t workload, int grace) {
-    int killed = 0;
+    sigset_t wanted, previous;
+    sigemptyset(&wanted);
+    sigaddset(&wanted, SIGCHLD);
+    sigaddset(&wanted, SIGTERM);
+    sigaddset(&wanted, SIGINT);
+    sigaddset(&wanted, SIGPWR);
+    sigprocmask(SIG_BLOCK, &wanted, &previous);
+    int killed = 0, code = -1;
     double deadline = 0;
     for (;;) {
+        int status;
+        pid_t pid;
+        while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
+            if (pid == workload) code = exit_code(status);
+        if (code >= 0) break;
+        if (pid < 0 && errno == ECHILD) {
+            code = 255;
+            break;
+        }
         if (stop_requested && !deadline) {
             kill(-workload, SIGTERM);
             kill(workload, SIGTERM);
@@ -818,13 +1074,15 @@ static int supervise(pid_t workload, int grace) {
             kill(workload, SIGKILL);
             killed = 1;
         }
-        alarm(1); /* wake up for the deadline even if no child changes state */
-        int status;
-        pid_t pid = waitpid(-1, &status, 0);
-        alarm(0);
-        if (pid == workload) return exit_code(status);
-        if (pid < 0 && errno == ECHILD) return 255;
+        double wait = 1.0;
+        if (deadline && !killed && deadline - now() < wait) wait = deadline - now();
+        if (wait < 0.001) wait = 0.001;
+        struct timespec timeout = {(time_t)wait, (long)((wait - (double)(time_t)wait) * 1e9)};
+        int sig = sigtimedwait(&wanted, NULL, &timeout);
+        if (sig == SIGTERM || sig == SIGINT || sig == SIGPWR) stop_requested = sig;
     }
+    sigprocmask(SIG_SETMASK, &previous, NULL);
+    return code;
 }
 
 int main(int argc, char **argv) {
@@ -862,8 +1120,7 @@ int main(int argc, char **argv) {
     sa.sa_handler = on_stop;
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
-    sa.sa_handler = on_alarm;
-    sigaction(SIGALRM, &sa, NULL);
+    sigaction(SIGPWR, &sa, NULL);
 
     struct config c;
     if (pid1) {
@@ -882,6 +1139,7 @@ int main(int argc, char **argv) {
     load_config(&c, config_path);
     if (pid1) {
         load_modules(&c);
+        if (c.snapshot_template && await_snapshot_config(&c, config_path) < 0) power_off();
         if (c.root) {
             if (switch_root(&c) < 0) power_off();
             /* The root disk carries the workload's own config; the per-VM one still wins. */
@@ -903,7 +1161,8 @@ int main(int argc, char **argv) {
         error_marker("no exec= in %s; nothing to run", config_path);
         code = 127;
     } else {
-        for (;;) {
+        if (pid1) watch_power_button();
+        while (!stop_requested) {
             pid_t workload = start_workload(&c);
             if (workload < 0) {
                 code = 127;
@@ -914,8 +1173,9 @@ int main(int argc, char **argv) {
             int again = !stop_requested && (!strcmp(c.restart, "always") ||
                                              (!strcmp(c.restart, "on-failure") && code != 0));
             if (!again) break;
-            sleep(1);
+            sleep(1); /* a stop request interrupts it, and the loop ends */
         }
+        if (stop_requested) marker("stopped", "\"by\":\"%s\"", stop_source(stop_requested));
     }
     if (pid1) {
         if (c.poweroff) power_off();

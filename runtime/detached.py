@@ -4,6 +4,8 @@ VM or process that is gone ended."""
 
 from __future__ import annotations
 
+import os
+import select
 import subprocess
 from pathlib import Path
 
@@ -25,6 +27,26 @@ def alive(pid: int, vm_dir: Path) -> bool:
     except (OSError, IndexError):
         return False
     return state != b"Z" and str(vm_dir).encode() in cmdline
+
+
+def wait_gone(pid: int, vm_dir: Path, seconds: float) -> bool:
+    """Wait up to ``seconds`` for the VM process ``pid`` to end; True when it has. Woken by the
+    kernel the moment it exits (a pidfd), not by polling: a stop returns as soon as the VM is
+    gone. The pid is checked to be the VM's after the pidfd is open, so a recycled pid is never
+    waited for."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if not alive(pid, vm_dir):
+            return True
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        # Readable once the process has exited (a zombie its parent has not reaped included).
+        return bool(poller.poll(max(0, int(seconds * 1000)))) or not alive(pid, vm_dir)
+    finally:
+        os.close(pidfd)
 
 
 def running_pid(pid_file: Path, vm_dir: Path) -> int | None:

@@ -46,6 +46,9 @@ class Metrics:
     def count_builds(self, built: int, cached: int, failed: int) -> None:
         self.builds.append((built, cached, failed))
 
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        pass
+
 
 @dataclass
 class World:

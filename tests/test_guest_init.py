@@ -253,3 +253,58 @@ def test_init_is_a_static_binary(init_binary: Path) -> None:
         ["file", str(init_binary)], capture_output=True, text=True, check=True
     ).stdout
     assert "statically linked" in out
+
+
+def _ready(process: subprocess.Popen[str]) -> None:
+    """Until the workload says it has set its trap."""
+    assert process.stdout is not None
+    while process.stdout.readline().strip() != "ready":
+        pass
+
+
+@pytest.mark.parametrize(
+    ("sig", "by"),
+    [(signal.SIGTERM, "sigterm"), (signal.SIGINT, "sigint"), (signal.SIGPWR, "power-button")],
+)
+def test_a_stop_request_stops_the_workload_at_once_and_says_so(
+    init_binary: Path, tmp_path: Path, sig: signal.Signals, by: str
+) -> None:
+    # A workload that ends on SIGTERM, under a grace period far longer than the test: the init
+    # must not wait it out, and a restart policy of "always" must not bring the workload back.
+    conf = tmp_path / "init.conf"
+    conf.write_text(
+        "exec=/bin/sh\narg=-c\narg=trap 'echo got-term; exit 0' TERM; echo ready; "
+        "while :; do sleep 0.05; done\ngrace=600\nrestart=always\n"
+    )
+    process = subprocess.Popen(
+        [str(init_binary), "--config", str(conf)], stdout=subprocess.PIPE, text=True
+    )
+    _ready(process)
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=60)
+    assert "got-term" in output
+    events = markers(output)
+    assert [e["event"] for e in events][-2:] == ["workload-exited", "stopped"]
+    assert (events[-2]["code"], events[-1]["by"]) == (0, by)
+    assert process.returncode == 0
+
+
+def test_a_stop_request_before_the_workload_starts_runs_nothing(
+    init_binary: Path, tmp_path: Path
+) -> None:
+    # Restarting after a crash: a stop that arrives during the pause ends the loop there.
+    flag = tmp_path / "runs"
+    conf = tmp_path / "init.conf"
+    conf.write_text(f"exec=/bin/sh\narg=-c\narg=echo run >> {flag}; exit 3\nrestart=always\n")
+    process = subprocess.Popen(
+        [str(init_binary), "--config", str(conf)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    seen = ""
+    while "workload-exited" not in seen:
+        seen += process.stdout.readline()
+    process.send_signal(signal.SIGTERM)  # during the one-second pause before the restart
+    output, _ = process.communicate(timeout=60)
+    events = [e["event"] for e in markers(seen + output)]
+    assert events == ["booted", "workload-started", "workload-exited", "stopped"]
+    assert flag.read_text() == "run\n"

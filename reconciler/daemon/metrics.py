@@ -29,6 +29,9 @@ FLEET_LABEL = "*"  # the ``workload`` label of a fleet-wide suspension
 
 # Cycles range from milliseconds (nothing changed) to many minutes (cold builds of images).
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+# Phases of the commit → healthy timeline range from a millisecond (a cache hit, a plan) to
+# minutes (a cold build); a process VM restarts in well under a second.
+PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120, 600)
 
 
 def _healthy_label(healthy: bool | None) -> str:
@@ -51,6 +54,14 @@ class DaemonMetrics:
             "Wall-clock duration of reconcile cycles, by outcome.",
             ["outcome"],
             buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self._phases = Histogram(
+            "reconciler_phase_duration_seconds",
+            "Where a commit's time goes on its way to healthy VMs: trigger, fetch, load, plan, "
+            "build, stop, network, vmm-start, boot, workload, probe (per VM for the last six).",
+            ["phase"],
+            buckets=PHASE_BUCKETS,
             registry=registry,
         )
         self._cycles = Counter(
@@ -127,6 +138,10 @@ class DaemonMetrics:
         """One reconcile cycle finished after ``seconds`` with ``outcome``."""
         self._duration.labels(outcome=outcome).observe(max(0.0, seconds))
         self._cycles.labels(outcome=outcome).inc()
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        """One phase of a cycle's timeline (``daemon.timeline``) took ``seconds``."""
+        self._phases.labels(phase=phase).observe(max(0.0, seconds))
 
     def set_revisions(self, applied: str | None, attempted: str | None, failed: bool) -> None:
         """The applied and attempted revisions (only the current ones are kept) and whether the

@@ -6,13 +6,19 @@
     HTTP: webhook, POST /api/reconcile ───────────┘
 
 Triggers coalesce: ten pushes during one cycle cause one more cycle, not ten, and that cycle
-reads the newest head, so a newer revision never waits behind an older one.
+reads the newest head, so a newer revision never waits behind an older one. The queue keeps when
+the earliest waiting trigger happened (``taken_at`` after a ``take``): the start of the cycle's
+commit → healthy timeline (``timeline.py``). For the file watch that is the time git wrote the
+ref (its mtime), so the watch's own latency is measured too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -27,12 +33,19 @@ class TriggerQueue:
 
     def __init__(self) -> None:
         self._reasons: list[str] = []
+        self._first_at: float | None = None
         self._condition = threading.Condition()
+        self.taken_at: float | None = None
+        """When the earliest trigger of the last ``take`` happened (wall clock), or None."""
 
-    def request(self, reason: str) -> None:
+    def request(self, reason: str, at: float | None = None) -> None:
+        """A reason to reconcile; ``at`` is when it happened (default: now, wall clock)."""
+        happened = time.time() if at is None else at
         with self._condition:
             if reason not in self._reasons:
                 self._reasons.append(reason)
+            if self._first_at is None or happened < self._first_at:
+                self._first_at = happened
             self._condition.notify_all()
 
     def pending(self) -> bool:
@@ -51,6 +64,8 @@ class TriggerQueue:
             if not self._reasons and (timeout is None or timeout > 0):
                 self._condition.wait(timeout)
             reasons, self._reasons = self._reasons, []
+            self.taken_at = self._first_at if reasons else None
+            self._first_at = None
             return reasons
 
 
@@ -96,17 +111,32 @@ class RepositoryWatcher:
             return relative in ("HEAD", "packed-refs") or relative.startswith("refs/")
 
         try:
-            for _changes in watch(
+            for changes in watch(
                 self._git_dir,
                 watch_filter=is_ref,
                 stop_event=self._stop,
+                # A commit moves one ref (a lock file renamed into place): yield 20 ms after
+                # the last change rather than the default 50, grouping at most 200 ms.
                 debounce=200,
+                step=20,
                 rust_timeout=1000,
                 yield_on_timeout=False,
             ):
-                self._queue.request("file-watch")
+                self._queue.request("file-watch", at=changed_at(path for _, path in changes))
         except Exception as exc:  # a watch that dies must not take the daemon with it
             log.warning("file watch on %s stopped: %s; polling continues", self._git_dir, exc)
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def changed_at(paths: Iterable[str]) -> float:
+    """When the earliest of the changed ``paths`` was written (its mtime), else now: a
+    deleted ref (a branch removed) has no time of its own."""
+    times = []
+    for path in paths:
+        try:
+            times.append(os.stat(path).st_mtime)
+        except OSError:
+            continue
+    return min(times, default=time.time())

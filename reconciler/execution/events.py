@@ -30,6 +30,7 @@ class EventKind(StrEnum):
     VOLUME_DELETED = "volume-deleted"  # pruned with reclaimPolicy delete
     VOLUME_RETAINED = "volume-retained"  # pruned with reclaimPolicy retain
     VM_STOPPED_FOR_RESTORE = "vm-stopped-for-restore"
+    PHASE = "phase"  # how long one phase of bringing a VM up took (the daemon's timeline)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class ExecutionEvent:
     artifact: str | None = None  # ROLLBACK: the digest gone back to
     volume: str | None = None  # VOLUME_*: the volume's name
     size_mib: int | None = None  # VOLUME_GROWN, VOLUME_LARGER: the declared size
+    phase: str | None = None  # PHASE: build, stop, vmm-start, boot, workload, probe
+    seconds: float | None = None  # PHASE: how long it took
 
     def text(self) -> str:
         """The one rendering of this event as a line of text."""
@@ -79,11 +82,14 @@ class ExecutionEvent:
                 )
             case EventKind.VM_STOPPED_FOR_RESTORE:
                 return f"stopping {vm}: a volume is restored only while its VM is stopped"
+            case EventKind.PHASE:
+                more = f" ({self.detail})" if self.detail else ""
+                return f"{'phase':<8} {vm}: {self.phase} {self.seconds or 0.0:.3f} s{more}"
 
     def fields(self) -> dict[str, object]:
         """The structured fields of a log line about this event (``vm``, ``event``, ...)."""
         found: dict[str, object] = {"event": str(self.kind)}
-        for key in ("vm", "action", "healthy", "volume"):
+        for key in ("vm", "action", "healthy", "volume", "phase", "seconds"):
             value = getattr(self, key)
             if value is not None:
                 found[key] = value
@@ -94,8 +100,10 @@ Reporter = Callable[[ExecutionEvent], None]
 
 
 def print_event(event: ExecutionEvent) -> None:
-    """The reporter of one-shot commands (``reconciler apply``): a line on stdout."""
-    print(event.text())
+    """The reporter of one-shot commands (``reconciler apply``): a line on stdout. Phase
+    timings are the daemon's timeline (its events and metrics), not part of apply's output."""
+    if event.kind is not EventKind.PHASE:
+        print(event.text())
 
 
 def ignore_event(event: ExecutionEvent) -> None:

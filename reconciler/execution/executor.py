@@ -42,6 +42,7 @@ from reconciler.model import (
     ActionType,
     BuildStatus,
     DesiredFleet,
+    DesiredVM,
     ObservedVM,
     Plan,
     RevisionOutcome,
@@ -110,9 +111,13 @@ class Executor:
         report = ApplyReport()
         try:
             for action in plan.actions:  # a runtime that does not exist fails before any change
-                if action.vm in desired.vms:
-                    runtime_for(self.runtimes, desired.vms[action.vm].runtime)
+                if action.action is not ActionType.DELETE and action.vm in desired.vms:
+                    runtime_for(self.runtimes, _wanted(action, desired).runtime)
+            began = time.monotonic()
             artifacts = self._build(plan, desired, report)
+            if artifacts:
+                built = ", ".join(f"{n} {status}" for status, n in sorted(report.builds.items()))
+                self._phase("build", None, time.monotonic() - began, built)
             for wave in sorted({a.wave for a in plan.actions}):
                 actions = [a for a in plan.actions if a.wave == wave]
                 started = [self._run_with_intent(a, desired, artifacts) for a in actions]
@@ -165,9 +170,26 @@ class Executor:
         ]
         if not starting:
             return {}
-        workloads = {a.workload for a in starting}
-        targets = {desired.vms[a.vm].target for a in starting}
-        results = self.builder.build(desired, targets=targets, workloads=workloads)
+        # A replica put back on a rollout's previous version (``planning.rollout``) runs an
+        # artifact this revision does not build: the content-addressed cache holds it.
+        built_here = {ref.input_digest for ref in desired.artifacts.values()}
+        cached: dict[str, Path] = {}
+        for action in starting:
+            digest = _wanted(action, desired).artifact.input_digest
+            if digest not in built_here and digest not in cached:
+                entry = self.builder.cache.find(digest)
+                if entry is None:
+                    raise BuildError(
+                        f"{action.vm} goes back to artifact {digest[:12]}, which is no longer "
+                        "in the build cache; push a revision that builds that version again"
+                    )
+                cached[digest] = entry.path
+        building = [a for a in starting if _wanted(a, desired).artifact.input_digest in built_here]
+        workloads = {a.workload for a in building}
+        targets = {_wanted(a, desired).target for a in building}
+        results = (
+            self.builder.build(desired, targets=targets, workloads=workloads) if building else []
+        )
         for result in results:
             report.builds[result.status] = report.builds.get(result.status, 0) + 1
         failed = [r for r in results if r.status == BuildStatus.FAILED]
@@ -177,8 +199,8 @@ class Executor:
                 f"{len(failed)} artifact(s) failed to build, nothing was changed; "
                 f"{first.workload}/{first.target.value}: {first.error}"
             )
-        by_digest = {r.digest: r.path for r in results if r.path is not None}
-        return {a.vm: by_digest[desired.vms[a.vm].artifact.input_digest] for a in starting}
+        by_digest = {**cached, **{r.digest: r.path for r in results if r.path is not None}}
+        return {a.vm: by_digest[_wanted(a, desired).artifact.input_digest] for a in starting}
 
     def _run_with_intent(
         self, action: VMAction, desired: DesiredFleet, artifacts: Mapping[str, Path]
@@ -206,14 +228,16 @@ class Executor:
             if current is not None:
                 self._remove(current)
             return None
-        wanted = desired.vms[action.vm]
+        wanted = _wanted(action, desired)
         if action.action is ActionType.UPDATE:
             if current is not None:
                 self.store.put_vm(replace(current, settings=wanted.settings))
             return None
         if current is not None:
             self._guard(f"stopping {current.name}")
+            began = time.monotonic()
             runtime_for(self.runtimes, current.runtime).stop(spec_of(current, self.state_dir))
+            self._phase("stop", current.name, time.monotonic() - began)
             if current.healthy:
                 self._last_healthy[current.name] = current
         record = ObservedVM(
@@ -242,6 +266,7 @@ class Executor:
             shutil.copyfile(artifact / "rootfs.ext4", directory / "rootfs.ext4")
         # Every VM gets an address of the pool: a VMM a TAP, a host process a network namespace
         # of its own on a veth pair.
+        began = time.monotonic()
         attachment = (
             self.network.attach(
                 record.name, record.workload, namespace=record.runtime is RuntimeKind.PROCESS
@@ -249,6 +274,8 @@ class Executor:
             if self.network is not None
             else None
         )
+        if attachment is not None:
+            self._phase("network", record.name, time.monotonic() - began)
         spec = vm_spec(
             name=record.name,
             workload=record.workload,
@@ -277,11 +304,13 @@ class Executor:
         )
         self.store.put_vm(record)  # before the VMM starts: a crash leaves a record to adopt
         self._guard(f"starting {record.name}")
+        began = time.monotonic()
         try:
             status = runtime_for(self.runtimes, record.runtime).start(spec)
         except VMRuntimeError as err:
             self.store.put_vm(replace(record, state=VMState.FAILED, healthy=False, detail=str(err)))
             raise
+        self._phase("vmm-start", record.name, time.monotonic() - began)
         self.store.put_vm(
             replace(
                 record,
@@ -327,6 +356,12 @@ class Executor:
         depends_on = {name: list(w.deploy.depends_on) for name, w in desired.workloads.items()}
         self.network.sync_firewall(addresses, depends_on)
 
+    def _phase(self, phase: str, vm: str | None, seconds: float, detail: str = "") -> None:
+        """Report how long a phase of bringing VMs up took (the daemon's timeline)."""
+        self.on_event(
+            ExecutionEvent(EventKind.PHASE, vm, phase=phase, seconds=seconds, detail=detail)
+        )
+
     def _health(self, spec: VMSpec) -> tuple[bool, str]:
         return judge_health(
             self.store,
@@ -347,3 +382,11 @@ class Executor:
             self.state_dir, vm, on_event=self.on_event
         )  # only reclaimPolicy: delete goes
         self.store.remove_vm(vm.name)  # last: until here a crash leaves the record to retry
+
+
+def _wanted(action: VMAction, desired: DesiredFleet) -> DesiredVM:
+    """The desired VM an action starts: a surge stand-in (``planning.rollout``) runs the spec
+    of the VM it stands in for, under its own name."""
+    if action.stands_in_for is None:
+        return desired.vms[action.vm]
+    return replace(desired.vms[action.stands_in_for], name=action.vm)

@@ -23,7 +23,7 @@ from reconciler.execution.observer import observe, record_observation
 from reconciler.leadership.fence import Fence
 from reconciler.lifetimes import ClosedOnExit
 from reconciler.model import DesiredFleet, ObservedFleet, Plan, RuntimeKind, VMState
-from reconciler.state import StateStore, open_state_store
+from reconciler.state import StateStore, StoreLocation, open_state_store
 from runtime.firecracker.driver import FirecrackerRuntime
 from runtime.network import Network, scope_for
 from runtime.process.driver import ProcessRuntime
@@ -112,7 +112,7 @@ class LocalHost(ClosedOnExit):
         self.store.close()
 
 
-def open_host_at(directory: Path) -> LocalHost:
+def open_host_at(directory: Path, store: StoreLocation | None = None) -> LocalHost:
     runtimes: dict[RuntimeKind, Runtime] = {
         RuntimeKind.QEMU: QemuRuntime(state_dir=directory),
         RuntimeKind.FIRECRACKER: FirecrackerRuntime(),
@@ -120,4 +120,5 @@ def open_host_at(directory: Path) -> LocalHost:
             init_binary=lambda: guest_init(directory / "guest-init.log")
         ),
     }
-    return LocalHost(directory, open_state_store(directory), runtimes)
+    # The store is the state directory's (SQLite) unless ``store`` names another.
+    return LocalHost(directory, open_state_store(store or directory), runtimes)

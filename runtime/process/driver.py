@@ -31,7 +31,7 @@ from reconciler.errors import VMRuntimeError
 from reconciler.model import RuntimeKind, VMState
 from runtime.console import last_event, read_markers
 from runtime.console_log import ConsoleLog
-from runtime.detached import alive, ended_status, launch_detached, running_pid
+from runtime.detached import ended_status, launch_detached, running_pid, wait_gone
 from runtime.guest_config import write_config_file
 from runtime.network.netns import namespace_path
 from runtime.process.sandbox import (
@@ -155,13 +155,13 @@ class ProcessRuntime:
         supervisor = _supervisor_below(pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(supervisor or pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_seconds + 1
-        while time.monotonic() < deadline and alive(pid, spec.vm_dir):
-            time.sleep(0.05)
-        if alive(pid, spec.vm_dir):
+        # The init stops its workload (SIGTERM, SIGKILL after its grace period) and exits, and
+        # the namespace ends with it: the wait returns the moment it does.
+        if not wait_gone(pid, spec.vm_dir, grace_seconds + 1):
             # The namespace's first process: every process of the sandbox dies with it.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+            wait_gone(pid, spec.vm_dir, 5.0)
         return self.status(spec)
 
 

@@ -27,15 +27,26 @@ from reconciler.errors import ToolMissingError, VMRuntimeError
 from reconciler.model import RuntimeKind, VMState
 from runtime.console import last_event, read_markers
 from runtime.console_log import ConsoleLog
-from runtime.detached import alive, launch_detached, running_pid
+from runtime.detached import alive, launch_detached, running_pid, wait_gone
 from runtime.guest_config import VM_INITRD, write_vm_initrd
 from runtime.protocol import VMSpec, VMStatus
 from runtime.qemu.accel import kvm_usable
-from runtime.qemu.argv import CONSOLE_LOG, PID_FILE, QMP_SOCKET, qemu_argv
+from runtime.qemu.argv import CONSOLE_LOG, PID_FILE, QMP_SOCKET, SnapshotRole, qemu_argv
 from runtime.qemu.confine import confinement
 from runtime.qemu.machine import tcg_kernel_args
+from runtime.qemu.snapshot import (
+    Snapshot,
+    SnapshotCache,
+    eligible,
+    link_or_copy,
+    restore,
+    snapshots_wanted,
+)
 
 START_SECONDS = 30.0
+# After the grace period the guest init gives its workload, the time it may take to sync and
+# power off before QEMU is told to quit.
+POWEROFF_SECONDS = 3.0
 QEMU_LOG = "qemu.log"  # QEMU's own stderr: why it failed to start
 CHROOT = "qemu-chroot"  # under the state directory: the empty root confined QEMUs end in
 
@@ -51,12 +62,17 @@ class QemuRuntime:
         accel: str = "auto",
         netns: str | None = None,
         confine: bool = True,
+        snapshots: bool | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.binary = binary
         self.accel = accel
         self.netns = netns  # run VMs inside this network namespace (where their TAPs are)
         self.confine = confine  # seccomp and an unprivileged user; off only to debug QEMU
+        # Start eligible VMs from a pre-booted template (snapshot.py) instead of booting them;
+        # by default as $RECONCILER_QEMU_SNAPSHOTS says.
+        wanted = snapshots_wanted() if snapshots is None else snapshots
+        self.snapshots = SnapshotCache(state_dir) if wanted else None
 
     def _binary(self) -> str:
         found = shutil.which(self.binary)
@@ -93,18 +109,29 @@ class QemuRuntime:
             (spec.vm_dir / stale).unlink(missing_ok=True)
         # Each boot gets a fresh console log (health is read from it); the last one is kept.
         ConsoleLog(spec.vm_dir).new_boot()
-        if spec.initrd is not None:
+        accel = self.choose_accel(spec)
+        binary = self._binary()
+        extra = tcg_kernel_args() if accel == "tcg" else ""
+        confine = confinement(binary).argv(self._chroot()) if self.confine else []
+        snapshot: Snapshot | None = None
+        if self.snapshots is not None and not eligible(spec):
+            snapshot = self.snapshots.ensure(
+                spec, accel=accel, binary=binary, extra_kernel_args=extra, confine=confine
+            )
+            # The template's own initrd (no per-VM value): the guest's memory comes from the
+            # snapshot; the VM's configuration goes to the restored init on its console.
+            link_or_copy(snapshot.initrd, spec.vm_dir / VM_INITRD)
+        elif spec.initrd is not None:
             write_vm_initrd(spec.initrd, spec.guest, spec.vm_dir / VM_INITRD)
         elif spec.guest.env or spec.guest.args or spec.guest.address:
             raise VMRuntimeError(f"{spec.name}: no initramfs to carry the VM's configuration")
-        accel = self.choose_accel(spec)
-        binary = self._binary()
         argv = qemu_argv(
             spec,
             accel=accel,
             binary=binary,
-            extra_kernel_args=tcg_kernel_args() if accel == "tcg" else "",
-            confine=confinement(binary).argv(self._chroot()) if self.confine else (),
+            extra_kernel_args=extra,
+            confine=confine,
+            snapshot=SnapshotRole.RESTORE if snapshot is not None else None,
         )
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
@@ -114,6 +141,13 @@ class QemuRuntime:
         qemu_log.unlink(missing_ok=True)
         launched = launch_detached(argv, qemu_log)
         self._wait_started(spec, launched, qemu_log)
+        if snapshot is not None and self.snapshots is not None:
+            try:
+                restore(spec, snapshot)
+            except VMRuntimeError:
+                self.stop(spec, grace_seconds=0)
+                self.snapshots.discard(snapshot)  # the next start makes it again
+                raise
         status = self.status(spec)
         if status.state is not VMState.RUNNING:
             raise VMRuntimeError(f"VM {spec.name} exited right after starting: {status.detail}")
@@ -139,7 +173,7 @@ class QemuRuntime:
                 return
             if not alive(launched, spec.vm_dir):
                 break
-            time.sleep(0.05)
+            time.sleep(0.01)  # QEMU builds its machine in tens of milliseconds
         text = qemu_log.read_text(errors="replace") if qemu_log.exists() else ""
         lines = text.strip().splitlines()
         reason = lines[-1] if lines else "no output"
@@ -192,23 +226,22 @@ class QemuRuntime:
         return VMStatus(spec.name, state, pid, detail, console)
 
     def stop(self, spec: VMSpec, *, grace_seconds: float = 10.0) -> VMStatus:
+        """Press the VM's power button and return the moment QEMU has exited.
+
+        The guest init takes the ACPI power button as a stop request: SIGTERM to the workload,
+        SIGKILL after its grace period, a "stopped" marker, sync, power off; QEMU then exits by
+        itself. Only a guest that does not power off within ``grace_seconds`` (plus the time a
+        power-off takes) is made to: QMP ``quit``, then SIGKILL."""
         pid = self._pid(spec)
         if pid is None:
             return self.status(spec)
         with contextlib.suppress(OSError, EOFError, QMPError), self._qmp(spec) as monitor:
-            monitor.cmd("system_powerdown")  # ACPI power button, for guests that listen
-            if not self._wait_gone(spec, pid, grace_seconds):
+            monitor.cmd("system_powerdown")
+        if not wait_gone(pid, spec.vm_dir, grace_seconds + POWEROFF_SECONDS):
+            with contextlib.suppress(OSError, EOFError, QMPError), self._qmp(spec) as monitor:
                 monitor.cmd("quit")
-        if not self._wait_gone(spec, pid, 5.0):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            self._wait_gone(spec, pid, 5.0)
+            if not wait_gone(pid, spec.vm_dir, 5.0):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                wait_gone(pid, spec.vm_dir, 5.0)
         return self.status(spec)
-
-    def _wait_gone(self, spec: VMSpec, pid: int, seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if not alive(pid, spec.vm_dir):
-                return True
-            time.sleep(0.1)
-        return not alive(pid, spec.vm_dir)
