@@ -17,7 +17,8 @@ string except NUL arrives byte for byte::
     <key> <decimal length>\\n<value bytes>\\n     (repeated)
     end 0\\n\\n
 
-Keys: ``hostname``, ``ip``, ``gateway``, ``restart``, ``boot-only`` (scalars), ``env``
+Keys: ``hostname``, ``ip``, ``gateway``, ``restart``, ``boot-only``, ``snapshot-template``,
+``mac``, ``realtime``, ``entropy`` (scalars), ``env``
 (``NAME=value``), ``arg`` (repeatable, in order) and ``volume`` (``<serial> <fs> <path>``,
 repeatable: a disk the init mounts before the workload starts) and ``secret-file``
 (``<path> <content>``, repeatable: written by the init, mode 0400, under ``/run/secrets/``
@@ -45,11 +46,13 @@ from reconciler.guest_values import (
 
 HEADER = b"reconciler-vm-config 1\n"
 RESTART_POLICIES = ("always", "on-failure", "never")
+MAX_ENTROPY = 512  # bytes; what guest/init.c's entropy record takes
 SECRET_DIR = "/run/secrets/"
 # Plain names under SECRET_DIR: what guest/init.c's valid_secret_file accepts.
 SECRET_FILE_PATH = re.compile(
     r"/run/secrets/[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*"
 )
+_MAC = re.compile(r"[0-9a-f][02468ace](:[0-9a-f]{2}){5}")  # unicast, as init.c's valid_mac
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # a DNS label
 
 
@@ -86,6 +89,16 @@ class GuestConfig:
     volumes: tuple[GuestVolume, ...] = ()
     # Path under SECRET_DIR -> content; secret like ``secret_env`` (the init writes them 0400).
     secret_files: Mapping[str, str] = field(default_factory=dict)
+    # A QEMU snapshot restore (runtime/qemu/snapshot.py): the template boots with only
+    # ``snapshot_template`` and waits for its real configuration on the console; a restored VM's
+    # configuration carries its own ``mac`` (the device state still holds the template's).
+    snapshot_template: bool = False
+    mac: str | None = None
+    # Also at a restore: the host's clock (ns since the epoch) and fresh randomness for the
+    # kernel, or every VM of one snapshot would share the template's stopped clock and its
+    # random state.
+    clock_ns: int | None = None
+    entropy: bytes = b""
 
     def __repr__(self) -> str:
         # The dataclass repr would print every secret: name them, never their values.
@@ -114,6 +127,10 @@ def _check(config: GuestConfig) -> list[str]:
             ipaddress.IPv4Address(config.gateway)
     except ValueError as exc:
         problems.append(f"bad address: {exc}")
+    if config.mac is not None and not _MAC.fullmatch(config.mac):
+        problems.append(f"MAC address {config.mac!r} is not a unicast xx:xx:xx:xx:xx:xx")
+    if len(config.entropy) > MAX_ENTROPY or (config.clock_ns or 0) < 0:
+        problems.append(f"at most {MAX_ENTROPY} bytes of entropy and a clock after 1970")
     overlap = sorted(set(config.env) & set(config.secret_env))
     if overlap:
         problems.append(f"env {overlap[0]} is both a plain and a secret value")
@@ -156,6 +173,15 @@ def encode(config: GuestConfig) -> bytes:
     parts.append(_record("restart", config.restart))
     if config.boot_only:
         parts.append(_record("boot-only", "1"))
+    if config.snapshot_template:
+        parts.append(_record("snapshot-template", "1"))
+    if config.mac is not None:
+        parts.append(_record("mac", config.mac))
+    if config.clock_ns is not None:
+        seconds, nanoseconds = divmod(config.clock_ns, 1_000_000_000)
+        parts.append(_record("realtime", f"{seconds}.{nanoseconds:09d}"))
+    if config.entropy:
+        parts.append(_record("entropy", config.entropy.hex()))
     parts.append(b"end 0\n\n")
     blob = b"".join(parts)
     if len(blob) > MAX_CONFIG_BYTES:

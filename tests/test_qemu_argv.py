@@ -12,7 +12,7 @@ from test_qemu_runtime import spec_for
 
 from runtime.protocol import NetworkAttachment, VMSpec
 from runtime.qemu.accel import canary_argv
-from runtime.qemu.argv import PortForward, qemu_argv
+from runtime.qemu.argv import PortForward, SnapshotRole, qemu_argv
 
 GOLDEN = Path(__file__).parent / "golden" / "qemu"
 
@@ -51,3 +51,20 @@ def test_the_kvm_canary_boots_its_own_initrd_under_kvm() -> None:
     assert argv[argv.index("-accel") + 1] == "kvm"
     assert argv[argv.index("-initrd") + 1] == "/tmp/canary/initrd.img"
     matches_golden("kvm-canary", argv)
+
+
+def test_a_snapshot_template_and_its_restore_differ_only_in_nic_backend_and_incoming() -> None:
+    tap = NetworkAttachment("rc-web-0", "52:54:00:12:34:56", "10.88.0.2/24", "10.88.0.1")
+    template = qemu_argv(spec(network=tap), accel="tcg", snapshot=SnapshotRole.TEMPLATE)
+    restored = qemu_argv(spec(network=tap), accel="tcg", snapshot=SnapshotRole.RESTORE)
+    booted = qemu_argv(spec(network=tap), accel="tcg")
+    # The template has no TAP: a hub port leading nowhere behind the same device.
+    assert "hubport,id=net0,hubid=0" in template
+    assert not any("tap" in part for part in template)
+    # Same devices, same order: QEMU accepts the saved device state only then.
+    assert restored == [*booted, "-incoming", "defer"]
+    netdev = booted.index("-netdev") + 1
+    assert template[:netdev] == booted[:netdev]
+    assert template[netdev + 1 :] == booted[netdev + 1 :]
+    matches_golden("snapshot-template", template)
+    matches_golden("snapshot-restore", restored)

@@ -13,12 +13,19 @@ This is the one place that writes a QEMU command line: the KVM canary (``accel.p
 tests' and benchmarks' boots of built artifacts use it too. They reach a guest without a bridge
 through ``forward`` (QEMU's user-mode network forwarding one loopback port), which the runtime
 never uses: its VMs sit on TAP devices.
+
+``snapshot`` is the one difference between a snapshot template and a VM restored from it
+(``snapshot.py``): the same devices in the same order, so QEMU accepts the saved device state;
+the template's NIC is backed by a hub port leading nowhere instead of a TAP (it has none, and
+the backend is not part of the guest's state), and a restore waits for its memory over QMP
+(``-incoming defer``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from runtime.guest_config import VM_INITRD
@@ -32,6 +39,11 @@ PID_FILE = "qemu.pid"
 # QEMU's user-mode network: the guest's address and gateway are fixed by QEMU.
 USER_NET_ADDRESS = "10.0.2.15/24"
 USER_NET_GATEWAY = "10.0.2.2"
+
+
+class SnapshotRole(Enum):
+    TEMPLATE = "template"  # boots, waits for its configuration and is saved
+    RESTORE = "restore"  # starts from a saved template instead of booting
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ def qemu_argv(
     binary: str = "qemu-system-x86_64",
     confine: Sequence[str] = (),
     forward: PortForward | None = None,
+    snapshot: SnapshotRole | None = None,
 ) -> list[str]:
     if spec.kernel is None:
         raise ValueError(f"VM {spec.name} has no kernel to boot")
@@ -106,9 +119,16 @@ def qemu_argv(
             f"virtio-blk-device,drive=vol-{volume.name},serial={volume.name}",
         ]
     if spec.network is not None:
+        # A hub with no other port: the template reaches nothing, and (unlike user-mode
+        # networking) the backend adds no state of its own to the snapshot.
+        backend = (
+            "hubport,id=net0,hubid=0"
+            if snapshot is SnapshotRole.TEMPLATE
+            else f"tap,id=net0,ifname={spec.network.tap},script=no,downscript=no"
+        )
         argv += [
             "-netdev",
-            f"tap,id=net0,ifname={spec.network.tap},script=no,downscript=no",
+            backend,
             "-device",
             f"virtio-net-device,netdev=net0,mac={spec.network.mac}",
         ]
@@ -123,4 +143,6 @@ def qemu_argv(
         ]
     cmdline = " ".join(part for part in (spec.kernel_cmdline, extra_kernel_args) if part)
     argv += ["-append", cmdline]
+    if snapshot is SnapshotRole.RESTORE:
+        argv += ["-incoming", "defer"]
     return argv
