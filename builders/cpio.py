@@ -1,18 +1,41 @@
-"""Byte-reproducible initramfs archives: ``newc`` cpio written in Python, gzip without a
-timestamp.
+"""Byte-reproducible initramfs archives: ``newc`` cpio written in Python, then compressed (or
+not) the way the kernel unpacks fastest.
 
 Same inputs, same bytes: entries are sorted, owners are 0:0, every mtime is 0, inode numbers
-are assigned in order, and gzip gets ``mtime=0`` and no file name (what ``gzip -n`` does). Being
-written here rather than with ``cpio(1)`` also lets an unprivileged build add the device node
-``/dev/console``, which the kernel needs to give PID 1 a console.
+are assigned in order, gzip gets ``mtime=0`` and no file name (what ``gzip -n`` does) and
+``lz4 -l`` (the legacy frame, the only one the kernel reads) has no header fields that vary.
+Being written here rather than with ``cpio(1)`` also lets an unprivileged build add the device
+node ``/dev/console``, which the kernel needs to give PID 1 a console.
+
+The kernel unpacks the initramfs before init runs, in the guest, so its decompression is boot
+time; under TCG every guest instruction is emulated and decompression is the most expensive way
+to move bytes (``bench/results/boot.md`` measures gzip, LZ4 and none with each kernel). The
+archive the runtime appends per VM is always uncompressed (``runtime/guest_config.py``); the
+kernel accepts concatenated archives of different compressions.
 """
 
 from __future__ import annotations
 
+import enum
 import gzip
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from builders.toolchain import require
+from reconciler.errors import BuildError
+
+
+class Compression(enum.Enum):
+    GZIP = "gzip"
+    LZ4 = "lz4"
+    NONE = "none"
+
+    @property
+    def kernel_option(self) -> str | None:
+        """The kernel configuration option that must be ``y`` to unpack it (none for none)."""
+        return {"gzip": "CONFIG_RD_GZIP", "lz4": "CONFIG_RD_LZ4"}.get(self.value)
 
 
 @dataclass(frozen=True)
@@ -59,8 +82,12 @@ def _pad(length: int) -> bytes:
     return b"\0" * ((4 - length % 4) % 4)
 
 
-def write_initramfs(entries: list[Entry], output: Path) -> None:
-    """Write ``entries`` (parents are added when missing) as a gzip-compressed newc archive."""
+def symlink(path: str, target: str) -> Entry:
+    return Entry(path, stat.S_IFLNK | 0o777, target.encode())
+
+
+def archive(entries: list[Entry]) -> bytes:
+    """``entries`` (parents are added when missing) as an uncompressed newc archive."""
     by_path = {e.path.strip("/"): e for e in entries}
     for path in list(by_path):
         parts = path.split("/")
@@ -82,9 +109,41 @@ def write_initramfs(entries: list[Entry], output: Path) -> None:
     trailer_name = b"TRAILER!!!"
     trailer = _header(0, Entry("", 0), trailer_name)
     chunks += [trailer, trailer_name, b"\0", _pad(len(trailer) + len(trailer_name) + 1)]
-    with (
-        output.open("wb") as raw,
-        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as compressed,
-    ):
-        for chunk in chunks:
-            compressed.write(chunk)
+    return b"".join(chunks)
+
+
+def write_initramfs(
+    entries: list[Entry], output: Path, compression: Compression = Compression.GZIP
+) -> None:
+    """Write ``entries`` (parents are added when missing) as a newc archive, compressed."""
+    data = archive(entries)
+    if compression is Compression.NONE:
+        output.write_bytes(data)
+    elif compression is Compression.GZIP:
+        with (
+            output.open("wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as out,
+        ):
+            out.write(data)
+    else:
+        # -l: the legacy frame, which is what the kernel's unlz4 reads (not the LZ4 frame
+        # format); -9: decompression speed does not depend on the level, size does.
+        result = subprocess.run(
+            [require("lz4"), "-l", "-9", "-q", "-c"], input=data, capture_output=True, check=False
+        )
+        if result.returncode != 0:
+            raise BuildError(f"lz4 failed: {result.stderr.decode(errors='replace').strip()}")
+        output.write_bytes(result.stdout)
+
+
+def compression_of(path: Path) -> Compression:
+    """How an initramfs file is compressed, by its magic (what the kernel looks at)."""
+    with path.open("rb") as f:
+        head = f.read(6)
+    if head.startswith(b"\x1f\x8b"):
+        return Compression.GZIP
+    if head.startswith(b"\x02\x21\x4c\x18"):
+        return Compression.LZ4
+    if head.startswith(b"070701"):
+        return Compression.NONE
+    raise BuildError(f"{path} is not an initramfs this project writes (gzip, lz4 or newc)")

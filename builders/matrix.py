@@ -4,6 +4,12 @@
 
 The executable of a workload is built first and reused by its unikernel and microvm images.
 One artifact failing does not stop the others; each result says built, cached or failed.
+
+A Python workload's images carry its one-directory bundle instead of the one-file executable
+(``executable.Layout``): built once per executable from the same source, and kept in the cache
+as an entry of its own (``BUNDLE_NAME``) whose input digest is derived from the executable's,
+so that looking an artifact up by a plan's digest never finds a bundle. The packing
+(``PACKING``) is in every cache key: changing it rebuilds what it changes.
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builders.cache import ArtifactCache, CacheEntry, file_digest
-from builders.executable import build_executable
-from builders.images import build_microvm, build_unikernel, guest_init
-from builders.kernels import Kernel, KernelRegistry
+from builders.executable import Layout, build_executable
+from builders.images import INITRAMFS_COMPRESSION, build_microvm, build_unikernel, guest_init
+from builders.kernels import Kernel, KernelRegistry, profile_for
 from builders.sandbox import network_allowed
 from builders.toolchain import pyinstaller_version, python_version, version_of
 from reconciler.errors import BuildError, ReconcilerError
@@ -29,9 +35,14 @@ from reconciler.model import (
     Target,
     Workload,
     artifact_ref_for,
+    digest_of,
 )
 
 EXECUTABLE_NAME = "workload"
+BUNDLE_NAME = "bundle"
+# How workloads are packed (stripped Python, the images' bundle and initramfs compression); in
+# every cache key, so changing it rebuilds once (bump the number when the packing changes).
+PACKING = f"2:python-strip,images-onedir:initramfs-{INITRAMFS_COMPRESSION.value}"
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,7 @@ class MatrixBuilder:
     def machine_inputs(
         self, workload: Workload, target: Target, kernel: Kernel | None, init: Path | None
     ) -> dict[str, str]:
-        machine = _toolchain(workload.source.language)
+        machine = {**_toolchain(workload.source.language), "packing": PACKING}
         if target is not Target.EXECUTABLE:
             assert kernel is not None
             assert init is not None
@@ -117,6 +128,48 @@ class MatrixBuilder:
             machine["mkfs.ext4"] = version_of("mkfs.ext4")
             machine["busybox"] = version_of("busybox")
         return machine
+
+    def _program(self, workload: Workload, executable: CacheEntry, log: Path) -> Path:
+        """What an image of ``workload`` carries: the executable, or for Python its bundle."""
+        if workload.source.language is not Language.PYTHON:
+            return executable.file(EXECUTABLE_NAME)
+        machine = {**_toolchain(workload.source.language), "layout": Layout.ONEDIR.value}
+        key = digest_of({"bundle-of": executable.key, "machine": machine})
+        entry = self.cache.get(key)
+        if entry is not None:
+            return entry.file(BUNDLE_NAME)
+        staging = self.cache.new_staging()
+        own_log = staging / "build.log"
+        own_log.write_text(f"# {workload.name}/{Layout.ONEDIR.value} bundle for the images\n")
+        started = time.monotonic()
+        try:
+            build_executable(
+                workload.source.language,
+                self.checkout_root / workload.source.path,
+                entrypoint=workload.source.entrypoint,
+                options=workload.build.options,
+                output=staging / BUNDLE_NAME,
+                log=own_log,
+                hidden=self.hidden,
+                network=self.build_network,
+                layout=Layout.ONEDIR,
+            )
+        except BaseException:
+            # The image's log is the one a failed build keeps: it gets the bundle's.
+            with log.open("a") as out:
+                out.write(own_log.read_text(errors="replace"))
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        manifest = {
+            "workload": workload.name,
+            "target": f"{Target.EXECUTABLE.value}-{Layout.ONEDIR.value}",
+            "input_digest": digest_of({"bundle-of": executable.input_digest}),
+            "toolchain": machine,
+            "seconds": round(time.monotonic() - started, 3),
+            "built_at": time.time(),
+            "log": "build.log",
+        }
+        return self.cache.commit(staging, key, manifest).file(BUNDLE_NAME)
 
     def build(
         self,
@@ -172,7 +225,9 @@ class MatrixBuilder:
             log = staging / "build.log"
             log.write_text(f"# {workload.name}/{target.value} from inputs {ref.input_digest}\n")
             if target is not Target.EXECUTABLE:
-                kernel = self.kernels.get(workload.deploy.kernel or desired.fleet.kernel)
+                named = workload.deploy.kernel or desired.fleet.kernel
+                profile = profile_for(target.value, volumes=bool(workload.deploy.volumes))
+                kernel = self.kernels.get(named) if named else self.kernels.default_for(profile)
                 init = guest_init(log)
             key = self.cache.key_for(ref, self.machine_inputs(workload, target, kernel, init))
             entry = self.cache.get(key)
@@ -246,7 +301,7 @@ class MatrixBuilder:
                 result, executable = self._one(desired, workload, exe_ref, None)
                 if executable is None:
                     raise BuildError(f"the executable of {workload.name} failed: {result.error}")
-            program = executable.file(EXECUTABLE_NAME)
+            program = self._program(workload, executable, log)
             if ref.target is Target.UNIKERNEL:
                 build_unikernel(program, kernel, init, staging)
             else:
