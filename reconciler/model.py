@@ -211,6 +211,20 @@ class SensitiveValues:
 
 
 @dataclass(frozen=True)
+class PlacementSpec:
+    """Where a workload's VMs may run in a fleet of several hosts (``deploy.placement``).
+
+    ``host_selector``: labels a host must carry, all of them. ``spread_by``: a host label (such
+    as ``zone``) across whose values the replicas are spread, on top of the spread across hosts.
+    Read by the leader's placement (``planning.placement``) only: not a VM setting, so changing
+    it disturbs no VM by itself; a VM it moves shows as a move.
+    """
+
+    host_selector: Mapping[str, str] = field(default_factory=dict)
+    spread_by: str | None = None
+
+
+@dataclass(frozen=True)
 class DeploySpec:
     target: Target
     runtime: RuntimeKind
@@ -230,6 +244,9 @@ class DeploySpec:
     volumes: tuple[VolumeSpec, ...] = ()
     secret_env: Mapping[str, SecretRef] = field(default_factory=dict)
     secret_files: tuple[SecretFileSpec, ...] = ()
+    placement: PlacementSpec = PlacementSpec()
+    rollout: RolloutOverrides | None = None
+    """``deploy.rollout``: overrides of the Fleet's rollout policy (``rollout_policy``)."""
 
 
 @dataclass(frozen=True)
@@ -275,8 +292,151 @@ class DesiredVM:
 
 @dataclass(frozen=True)
 class RolloutPolicy:
+    """How a workload's VMs move to a new version (``planning.rollout``): at most
+    ``max_unavailable`` down and ``max_surge`` extra at once; ``canary`` replicas first, healthy
+    for ``soak_seconds`` before the rest follow (or until ``reconciler promote`` when not
+    ``auto_promote``); rolled back when not done within ``progress_deadline_seconds``."""
+
     max_unavailable: int = 1
     max_surge: int = 0
+    canary: int = 0
+    soak_seconds: float = 0.0
+    auto_promote: bool = True
+    progress_deadline_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class RolloutOverrides:
+    """A workload's own ``deploy.rollout``: each field set overrides the Fleet's policy."""
+
+    max_unavailable: int | None = None
+    max_surge: int | None = None
+    canary: int | None = None
+    soak_seconds: float | None = None
+    auto_promote: bool | None = None
+    progress_deadline_seconds: float | None = None
+
+
+def rollout_policy(fleet: RolloutPolicy, own: RolloutOverrides | None) -> RolloutPolicy:
+    """The policy a workload rolls out with: the Fleet's, overridden field by field."""
+    if own is None:
+        return fleet
+    merged = {
+        name: getattr(own, name) if getattr(own, name) is not None else getattr(fleet, name)
+        for name in RolloutPolicy.__dataclass_fields__
+    }
+    return RolloutPolicy(**merged)
+
+
+class RolloutPhase(StrEnum):
+    CANARY = "canary"  # the canaries run the new version; the rest wait for the soak
+    PROMOTED = "promoted"  # every replica moves, in waves
+    COMPLETE = "complete"  # every replica runs the new version, healthy
+    ABORTED = "aborted"  # rolled back (operator, failed canary, deadline): held on the old
+
+
+@dataclass(frozen=True)
+class VersionSnapshot:
+    """What a workload's replicas ran before a rollout: enough to start one again (its cached
+    artifact by digest, its settings), so an abort needs neither the old revision nor a
+    build."""
+
+    runtime: RuntimeKind
+    target: Target
+    artifact_digest: str
+    artifact_inputs: Mapping[str, str]
+    settings: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """One workload's rollout as the leader keeps it in the state store (``planning.rollout``
+    derives it; it survives restarts and leader changes). ``version`` names the new version
+    (``planning.rollout.version_of``); ``previous`` is what ran before it."""
+
+    workload: str
+    version: str
+    revision: str | None
+    phase: RolloutPhase
+    started_at: float
+    previous: VersionSnapshot | None = None
+    canaries_healthy_since: float | None = None
+    deadline_from: float | None = None  # progress is timed from here (not while held)
+    message: str = ""  # why it was aborted, or what it waits for
+    canaries: tuple[str, ...] = ()  # for status pages: the policy when it was last advanced
+    soak_seconds: float = 0.0
+    awaiting_promote: bool = False  # soaked, autoPromote false: `reconciler promote` is due
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {
+            "workload": self.workload,
+            "version": self.version,
+            "revision": self.revision,
+            "phase": self.phase.value,
+            "started_at": self.started_at,
+            "canaries_healthy_since": self.canaries_healthy_since,
+            "deadline_from": self.deadline_from,
+            "message": self.message,
+            "canaries": list(self.canaries),
+            "soak_seconds": self.soak_seconds,
+            "awaiting_promote": self.awaiting_promote,
+            "previous": None,
+        }
+        if self.previous is not None:
+            prev = self.previous
+            data["previous"] = {
+                "runtime": prev.runtime.value,
+                "target": prev.target.value,
+                "artifact_digest": prev.artifact_digest,
+                "artifact_inputs": dict(prev.artifact_inputs),
+                "settings": dict(prev.settings),
+            }
+        return canonical_json(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> RolloutState:
+        data = json.loads(text)
+        prev = data.get("previous")
+        return cls(
+            workload=str(data["workload"]),
+            version=str(data["version"]),
+            revision=data.get("revision"),
+            phase=RolloutPhase(data["phase"]),
+            started_at=float(data["started_at"]),
+            canaries_healthy_since=data.get("canaries_healthy_since"),
+            deadline_from=data.get("deadline_from"),
+            message=str(data.get("message", "")),
+            canaries=tuple(str(c) for c in data.get("canaries", ())),
+            soak_seconds=float(data.get("soak_seconds", 0.0)),
+            awaiting_promote=bool(data.get("awaiting_promote", False)),
+            previous=None
+            if prev is None
+            else VersionSnapshot(
+                runtime=RuntimeKind(prev["runtime"]),
+                target=Target(prev["target"]),
+                artifact_digest=str(prev["artifact_digest"]),
+                artifact_inputs={str(k): str(v) for k, v in prev["artifact_inputs"].items()},
+                settings={str(k): str(v) for k, v in prev["settings"].items()},
+            ),
+        )
+
+
+class RolloutCommand(StrEnum):
+    """An operator's switch on a rollout (``reconciler promote`` / ``abort``)."""
+
+    PROMOTE = "promote"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class RolloutSwitch:
+    """An operator's switch as stored (unfenced, like a suspension): it applies to the rollout
+    of ``version`` only, so a switch never carries over to a later revision's rollout."""
+
+    workload: str
+    command: RolloutCommand
+    version: str
+    at: float
 
 
 @dataclass(frozen=True)
@@ -284,6 +444,31 @@ class NetworkPool:
     cidr: str = "10.88.0.0/24"
     bridge: str = "rcbr0"
     nat: bool = False
+
+
+class NotificationEvent(StrEnum):
+    """What a ``Fleet.spec.notifications`` endpoint may subscribe to (``reconciler.notify``)."""
+
+    REVISION_APPLIED = "revision-applied"
+    REVISION_FAILED = "revision-failed"  # refused, or failed to converge
+    VM_UNHEALTHY = "vm-unhealthy"
+    ROLLBACK = "rollback"
+    LEADER_CHANGE = "leader-change"
+    HOST_LOST = "host-lost"  # multi-host mode's; nothing emits it yet
+
+
+@dataclass(frozen=True)
+class NotificationSpec:
+    """One outbound webhook (``Fleet.spec.notifications``). Its URL is a secret: either a value
+    of the fleet's secrets (``url_secret``, a keyed digest like every secret reference) or the
+    daemon's environment variable ``RECONCILER_NOTIFY_<url_env>`` (``url_env``), never a plain
+    value in the manifest."""
+
+    name: str
+    format: str  # generic | slack | teams
+    events: tuple[NotificationEvent, ...]
+    url_secret: SecretRef | None = None
+    url_env: str | None = None
 
 
 @dataclass(frozen=True)
@@ -302,6 +487,8 @@ class FleetSettings:
     """False when the revision has no Fleet document and these are the built-in defaults."""
     secrets: Mapping[str, str] = field(default_factory=dict)
     """Secret name -> its encrypted file, relative to the fleet directory (``spec.secrets``)."""
+    notifications: tuple[NotificationSpec, ...] = ()
+    """Outbound webhooks of the fleet's events (``spec.notifications``, ``reconciler.notify``)."""
 
 
 @dataclass(frozen=True)
@@ -411,6 +598,9 @@ class VMAction:
     artifact_after: str | None = None
     wave: int = 0
     """Rollout batch: actions of one wave may run together; waves run in order."""
+    stands_in_for: str | None = None
+    """A surge stand-in (``planning.rollout``): this VM runs ``stands_in_for``'s desired spec
+    under its own name while that VM is restarted or replaced."""
 
 
 @dataclass(frozen=True)
@@ -511,6 +701,7 @@ def _action_to_dict(action: VMAction) -> dict[str, Any]:
         "artifact_before": action.artifact_before,
         "artifact_after": action.artifact_after,
         "wave": action.wave,
+        **({"stands_in_for": action.stands_in_for} if action.stands_in_for else {}),
     }
 
 
@@ -525,6 +716,7 @@ def _action_from_dict(data: Mapping[str, Any]) -> VMAction:
         artifact_before=data["artifact_before"],
         artifact_after=data["artifact_after"],
         wave=int(data["wave"]),
+        stands_in_for=data.get("stands_in_for"),
     )
 
 
@@ -701,20 +893,40 @@ def vm_name(workload: str, ordinal: int) -> str:
     return f"{workload}-{ordinal}"
 
 
+# What ``assemble_fleet`` derived from one workload object: (the workload, kernel, artifact of
+# each target, the deployed one, the VMs' settings).
+Expansion = tuple[Workload, str | None, dict[Target, ArtifactRef], ArtifactRef, dict[str, str]]
+
+
 def assemble_fleet(
-    revision: str | None, fleet: FleetSettings, workloads: Mapping[str, Workload]
+    revision: str | None,
+    fleet: FleetSettings,
+    workloads: Mapping[str, Workload],
+    *,
+    expanded: dict[int, Expansion] | None = None,
 ) -> DesiredFleet:
-    """Expand validated workloads into VMs and artifacts: the last, pure step of compiling."""
+    """Expand validated workloads into VMs and artifacts: the last, pure step of compiling.
+
+    ``expanded`` (by ``id`` of the workload object, which each entry keeps alive) carries the
+    derivations of a workload object the loader reuses from one revision to the next: they are
+    computed once, and both revisions share the settings objects."""
     vms: dict[str, DesiredVM] = {}
     artifacts: dict[tuple[str, Target], ArtifactRef] = {}
     for workload in workloads.values():
         kernel = workload.deploy.kernel or fleet.kernel
-        for target in workload.build.targets:
-            artifacts[(workload.name, target)] = artifact_ref_for(workload, target, kernel)
-        deployed = artifacts.get((workload.name, workload.deploy.target)) or artifact_ref_for(
-            workload, workload.deploy.target, kernel
-        )
-        settings = vm_settings(workload, deployed, kernel)
+        known = expanded.get(id(workload)) if expanded is not None else None
+        if known is not None and known[0] is workload and known[1] == kernel:
+            _, _, own, deployed, settings = known
+        else:
+            own = {t: artifact_ref_for(workload, t, kernel) for t in workload.build.targets}
+            deployed = own.get(workload.deploy.target) or artifact_ref_for(
+                workload, workload.deploy.target, kernel
+            )
+            settings = vm_settings(workload, deployed, kernel)
+            if expanded is not None:
+                expanded[id(workload)] = (workload, kernel, own, deployed, settings)
+        for target, ref in own.items():
+            artifacts[(workload.name, target)] = ref
         for ordinal in range(workload.deploy.replicas):
             name = vm_name(workload.name, ordinal)
             vms[name] = DesiredVM(

@@ -26,7 +26,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("reconciler.__main__",),
     ("reconciler.cli",),  # argument parsing; the one place errors become exit codes
     ("reconciler.daemon",),  # the continuous loop, its triggers and its HTTP view
-    ("reconciler.pipeline", "reconciler.execution"),  # revision -> plan | plan -> effects
+    (
+        "reconciler.pipeline",  # revision -> plan
+        "reconciler.execution",  # plan -> effects
+        "reconciler.notify",  # notifications and commit statuses from the outbox
+    ),
     (
         "reconciler.source",  # the only git
         "reconciler.manifests",
@@ -39,6 +43,7 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "reconciler.leadership",  # leases, terms and the fence every write checks
         "reconciler.secrets",  # decrypting the fleet's sops/age secrets; keyed digests
+        "reconciler.forge",  # GitHub/GitLab REST: PR comments, commit statuses
     ),
     ("reconciler.guest_config",),  # what the guest init reads, shared by runtimes and execution
     (

@@ -22,6 +22,7 @@ from typing import IO, Any
 from reconciler.cli.build_commands import add_cache_option, cache_dir
 from reconciler.cli.environment import (
     API_TOKEN_ENV,
+    COMMIT_STATUS_TOKEN_ENV,
     LEASE_ENV,
     WEBHOOK_SECRET_ENV,
     read_environment,
@@ -33,6 +34,7 @@ from reconciler.cli.options import (
     age_key_file,
     repo_credential,
     state_dir,
+    store_location,
 )
 from reconciler.daemon.leader_file import TOKEN_FILE, running_leader
 from reconciler.daemon.logs import LOG_FORMATS, log_redactor
@@ -40,11 +42,13 @@ from reconciler.daemon.settings import (
     ApiSettings,
     DaemonSettings,
     LeaderSettings,
+    NotifySettings,
     PollingSettings,
     SourceSettings,
 )
 from reconciler.errors import EXIT_OK, ConfigError, LeadershipError
 from reconciler.leadership import LeaseSettings
+from reconciler.notify import CommitStatusTarget
 from reconciler.redact import redact_url
 from reconciler.state import open_state_store
 
@@ -100,6 +104,27 @@ def register(commands: Any) -> None:
         action="store_true",
         help="apply plans that delete more VMs than the Fleet's maxDeletions allows (for a "
         "one-off restart; never overrides a workload's preventDestroy)",
+    )
+    daemon.add_argument(
+        "--commit-status",
+        choices=("github", "gitlab"),
+        default=None,
+        help="write each attempted revision's status (pending, success, failure) to this forge",
+    )
+    daemon.add_argument(
+        "--commit-status-api",
+        default="",
+        metavar="URL",
+        help="the forge's API base URL (GitHub Enterprise: https://HOST/api/v3, self-hosted "
+        "GitLab: https://HOST/api/v4; default: the public one)",
+    )
+    daemon.add_argument(
+        "--commit-status-repo", default="", metavar="REPO", help="OWNER/NAME (GitLab: a project)"
+    )
+    daemon.add_argument(
+        "--commit-status-token-file",
+        type=Path,
+        help=f"the forge token (default: ${COMMIT_STATUS_TOKEN_ENV})",
     )
     daemon.add_argument("--id", default=None, help="this replica's name (default: host-pid)")
     daemon.add_argument(
@@ -162,6 +187,7 @@ def daemon_settings(args: argparse.Namespace) -> DaemonSettings:
             age_key_file=age_key_file(args),
         ),
         state_dir=state_dir(args),
+        store=store_location(args).url,
         cache_dir=cache_dir(args),
         api=ApiSettings(
             listen=args.listen,
@@ -176,6 +202,17 @@ def daemon_settings(args: argparse.Namespace) -> DaemonSettings:
             **identity,
         ),
         force_deletions=args.force_deletions,
+        notify=NotifySettings(
+            endpoints_env=env.notify_urls,
+            commit_status=CommitStatusTarget(
+                provider=args.commit_status,
+                repository=args.commit_status_repo,
+                token=_read_secret(args.commit_status_token_file, env.commit_status_token) or "",
+                api_url=args.commit_status_api,
+            )
+            if args.commit_status
+            else None,
+        ),
     ).validated()
 
 
@@ -277,7 +314,7 @@ def run_reconcile(args: argparse.Namespace) -> int:
 
 
 def run_suspend(args: argparse.Namespace) -> int:
-    store = open_state_store(state_dir(args))
+    store = open_state_store(store_location(args))
     try:
         store.suspend(args.workload, args.reason)
     finally:
@@ -288,7 +325,7 @@ def run_suspend(args: argparse.Namespace) -> int:
 
 
 def run_resume(args: argparse.Namespace) -> int:
-    store = open_state_store(state_dir(args))
+    store = open_state_store(store_location(args))
     try:
         if not store.resume(args.workload):
             raise ConfigError(f"{args.workload or 'the fleet'} is not suspended")
@@ -304,7 +341,7 @@ def run_resume(args: argparse.Namespace) -> int:
 
 
 def run_events(args: argparse.Namespace) -> int:
-    store = open_state_store(state_dir(args))
+    store = open_state_store(store_location(args))
     try:
         events = store.events(args.limit)
     finally:

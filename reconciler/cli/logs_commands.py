@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from reconciler.cli.daemon_commands import TOKEN_OPENER, leader_endpoint
-from reconciler.cli.options import add_state_option, state_dir
+from reconciler.cli.options import add_state_option, state_dir, store_location
 from reconciler.daemon.console_view import parse_duration, parse_tail
 from reconciler.daemon.leader_file import running_leader
 from reconciler.daemon.redaction import Redactor, env_values
@@ -90,7 +90,7 @@ def run_logs(args: argparse.Namespace) -> int:
 
 
 def _env_values(args: argparse.Namespace, name: str) -> list[str]:
-    store = open_state_store(state_dir(args))
+    store = open_state_store(store_location(args))
     try:
         vm = store.observed().vms.get(name)
     finally:
@@ -138,7 +138,7 @@ def _from_daemon(args: argparse.Namespace, name: str) -> Iterable[str]:
 def run_console(args: argparse.Namespace) -> int:
     name = checked_name(args.vm)
     directory = state_dir(args)
-    store = open_state_store(directory)
+    store = open_state_store(store_location(args))
     try:
         vm = store.observed().vms.get(name)
     finally:

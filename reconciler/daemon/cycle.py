@@ -9,7 +9,9 @@ list of steps, a typed result, and one place that records it.
                 └─▶ recorded as attempted and failed; load ─▶ plan ─▶ converge ─▶ settle run on
                     the last applied revision instead, which heals drift and keeps it running
 
-    CycleResult (outcome, reason, refusal ...) ──record──▶ event, metric, log line
+    CycleResult (outcome, reason, refusal ...) ──record──▶ event, metric, log line, notice
+    Timeline (trigger, fetch, load, plan, and per VM build ... probe) ──record──▶ a "timeline"
+        event when VMs were started, the phase histogram, the log line (``timeline.py``)
 
 Rules (Flux and Argo CD behave the same way):
 - the *attempted* revision is the head; the *applied* one is the last that converged healthy;
@@ -20,6 +22,9 @@ Rules (Flux and Argo CD behave the same way):
 - every cycle heals drift (a dead VM, a VM changed by hand) against the newest revision that is
   allowed to run;
 - suspended workloads (or a suspended fleet) are left as they run;
+- a fleet the operator pinned (``reconciler rollback``) converges onto the pinned revision, not
+  the head, and is healed there until unpinned; a pinned workload is the pinned revision's
+  within the head's fleet (``pipeline.pin_workloads``);
 - a revision is untrusted input: whatever it makes go wrong (an unexpected exception, a
   ``RecursionError``, a ``MemoryError``) refuses that revision, with the traceback in the log,
   and the daemon goes on serving the last good one. Only a fencing error (``LeadershipError``)
@@ -37,6 +42,7 @@ from pathlib import Path
 from typing import Protocol
 
 from reconciler.daemon.backoff import Backoff
+from reconciler.daemon.timeline import Timeline
 from reconciler.errors import (
     BuildError,
     LeadershipError,
@@ -50,16 +56,34 @@ from reconciler.errors import (
     StateError,
     VMRuntimeError,
 )
-from reconciler.execution.events import ExecutionEvent
+from reconciler.execution.events import EventKind, ExecutionEvent
 from reconciler.execution.health import describe_problems
 from reconciler.execution.protocol import Host
+from reconciler.execution.status import describe_rollout, rollout_status
 from reconciler.formatting import short_sha
 from reconciler.leadership.fence import Fence
-from reconciler.log_context import log_fields
-from reconciler.model import DesiredFleet, ObservedFleet, Plan
+from reconciler.log_context import current_fields, log_fields
+from reconciler.model import (
+    FLEET_WIDE,
+    DesiredFleet,
+    NotificationEvent,
+    ObservedFleet,
+    Plan,
+)
+from reconciler.notify import (
+    Notice,
+    revision_applied,
+    revision_attempted,
+    revision_failed,
+    revision_rolled_back,
+    rollback,
+)
+from reconciler.pipeline import PinnedWorkload, pin_workloads
 from reconciler.planning import DeletionGuardError, check_deletions, diff, suspend_plan
+from reconciler.planning.rollout import Gated, abort_for_unhealthy, gate
 from reconciler.source import Source
 from reconciler.source.history import require_descendant
+from reconciler.state import Pin
 
 log = logging.getLogger("reconciler.daemon")
 
@@ -94,6 +118,7 @@ class Reason(StrEnum):
     UP_TO_DATE = "up_to_date"
     NO_REVISION = "no_revision"
     SUPERSEDED = "superseded"
+    ROLLING_OUT = "rolling_out"  # converged onto, with a progressive rollout under way
     BACKING_OFF = "backing_off"  # the head failed transiently and waits for its next try
     PARKED = "parked"  # the head failed terminally and waits for the head to move
     INVALID_MANIFESTS = "invalid_manifests"
@@ -164,6 +189,8 @@ class CycleMetrics(Protocol):
 
     def count_builds(self, built: int, cached: int, failed: int) -> None: ...
 
+    def observe_phase(self, phase: str, seconds: float) -> None: ...
+
 
 @dataclass(frozen=True)
 class Refusal:
@@ -194,6 +221,9 @@ class CycleResult:
     refused: Refusal | None = None  # the head, refused this cycle
     newly_applied: bool = False  # the head became the applied revision this cycle
     superseded: str | None = None  # why the head's rollout stopped waiting
+    rollouts: tuple[str, ...] = ()
+    """One line per workload whose progressive rollout (``planning.rollout``) is under way or
+    was rolled back this cycle; while one is under way the head is not applied yet."""
 
 
 def failed_cycle(error: BaseException) -> CycleResult:
@@ -212,6 +242,7 @@ class _Run:
     reason: Reason | None = None  # why the head does not run, when it does not
     refused: Refusal | None = None
     step: Step = Step.FETCH
+    gated: Gated | None = None  # the rollouts' view of the revision being converged
 
 
 @dataclass
@@ -235,14 +266,26 @@ class ReconcileCycle:
     """Lift the Fleet's maxDeletions guard (``planning.guard``); never preventDestroy."""
     allow_non_descendant: bool = False
     """Apply a head that does not descend from the applied revision (``source.history``)."""
+    notify: Callable[[Notice], None] = lambda notice: None
+    """Told what people may want to hear of (``reconciler.notify``), where it is recorded."""
     _desired: dict[str, DesiredFleet] = field(default_factory=dict)
+    _pins: dict[str, Pin] = field(default_factory=dict)
+    """The operator's pins, read once per cycle (``rollback``): the fleet's, or workloads'."""
+    last_loaded: tuple[str, DesiredFleet] | None = None  # the last revision loaded, pins composed
+    _term: int | None = None  # the term of the cycle in flight
+    _timeline: Timeline = field(default_factory=lambda: Timeline(started=time.time()))
+    """The phases of the cycle in flight (one at a time: the daemon has one worker)."""
 
     # -- the cycle ----------------------------------------------------------------------------
 
-    def reconcile(self, fence: Fence, trigger: Sequence[str] = ()) -> CycleResult:
+    def reconcile(
+        self, fence: Fence, trigger: Sequence[str] = (), triggered_at: float | None = None
+    ) -> CycleResult:
         """One cycle as the daemon runs it: never raises (a fenced or crashed cycle is a failed
-        result), and the result is recorded (``record``)."""
+        result), and the result is recorded (``record``). ``triggered_at`` (wall clock) is when
+        the trigger happened: the start of the commit → healthy timeline."""
         started, cpu = time.monotonic(), time.process_time()
+        self._timeline = Timeline(started=self.clock(), triggered_at=triggered_at, clock=self.clock)
         try:
             result = self.run(fence)
         except ReconcilerError as err:  # a refused (stale-term) write among them
@@ -263,12 +306,17 @@ class ReconcileCycle:
         """fetch, resolve, then the head's steps; the last applied revision's when the head is
         refused or waits. ``LeadershipError`` propagates: a fenced replica stops acting."""
         run = _Run(fence)
-        self._fetch(run)
-        self._resolve(run)
+        with self._timeline.phase("fetch"):
+            self._fetch(run)
+            self._resolve(run)
+        self._pins, self._term = self.host.store.pins(), fence.term
+        fleet_pin = self._pins.get(FLEET_WIDE)
+        if fleet_pin is not None:
+            return self._converge_pinned(run, fleet_pin.revision)
         if run.head is not None and not self._waits(run, run.head):
             try:
                 with log_fields(revision=short_sha(run.head)):
-                    return self._converge_head(run, run.head)
+                    return self._record_artifacts(self._converge_head(run, run.head))
             except LeadershipError:
                 raise  # fenced: this replica must stop acting, not heal
             except Exception as exc:  # a revision must never stop the daemon
@@ -276,6 +324,7 @@ class ReconcileCycle:
         return self._heal(run)
 
     def _converge_head(self, run: _Run, head: str) -> CycleResult:
+        self.notify(revision_attempted(head))  # the commit's status: pending
         run.step = Step.GATE
         self._gate(head)
         run.step = Step.LOAD
@@ -311,12 +360,16 @@ class ReconcileCycle:
         is_head = target == run.head
         self.fleet_name = desired.fleet.name
         run.step = Step.PLAN
-        observed, plan = self._plan(run, desired)
+        observed, plan = self._plan(run, desired, track=is_head)
+        rolling = self._rollouts(run)
+        desired = run.gated.desired if run.gated is not None else desired
+        if rolling:
+            is_head = False  # converged onto, not applied until every rollout is done
         if not plan.has_changes:
             run.step = Step.SETTLE
             unsettled = self._settle(run, target, observed)
             if unsettled:
-                return self._unsettled(run, target, unsettled)
+                return replace(self._unsettled(run, target, unsettled), rollouts=rolling)
             newly = False
             if is_head:
                 applied = self.host.store.applied_revision()
@@ -326,12 +379,13 @@ class ReconcileCycle:
                 self.backoff.succeeded()
             return CycleResult(
                 Outcome.NO_CHANGES,
-                Reason.UP_TO_DATE,
+                Reason.ROLLING_OUT if rolling else Reason.UP_TO_DATE,
                 run.head,
                 target,
                 error=run.problem,
                 refused=run.refused,
                 newly_applied=newly,
+                rollouts=rolling,
             )
         run.step = Step.CONVERGE
         summary = ", ".join(f"{n} {kind}" for kind, n in plan.summary().items() if n)
@@ -359,9 +413,10 @@ class ReconcileCycle:
                 superseded=report.superseded,
             )
         if not report.ok:
+            self._abort_failed_rollouts(desired, report.unhealthy, target)
             unhealthy = report.problems()
             refused = run.refused
-            if is_head:
+            if is_head or rolling:
                 delay = self.backoff.failed(target, self.clock(), unhealthy)
                 refused = Refusal(target, Step.CONVERGE, Reason.UNHEALTHY, unhealthy, delay)
             return CycleResult(
@@ -373,17 +428,23 @@ class ReconcileCycle:
                 actions=actions,
                 builds=builds,
                 refused=refused,
+                rollouts=rolling,
             )
         run.step = Step.SETTLE
         # VMs updated in place, or left by a superseded rollout, may not be judged yet.
         unsettled = self._settle(run, target, self.host.store.observed())
         if unsettled:
-            return replace(self._unsettled(run, target, unsettled), actions=actions, builds=builds)
+            return replace(
+                self._unsettled(run, target, unsettled),
+                actions=actions,
+                builds=builds,
+                rollouts=rolling,
+            )
         if is_head:
             self.backoff.succeeded()
         return CycleResult(
             Outcome.APPLIED,
-            Reason.CONVERGED,
+            Reason.ROLLING_OUT if rolling else Reason.CONVERGED,
             run.head,
             target,
             error=run.problem,
@@ -391,6 +452,7 @@ class ReconcileCycle:
             builds=builds,
             refused=run.refused,
             newly_applied=is_head,
+            rollouts=rolling,
         )
 
     # -- the steps ----------------------------------------------------------------------------
@@ -431,21 +493,100 @@ class ReconcileCycle:
         )
 
     def _load(self, revision: str) -> DesiredFleet:
+        """The desired fleet of ``revision``, with the workloads the operator pinned at theirs
+        (``pipeline.pin_workloads``)."""
+        with self._timeline.phase("load"):
+            desired = self._load_revision(revision)
+            pinned = {
+                workload: PinnedWorkload(
+                    workload,
+                    self._load_revision(pin.revision),
+                    self.loader.source.checkout(pin.revision),
+                )
+                for workload, pin in self._pins.items()
+                if workload != FLEET_WIDE
+            }
+            desired = pin_workloads(desired, pinned)
+        self.last_loaded = (revision, desired)
+        return desired
+
+    def _load_revision(self, revision: str) -> DesiredFleet:
         cached = self._desired.get(revision)
         if cached is None:
             cached = self.loader.load(revision)
             self.loaded(cached)
-            # A revision's desired fleet never changes; keep the head and the last good one.
-            self._desired = dict(list(self._desired.items())[-1:])
+            # A revision's desired fleet never changes; keep the head, the last good one and
+            # a workload's pinned one.
+            self._desired = dict(list(self._desired.items())[-2:])
             self._desired[revision] = cached
         return cached
 
-    def _plan(self, run: _Run, desired: DesiredFleet) -> tuple[ObservedFleet, Plan]:
-        run.fence.check("observing the fleet")
-        observed = self.host.refresh()
-        plan = suspend_plan(diff(desired, observed), self.host.store.suspensions())
-        plan = check_deletions(plan, desired, observed, force_deletions=self.force_deletions)
+    def _plan(
+        self, run: _Run, desired: DesiredFleet, *, track: bool = True
+    ) -> tuple[ObservedFleet, Plan]:
+        with self._timeline.phase("plan"):
+            run.fence.check("observing the fleet")
+            observed = self.host.refresh()
+            store = self.host.store
+            # Which version each replica runs now (canaries, promotion, abort, deadline).
+            run.gated = gate(
+                desired,
+                observed,
+                store.rollouts(),
+                store.rollout_switches(),
+                self.clock(),
+                track=track,
+            )
+            desired = run.gated.desired
+            plan = suspend_plan(diff(desired, observed), self.host.store.suspensions())
+            plan = check_deletions(plan, desired, observed, force_deletions=self.force_deletions)
         return observed, plan
+
+    def _rollouts(self, run: _Run) -> tuple[str, ...]:
+        """Store what the rollouts' gate decided (fenced), tell of it, and return one line per
+        workload still rolling out or rolled back this cycle."""
+        gated = run.gated
+        if gated is None:
+            return ()
+        for state in gated.changed:
+            self.host.store.put_rollout(state)
+        for event in gated.events:
+            self.event(event.kind, event.workload, event.message)
+            log.info("%s %s: %s", event.kind, event.workload, event.message)
+        for state in gated.aborted:
+            self._notify_rolled_back(state.workload, state.message, state.revision)
+        now = self.clock()
+        lines = [
+            describe_rollout(rollout_status(gated.progress[w].state, now))
+            for w in gated.in_progress
+        ]
+        lines += [f"{s.workload}: rolled back: {s.message}" for s in gated.aborted]
+        return tuple(lines)
+
+    def _abort_failed_rollouts(
+        self, desired: DesiredFleet, unhealthy: Mapping[str, str], target: str
+    ) -> None:
+        """A VM a rollout started failed its health check (the executor put it back): the
+        rollout is aborted, so the workload stays on its previous version."""
+        workloads = {name: vm.workload for name, vm in desired.vms.items()}
+        store = self.host.store
+        for state in abort_for_unhealthy(store.rollouts(), unhealthy, workloads):
+            store.put_rollout(state)
+            self.event("rollout-aborted", state.workload, state.message)
+            self._notify_rolled_back(state.workload, state.message, target)
+
+    def _notify_rolled_back(self, workload: str, message: str, revision: str | None) -> None:
+        log.warning("rollout of %s rolled back: %s", workload, message)
+        # Keyed by workload and revision, so a new leader re-deciding it sends nothing twice.
+        self.notify(
+            Notice(
+                NotificationEvent.ROLLBACK,
+                f"rollout-rolled-back:{workload}:{revision}",
+                f"rollout of {workload} rolled back",
+                message,
+                revision=revision,
+            )
+        )
 
     def _settle(self, run: _Run, target: str, observed: ObservedFleet) -> dict[str, str]:
         return self.host.settle_health(
@@ -501,6 +642,7 @@ class ReconcileCycle:
                 short_sha(refused.revision),
                 f"{refused.message}; {refused.when()}",
             )
+            self.notify(revision_failed(refused.revision, refused.message))
             log.warning(
                 "revision %s failed: %s; %s",
                 short_sha(refused.revision),
@@ -519,10 +661,17 @@ class ReconcileCycle:
                 else "no changes were needed"
             )
             self.event("revision-applied", short_sha(result.converged_to), done)
+            self.notify(revision_applied(result.converged_to, done))
         if result.superseded is not None and result.head is not None:
             self.event("revision-superseded", short_sha(result.head), result.superseded)
             log.info("rollout of %s superseded: %s", short_sha(result.head), result.superseded)
+        timeline = self._timeline
+        if timeline.started_vms:
+            subject = short_sha(result.converged_to or result.head or "")
+            self.event("timeline", subject or "-", timeline.summary())
         if self.metrics is not None:
+            for sample in timeline.samples:
+                self.metrics.observe_phase(sample.phase, sample.seconds)
             self.metrics.observe_cycle(seconds, str(result.outcome))
             self.metrics.count_builds(
                 result.builds.get("built", 0),
@@ -543,13 +692,83 @@ class ReconcileCycle:
                 "duration_s": round(seconds, 3),
                 "cpu_s": round(cpu_seconds, 3),
                 "term": term,
+                "timeline": {k: round(v, 3) for k, v in timeline.slowest().items()},
             },
         )
 
-    @staticmethod
-    def _on_event(event: ExecutionEvent) -> None:
-        """What the host reports, as log lines with the event's fields (``vm``, ``event``)."""
-        log.info("%s", event.text(), extra=event.fields())
+    def _on_event(self, event: ExecutionEvent) -> None:
+        """What the host reports, as log lines with the event's fields (``vm``, ``event``);
+        its phase timings also go to the cycle's timeline, and a rollback is a notice."""
+        self._timeline.on_event(event)
+        log.log(
+            logging.DEBUG if event.kind is EventKind.PHASE else logging.INFO,
+            "%s",
+            event.text(),
+            extra=event.fields(),
+        )
+        if event.kind is EventKind.ROLLBACK and event.vm is not None:
+            revision = str(current_fields().get("revision", "-"))
+            self.notify(rollback(event.vm, event.artifact, revision))
+        # What ``describe`` shows of a VM: what acted on it, under which term, and its
+        # probe history (the health verdicts).
+        if event.vm is not None and event.kind in _VM_HISTORY:
+            self.host.store.record_vm_history(
+                event.vm,
+                str(event.kind),
+                event.text(),
+                healthy=event.healthy if event.kind is EventKind.HEALTH else None,
+                term=self._term,
+            )
+
+    # -- the operator's pins ------------------------------------------------------------------
+
+    def _converge_pinned(self, run: _Run, pin: str) -> CycleResult:
+        """The operator pinned the fleet at ``pin``, an earlier applied revision (``reconciler
+        rollback``): converge onto it whatever the head is, so new commits do not move the
+        fleet and drift is healed at the pinned version. Its signature is checked as the
+        head's is; its descent is not (going back is the point). Failing, nothing else runs:
+        the operator asked for this revision."""
+        with log_fields(revision=short_sha(pin)):
+            try:
+                run.step = Step.GATE
+                if self.verify is not None:
+                    self.verify(pin)
+                run.step = Step.LOAD
+                result = self._converge_onto(run, pin, self._load(pin))
+            except LeadershipError:
+                raise
+            except ReconcilerError as err:
+                error = f"pinned at {short_sha(pin)}: {_one_line(pin, err)}"
+                return CycleResult(Outcome.FAILED, reason_of(err), run.head, None, error=error)
+            if result.converged_to != pin or result.outcome not in (
+                Outcome.APPLIED,
+                Outcome.NO_CHANGES,
+            ):
+                return result
+            store = self.host.store
+            applied = store.applied_revision()
+            if applied is None or applied.revision != pin:
+                # The rollback is done: the pinned revision is the applied one again, which
+                # the history shows and ``rollback`` (no --to) steps back from.
+                store.record_revision(pin, outcome="applied", message="rollback: pinned")
+                self.event("rollback", short_sha(pin), f"the fleet runs {short_sha(pin)} again")
+                self.notify(revision_rolled_back(pin, applied.revision if applied else None))
+                self._record_artifacts(replace(result, newly_applied=True))
+            return replace(result, newly_applied=False)
+
+    def _record_artifacts(self, result: CycleResult) -> CycleResult:
+        """The history's artifacts of a revision that was just applied: each workload's."""
+        loaded = self.last_loaded
+        if result.newly_applied and loaded is not None and loaded[0] == result.converged_to:
+            artifacts: dict[str, list[str]] = {}
+            for vm in loaded[1].vms.values():
+                artifacts.setdefault(vm.workload, []).append(vm.artifact.input_digest)
+            self.host.store.record_artifacts(loaded[0], artifacts)
+        return result
+
+
+# The executor's events that make a VM's history (``describe``).
+_VM_HISTORY = frozenset({EventKind.ACTION, EventKind.ROLLBACK, EventKind.HEALTH})
 
 
 def _joined(problem: str | None, more: str) -> str:

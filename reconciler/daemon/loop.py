@@ -3,6 +3,8 @@
     threads:  elector ── Lease (file | postgresql) ──▶ Fence per term
               poller (APScheduler), repository watcher, HTTP server ──▶ TriggerQueue
     main:     worker ── waits on the queue ──▶ ReconcileCycle.reconcile(fence) ──▶ store, runtimes
+                                                └─ notices ──▶ Notifier ──▶ the store's outbox
+    sender:   notify.Sender ── while leading, fenced ──▶ webhooks, commit statuses
 
 ``open_daemon`` opens what a replica holds (the host's state store and runtimes, the repository,
 the lease, the API token) and closes it again; ``Daemon`` only wires what it is given, so
@@ -37,17 +39,27 @@ from reconciler.errors import ReconcilerError, StaleTermError
 from reconciler.execution.console_logs import StateDirConsoleLogs
 from reconciler.execution.host import open_host_at
 from reconciler.execution.protocol import Host
+from reconciler.forge import open_forge
 from reconciler.leadership.elector import Elector
 from reconciler.leadership.fence import Fence
 from reconciler.leadership.file_lease import FileLease
 from reconciler.leadership.protocol import Lease
 from reconciler.log_context import log_fields
-from reconciler.model import DesiredFleet
+from reconciler.model import DesiredFleet, NotificationEvent, short_digest
+from reconciler.notify import (
+    Endpoints,
+    Notice,
+    Notifier,
+    Sender,
+    leader_change,
+    vm_unhealthy,
+)
+from reconciler.notify.sender import StatusForge
 from reconciler.pipeline import RevisionLoader
 from reconciler.secrets import open_resolver
 from reconciler.source import Source, open_source
 from reconciler.source.signatures import SignatureVerifier, TrustedKeys
-from reconciler.state import FLEET_WIDE, StateStore
+from reconciler.state import FLEET_WIDE, StateStore, open_state_store
 
 log = logging.getLogger("reconciler.daemon")
 
@@ -93,6 +105,15 @@ def commit_verifier(settings: DaemonSettings, source: Source) -> CommitVerifier 
     return lambda sha: verifier.verify(repo_path, sha)
 
 
+def commit_status_forge(settings: DaemonSettings) -> StatusForge | None:
+    """Where commit statuses go (the operator's settings only); ``open_forge`` checks them and
+    makes no request."""
+    target = settings.notify.commit_status
+    if target is None:
+        return None
+    return open_forge(target.provider, target.api, target.repository, target.token)
+
+
 def open_repository(settings: DaemonSettings) -> Source:
     wanted = settings.source
     source = open_source(
@@ -115,7 +136,7 @@ def open_daemon(
     server, then the lease, then the host's state store)."""
     settings = settings.validated()
     with ExitStack() as held:
-        host = held.enter_context(open_host_at(settings.state_dir))
+        host = held.enter_context(open_host_at(settings.state_dir, settings.store_location()))
         source = open_repository(settings)
         verify = commit_verifier(settings, source)
         token = api_token(settings)
@@ -160,6 +181,24 @@ class Daemon:
         self.queue = TriggerQueue()
         self.state = LoopState(started_at=time.time())
         self._stopping = threading.Event()
+        self._loaded: dict[str, DesiredFleet] = {}  # the revisions loaded last, by commit
+        status_target = settings.notify.commit_status
+        self.endpoints = Endpoints(settings.notify.endpoints_env)
+        self.sender = Sender(
+            lambda: open_state_store(settings.store_location()),
+            lambda: self.state.claimed,
+            self.endpoints,
+            policy=settings.notify.retry,
+            forge=commit_status_forge(settings),
+            context=status_target.context if status_target else "reconciler",
+            target_url=status_target.target_url if status_target else None,
+        )
+        self.notifier = Notifier(
+            lambda: self.host.store,
+            commit_statuses=status_target is not None,
+            redact=self.redactor.text,
+            wake=self.sender.wake,
+        )
         self.cycle = ReconcileCycle(
             RevisionLoader(
                 source=source,
@@ -179,9 +218,11 @@ class Daemon:
             loaded=self._remember_desired,
             force_deletions=settings.force_deletions,
             allow_non_descendant=settings.source.allow_non_descendant,
+            notify=self._notify,
         )
         self._head_checked_at = 0.0
         self._newer_head: str | None = None
+        self._newer_than: str | None = None  # the revision ``_newer_head`` was compared with
         self.elector = Elector(
             lease,
             on_elected=self._on_elected,
@@ -210,8 +251,10 @@ class Daemon:
         if not self.queue.pending() or self._stopping.is_set():
             return False
         now = time.monotonic()
-        if now - self._head_checked_at >= HEAD_CHECK_SECONDS:
-            self._head_checked_at = now
+        # A head seen during an earlier rollout (often that rollout's own revision) says
+        # nothing about this one: look again.
+        if now - self._head_checked_at >= HEAD_CHECK_SECONDS or self._newer_than != revision:
+            self._head_checked_at, self._newer_than = now, revision
             try:
                 self.source.fetch()
                 self._newer_head = self.source.resolve(None)
@@ -262,12 +305,14 @@ class Daemon:
                 self.settings.lease.kind,
             )
             elector_thread.start()
+            self.sender.start()
             poller.start()
             if watcher is not None:
                 watcher.start()
             while not self._stopping.is_set():
                 self._work_once()
         finally:
+            self.sender.stop()
             poller.stop()
             if watcher is not None:
                 watcher.stop()
@@ -338,21 +383,51 @@ class Daemon:
             self.queue.request("elected")  # a new leader converges at once, not at the next poll
             self._write_leader_file(fence)
             self._event("elected", identity, f"leads with term {fence.term}")
+            self._notify(leader_change(identity, fence.term))
             log.info("leading with term %d", fence.term, extra={"term": fence.term})
         return fence
 
     def _run_cycle(self, fence: Fence, reasons: list[str]) -> None:
         with log_fields(term=fence.term):  # every line of the cycle says which term it is
-            result = self.cycle.reconcile(fence, reasons)  # records its events, metrics, log
+            # Records its events, metrics, log and timeline (from when the trigger happened).
+            result = self.cycle.reconcile(fence, reasons, self.queue.taken_at)
         self.state.last_result, self.state.last_error = result, result.error
         self.state.last_cycle_at = time.time()
         self._refresh_metrics(self.host.store)
+        self._notify_after_cycle()
 
     def _remember_desired(self, desired: DesiredFleet) -> None:
+        if desired.revision is not None:
+            self._loaded = dict(list(self._loaded.items())[-2:])  # the head and the applied
+            self._loaded[desired.revision] = desired
         for vm in desired.vms.values():
             self.redactor.remember(env_values(vm.settings))
         # A workload that prints its secret: masked in its console lines, logs and events too.
         self.redactor.remember(desired.sensitive.values())
+
+    def _in_force(self) -> DesiredFleet | None:
+        """The notification configuration in force: the last applied revision's, once loaded.
+        A refused revision never chooses where its own failure is reported."""
+        applied = self.host.store.applied_revision()
+        return self._loaded.get(applied.revision) if applied else None
+
+    def _notify(self, notice: Notice) -> None:
+        self.notifier.notice(notice, self._in_force())
+
+    def _notify_after_cycle(self) -> None:
+        """The endpoints in force for the sender, the notices that waited for them, and the VMs
+        found unhealthy (once per incarnation: the outbox deduplicates)."""
+        desired = self._in_force()
+        if desired is None:
+            return
+        self.endpoints.configure(desired)
+        self.notifier.flush(desired)
+        if not any(NotificationEvent.VM_UNHEALTHY in n.events for n in desired.fleet.notifications):
+            return
+        for vm in self.host.store.observed().vms.values():
+            if vm.healthy is False:
+                incarnation = f"{short_digest(vm.artifact_digest)}@{vm.started_at or 0:.3f}"
+                self.notifier.notice(vm_unhealthy(vm.name, incarnation, vm.detail), desired)
 
     def _refresh_metrics(self, store: StateStore) -> None:
         observed = store.observed()

@@ -6,6 +6,8 @@ value is a ``ConfigError``).
         api      where the HTTP server listens, its token, webhooks, the names it answers to
         polling  how often the repository is polled
         lease    which lease backend elects the leader, its timing, this replica's name
+        store    SQLite in the state directory, or a PostgreSQL database the hosts share
+        notify   the RECONCILER_NOTIFY_* URLs, where commit statuses go, delivery retries
 
 Each default is written here once: the command-line options take theirs from these classes.
 Secrets (the token, the webhook secret, a credential, a PostgreSQL URL with a password) stay out
@@ -17,12 +19,15 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.errors import ConfigError
 from reconciler.leadership import LeaseSettings
+from reconciler.notify import CommitStatusTarget, RetryPolicy
 from reconciler.source.credentials import GitCredential
+from reconciler.state import LeaseBinding, StoreLocation
 
 _HOST_NAME = re.compile(r"(?i)[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_.])?")
 FILE_LEASE = "file"
@@ -101,6 +106,21 @@ class LeaderSettings:
 
 
 @dataclass(frozen=True)
+class NotifySettings:
+    # The daemon's RECONCILER_NOTIFY_<suffix> variables by suffix, and only those: what a
+    # Fleet's notifications may name as their URL (``notify.endpoints``).
+    endpoints_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    commit_status: CommitStatusTarget | None = None  # None: no commit statuses
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def validated(self) -> NotifySettings:
+        self.retry.validated()
+        if self.commit_status is not None:
+            self.commit_status.validated()
+        return self
+
+
+@dataclass(frozen=True)
 class DaemonSettings:
     source: SourceSettings
     state_dir: Path
@@ -109,9 +129,22 @@ class DaemonSettings:
     polling: PollingSettings = field(default_factory=PollingSettings)
     lease: LeaderSettings = field(default_factory=LeaderSettings)
     force_deletions: bool = False  # lift the Fleet's maxDeletions guard (planning.guard)
+    notify: NotifySettings = field(default_factory=NotifySettings)
+    store: str | None = field(default=None, repr=False)  # None: SQLite; a URL may hold a password
+
+    def store_location(self) -> StoreLocation:
+        """The daemon's state store; with a PostgreSQL lease, bound to it, so that the store
+        checks the lease row in every fenced write when both share a database."""
+        lease = self.lease
+        binding = (
+            LeaseBinding(lease.backend, holder=lease.identity) if lease.kind != "file" else None
+        )
+        return StoreLocation(self.state_dir, url=self.store, lease=binding)
 
     def validated(self) -> DaemonSettings:
+        self.store_location().validated()
         self.lease.validated()
         self.polling.validated()
         self.api.validated()
+        self.notify.validated()
         return self

@@ -14,7 +14,8 @@ contract suite as the SQLite store (``test_store_contract.py``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from reconciler.model import (
     ObservedVM,
     Plan,
     RestartPolicy,
+    RolloutState,
+    RolloutSwitch,
     RuntimeKind,
     SourceSpec,
     Target,
@@ -47,7 +50,18 @@ from reconciler.model import (
 )
 from reconciler.planning import observed_from_desired
 from reconciler.redact import redact_text
-from reconciler.state.protocol import Event, Intent, RevisionRecord
+from reconciler.state.protocol import (
+    VM_HISTORY_KEPT,
+    Event,
+    Intent,
+    OutboxEntry,
+    OutboxMessage,
+    OutboxState,
+    Pin,
+    RevisionRecord,
+    VMHistoryEntry,
+    pin_message,
+)
 
 
 def workload(
@@ -135,7 +149,14 @@ class _Memory:
         self.completed: set[int] = set()
         self.events: list[Event] = []
         self.suspensions: dict[str, str] = {}
+        self.rollouts: dict[str, RolloutState] = {}
+        self.switches: dict[str, RolloutSwitch] = {}
+        self.artifacts: dict[tuple[str, str], tuple[str, ...]] = {}
+        self.pins: dict[str, Pin] = {}
+        self.vm_history: list[VMHistoryEntry] = []
         self.term = 0
+        self.outbox: list[OutboxEntry] = []
+        self.clock: Callable[[], float] = time.time
 
 
 class MemoryStateStore(ClosedOnExit):
@@ -196,6 +217,22 @@ class MemoryStateStore(ClosedOnExit):
     def suspensions(self) -> dict[str, str]:
         return dict(self._m.suspensions)
 
+    def rollouts(self) -> dict[str, RolloutState]:
+        return dict(self._m.rollouts)
+
+    def put_rollout(self, state: RolloutState) -> None:
+        version = self._m.version
+        self._write()  # fenced like the fleet's state, but the version does not move
+        self._m.version = version
+        self._m.rollouts[state.workload] = state
+
+    def switch_rollout(self, switch: RolloutSwitch) -> None:
+        self._m.switches[switch.workload] = switch
+        self.record_event(f"rollout-{switch.command.value}", switch.workload, "by the operator")
+
+    def rollout_switches(self) -> dict[str, RolloutSwitch]:
+        return dict(self._m.switches)
+
     def observed(self) -> ObservedFleet:
         applied = self.applied_revision()
         return ObservedFleet(
@@ -222,6 +259,49 @@ class MemoryStateStore(ClosedOnExit):
         record = RevisionRecord(revision, outcome, redact_text(message), float(self._m.version))
         self._m.revisions.append(record)
 
+    def revisions(self, limit: int = 50) -> list[RevisionRecord]:
+        return list(reversed(self._m.revisions))[:limit]
+
+    def record_artifacts(self, revision: str, artifacts: Mapping[str, Sequence[str]]) -> None:
+        self._fenced()
+        for name, digests in artifacts.items():
+            self._m.artifacts[(revision, name)] = tuple(sorted(set(digests)))
+
+    def revision_artifacts(self, revision: str) -> dict[str, tuple[str, ...]]:
+        return {w: d for (r, w), d in self._m.artifacts.items() if r == revision}
+
+    def pin(self, workload: str | None, revision: str, reason: str = "") -> None:
+        key = workload or FLEET_WIDE
+        self._m.pins[key] = Pin(key, revision, reason, self._m.clock())
+        self.record_event("pinned", workload or "fleet", pin_message(revision, reason))
+
+    def unpin(self, workload: str | None) -> bool:
+        if self._m.pins.pop(workload or FLEET_WIDE, None) is None:
+            return False
+        self.record_event("unpinned", workload or "fleet", "by the operator")
+        return True
+
+    def pins(self) -> dict[str, Pin]:
+        return dict(self._m.pins)
+
+    def record_vm_history(
+        self,
+        vm: str,
+        kind: str,
+        detail: str,
+        *,
+        healthy: bool | None = None,
+        term: int | None = None,
+    ) -> None:
+        entry = VMHistoryEntry(vm, self._m.clock(), kind, redact_text(detail), healthy, term)
+        self._m.vm_history.append(entry)
+        own = [e for e in self._m.vm_history if e.vm == vm]
+        if len(own) > VM_HISTORY_KEPT:
+            self._m.vm_history.remove(own[0])
+
+    def vm_history(self, vm: str, limit: int = VM_HISTORY_KEPT) -> list[VMHistoryEntry]:
+        return list(reversed([e for e in self._m.vm_history if e.vm == vm]))[:limit]
+
     def begin_intent(self, vm: str, action: str) -> int:
         self._write()
         intents = self._m.intents
@@ -241,6 +321,56 @@ class MemoryStateStore(ClosedOnExit):
 
     def attempted_revision(self) -> RevisionRecord | None:
         return self._m.revisions[-1] if self._m.revisions else None
+
+    def _fenced(self) -> None:
+        """The fence check of a fenced write that moves no version (the outbox)."""
+        version = self._m.version
+        self._write()
+        self._m.version = version
+
+    def enqueue(self, messages: Sequence[OutboxMessage]) -> int:
+        self._fenced()
+        known = {e.message.key for e in self._m.outbox}
+        now, added = self._m.clock(), 0
+        for message in messages:
+            if message.key not in known:
+                known.add(message.key)
+                entry = OutboxEntry(
+                    len(self._m.outbox) + 1, message, OutboxState.PENDING, 0, now, now, ""
+                )
+                self._m.outbox.append(entry)
+                added += 1
+        return added
+
+    def due_messages(self, now: float, limit: int = 100) -> list[OutboxEntry]:
+        first: dict[str, OutboxEntry] = {}
+        for entry in self._m.outbox:
+            if entry.state is OutboxState.PENDING:
+                first.setdefault(entry.message.destination, entry)
+        due = sorted((e for e in first.values() if e.next_attempt_at <= now), key=lambda e: e.id)
+        return due[:limit]
+
+    def settle_message(
+        self, entry: int, *, delivered: bool, error: str = "", retry_at: float | None = None
+    ) -> None:
+        self._fenced()
+        held = self._m.outbox[entry - 1]
+        if held.state is not OutboxState.PENDING:
+            return
+        if delivered:
+            settled = replace(held, state=OutboxState.DELIVERED)
+        else:
+            settled = replace(
+                held,
+                attempts=held.attempts + 1,
+                last_error=redact_text(error),
+                state=OutboxState.PENDING if retry_at is not None else OutboxState.ABANDONED,
+                next_attempt_at=retry_at if retry_at is not None else held.next_attempt_at,
+            )
+        self._m.outbox[entry - 1] = settled
+
+    def outbox(self, limit: int = 50) -> list[OutboxEntry]:
+        return list(reversed(self._m.outbox))[:limit]
 
     def close(self) -> None:
         self.closed = True
@@ -387,8 +517,9 @@ class FakeHost(ClosedOnExit):
                 self.store.remove_vm(action.vm)
             elif action.vm in self.unhealthy:
                 report.unhealthy[action.vm] = self.unhealthy[action.vm]
-            else:
-                self.store.put_vm(replace(wanted[action.vm], healthy=True))
+            else:  # a surge stand-in runs its VM's spec under its own name
+                spec = wanted[action.stands_in_for or action.vm]
+                self.store.put_vm(replace(spec, name=action.vm, healthy=True))
             report.applied.append(action)
         # As the executor does, VMs that did not get healthy go back to what they ran.
         for name in report.unhealthy:
