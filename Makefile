@@ -26,10 +26,14 @@ $(BIN)/reconciler: pyproject.toml
 
 venv: $(BIN)/reconciler
 
+# Debian's cloud kernel (the fallback, and what `deploy.kernel` may still name) and the
+# specialised kernels built from linux-source-6.1, one per profile; a build is cached per machine
+# ($$RECONCILER_KERNEL_CACHE, default /var/cache/reconciler/kernels), so a second run is instant.
 kernel: deps venv
-	@if ! $(BIN)/reconciler kernel ls 2>/dev/null | grep -q .; then \
-		$(BIN)/reconciler kernel import "$$(bash deploy/fetch-debian-kernel.sh .demo/kernels)"; \
-	else $(BIN)/reconciler kernel ls; fi
+	@if ! $(BIN)/reconciler kernel ls 2>/dev/null | grep -q debian-; then \
+		$(BIN)/reconciler kernel import "$$(bash deploy/fetch-debian-kernel.sh .demo/kernels)"; fi
+	$(BIN)/reconciler kernel build
+	@$(BIN)/reconciler kernel ls
 
 lint: venv
 	$(BIN)/ruff check .

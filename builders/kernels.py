@@ -6,6 +6,11 @@ A kernel comes from a bzImage, an ELF vmlinux or a Debian ``linux-image-*.deb``;
 modules are kept (with a ``modules.dep`` made by ``depmod``) because Debian's cloud kernel has
 virtio-mmio, virtio-blk and virtio-net as modules that the initramfs must load, in dependency
 order, before it can see its disk or network.
+
+A kernel built by ``builders/kernel_build.py`` is registered the same way, with its provenance
+(``build``: profile, source version, configuration digest, compiler) and the features its
+configuration leaves out on purpose (``omits``). When a manifest names no kernel, ``default_for``
+picks the newest one built for the target's profile, else the newest general-purpose kernel.
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ FEATURES = {
 VM_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "ext4")
 
 
+def profile_for(target: str, *, volumes: bool) -> str:
+    """The specialised kernel profile an image target boots by default: a unikernel has no disk
+    unless the workload declares volumes (each one is a virtio-blk disk with ext4)."""
+    return "unikernel" if target == "unikernel" and not volumes else "microvm"
+
+
 @dataclass(frozen=True)
 class Kernel:
     digest: str
@@ -49,11 +60,24 @@ class Kernel:
     modules_dir: Path | None
     features: Mapping[str, str] = field(default_factory=dict)
     imported_at: float = 0.0
+    build: Mapping[str, str] = field(default_factory=dict)  # provenance of a built kernel
+
+    @property
+    def profile(self) -> str | None:
+        """The profile a specialised kernel was built for; ``None`` for an imported one."""
+        return self.build.get("profile")
+
+    @property
+    def omits(self) -> frozenset[str]:
+        """Features left out of a specialised kernel by design (a unikernel has no disk)."""
+        return frozenset(f for f in self.build.get("omits", "").split(",") if f)
 
     def modules_for(self, wanted: Sequence[str]) -> list[Path]:
         """Module files for ``wanted`` and their dependencies, dependencies first.
 
-        Built-in features need no file; a feature the kernel lacks is a ``BuildError``."""
+        Built-in features need no file; a feature the kernel lacks is a ``BuildError``, unless
+        its profile leaves it out on purpose (the target does not use it)."""
+        wanted = [w for w in wanted if w not in self.omits]
         missing = [w for w in wanted if self.features.get(w, "missing") == "missing"]
         if missing:
             raise BuildError(
@@ -190,6 +214,7 @@ class KernelRegistry:
                     modules_dir=entry / data["modules_dir"] if data["modules_dir"] else None,
                     features=data["features"],
                     imported_at=data["imported_at"],
+                    build=data.get("build", {}),
                 )
             )
         return sorted(kernels, key=lambda k: k.imported_at)
@@ -214,6 +239,17 @@ class KernelRegistry:
         names = ", ".join(k.name for k in kernels)
         raise BuildError(f"no kernel named {ref!r} is registered (have: {names})")
 
+    def default_for(self, profile: str) -> Kernel:
+        """The kernel of a target whose manifest names none: the newest kernel built for
+        ``profile``, else one built for ``microvm`` (disk and network: enough for every target),
+        else the newest one not built for any profile (Debian's)."""
+        kernels = self.list()
+        for wanted in (profile, "microvm", None):
+            chosen = [k for k in kernels if k.profile == wanted]
+            if chosen:
+                return chosen[-1]
+        return self.get(None)  # only kernels of other profiles: say what to do about it
+
     def vmlinux_for(self, kernel: Kernel) -> Path:
         """The uncompressed ELF kernel (what Firecracker boots), extracted once and kept."""
         if kernel.format == "elf-vmlinux":
@@ -223,8 +259,19 @@ class KernelRegistry:
             extract_vmlinux(kernel.image, vmlinux)
         return vmlinux
 
-    def import_path(self, path: Path, *, name: str | None = None) -> Kernel:
-        """Import a bzImage, an ELF vmlinux or a Debian kernel .deb; idempotent."""
+    def import_path(
+        self,
+        path: Path,
+        *,
+        name: str | None = None,
+        config: Path | None = None,
+        vmlinux: Path | None = None,
+        build: Mapping[str, str] | None = None,
+    ) -> Kernel:
+        """Import a bzImage, an ELF vmlinux or a Debian kernel .deb; idempotent.
+
+        A built kernel also gives its ``config`` (its features), its uncompressed ``vmlinux``
+        (kept for Firecracker, no extraction) and its ``build`` provenance."""
         if not path.is_file():
             raise BuildError(f"{path} does not exist or is not a file")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -233,8 +280,13 @@ class KernelRegistry:
             if path.name.endswith(".deb"):
                 image, modules, config = self._unpack_deb(path, staging)
             else:
-                image, modules, config = staging / "vmlinuz", None, None
+                image, modules = staging / "vmlinuz", None
                 shutil.copyfile(path, image)
+                if config is not None:
+                    shutil.copyfile(config, staging / "config")
+                    config = staging / "config"
+                if vmlinux is not None:
+                    shutil.copyfile(vmlinux, staging / "vmlinux")
             kind, version = inspect_image(image)
             digest = file_digest(image)
             destination = self.root / digest.removeprefix("sha256:")
@@ -260,6 +312,7 @@ class KernelRegistry:
                 "features": features,
                 "source": path.name,
                 "imported_at": time.time(),
+                "build": dict(build or {}),
             }
             (staging / "kernel.json").write_text(json.dumps(meta, indent=2) + "\n")
             os.rename(staging, destination)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from support.builds import build_artifacts
-from support.kernel import fetch_kernel_deb, register_kernel
+from support.kernel import fetch_kernel_deb, register_kernel, register_specialised
 from support.repo import FleetRepo
 
 # fleet-example's web reads a secret encrypted for the TEST-ONLY age key committed under
@@ -40,6 +40,14 @@ def kernel_deb() -> Path:
 def session_state(tmp_path_factory: pytest.TempPathFactory, kernel_deb: Path) -> Path:
     """A state directory with the Debian kernel registered, shared by the build tests."""
     return register_kernel(tmp_path_factory.mktemp("session-state"), kernel_deb)
+
+
+@pytest.fixture(scope="session")
+def specialised_state(tmp_path_factory: pytest.TempPathFactory, kernel_deb: Path) -> Path:
+    """A state directory with Debian's kernel and the specialised kernels (microvm, unikernel)
+    registered: images built in it boot the specialised kernel of their target by default."""
+    state = register_kernel(tmp_path_factory.mktemp("specialised-state"), kernel_deb)
+    return register_specialised(state)
 
 
 @pytest.fixture(scope="session")

@@ -17,10 +17,18 @@ from typing import Any
 from rich.console import Console
 
 from builders.cache import ArtifactCache
+from builders.kernel_build import DEFAULT_CACHE, DEFAULT_PROFILES, PROFILES, KernelCache
+from builders.kernel_build import register as register_built
 from builders.kernels import KernelRegistry
 from builders.matrix import BuildEvent, MatrixBuilder
 from reconciler.cli.environment import read_environment
-from reconciler.cli.options import add_repo_options, add_state_option, revision_loader, state_dir
+from reconciler.cli.options import (
+    add_repo_options,
+    add_state_option,
+    revision_loader,
+    state_dir,
+    store_location,
+)
 from reconciler.errors import EXIT_ERROR, EXIT_OK
 from reconciler.formatting import short_sha
 from reconciler.model import BuildStatus, Target, short_digest
@@ -52,6 +60,24 @@ def register(commands: Any) -> None:
     imp.add_argument("path", type=Path)
     imp.add_argument("--name", default=None, help="name to register it under")
     imp.set_defaults(handler=run_kernel_import)
+    build_kernel = kernel_commands.add_parser(
+        "build", help="build (or reuse) a specialised kernel from linux-source-6.1 and register it"
+    )
+    add_state_option(build_kernel)
+    build_kernel.add_argument(
+        "--profile",
+        action="append",
+        choices=PROFILES,
+        default=None,
+        help=f"kernel profile, repeatable (default: {' and '.join(DEFAULT_PROFILES)})",
+    )
+    build_kernel.add_argument(
+        "--kernel-cache",
+        type=Path,
+        default=None,
+        help=f"where built kernels are kept (default: $RECONCILER_KERNEL_CACHE or {DEFAULT_CACHE})",
+    )
+    build_kernel.set_defaults(handler=run_kernel_build)
     ls = kernel_commands.add_parser("ls", help="list registered kernels")
     add_state_option(ls)
     ls.set_defaults(handler=run_kernel_ls)
@@ -145,6 +171,19 @@ def run_kernel_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_kernel_build(args: argparse.Namespace) -> int:
+    chosen: Path | None = args.kernel_cache
+    cache = KernelCache(chosen or read_environment().kernel_cache or DEFAULT_CACHE)
+    registry = kernel_registry(args)
+    for profile in args.profile or DEFAULT_PROFILES:
+        print(f"kernel {profile}: building or reusing in {cache.root} ...", file=sys.stderr)
+        built, fresh = cache.build(profile, hidden=[state_dir(args)])
+        kernel = register_built(registry, built)
+        how = f"built in {built.provenance['build_seconds']} s" if fresh else "cached"
+        print(f"{kernel.name} ({kernel.version}, {kernel.format}, {how}) as {kernel.digest}")
+    return EXIT_OK
+
+
 def run_kernel_ls(args: argparse.Namespace) -> int:
     kernels = kernel_registry(args).list()
     if not kernels:
@@ -153,9 +192,12 @@ def run_kernel_ls(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_OK
-    print(f"{'NAME':<36} {'VERSION':<26} {'FORMAT':<12} DIGEST")
+    print(f"{'NAME':<36} {'VERSION':<26} {'FORMAT':<12} {'PROFILE':<10} DIGEST")
     for k in kernels:
-        print(f"{k.name:<36} {k.version:<26} {k.format:<12} {short_digest(k.digest)}")
+        print(
+            f"{k.name:<36} {k.version:<26} {k.format:<12} {k.profile or '-':<10} "
+            f"{short_digest(k.digest)}"
+        )
     return EXIT_OK
 
 
@@ -173,7 +215,7 @@ def run_artifacts_ls(args: argparse.Namespace) -> int:
 
 
 def run_artifacts_gc(args: argparse.Namespace) -> int:
-    store = open_state_store(state_dir(args))
+    store = open_state_store(store_location(args))
     try:
         keep = {vm.artifact_digest for vm in store.observed().vms.values()}
     finally:

@@ -1,6 +1,7 @@
-"""Debian's cloud kernel for the tests and benchmarks that build or boot images: downloaded once
-into a cache shared across runs (``deploy/fetch-debian-kernel.sh``) and registered in a state
-directory's kernel registry."""
+"""Kernels for the tests and benchmarks that build or boot images: Debian's cloud kernel,
+downloaded once into a cache shared across runs (``deploy/fetch-debian-kernel.sh``), and the
+specialised kernels built from ``linux-source-6.1`` once per machine into the kernel cache that
+``make kernel`` and ``.ci/run`` fill; both registered in a state directory's kernel registry."""
 
 from __future__ import annotations
 
@@ -31,4 +32,25 @@ def register_kernel(state: Path, deb: Path | None = None) -> Path:
     from builders.kernels import KernelRegistry
 
     KernelRegistry(state / "kernels").import_path(deb or fetch_kernel_deb())
+    return state
+
+
+def kernel_cache_dir() -> Path:
+    """The machine's kernel cache, the one ``reconciler kernel build`` uses by default."""
+    from builders.kernel_build import DEFAULT_CACHE
+
+    return Path(os.environ.get("RECONCILER_KERNEL_CACHE") or DEFAULT_CACHE)
+
+
+def register_specialised(state: Path, profiles: tuple[str, ...] = ("microvm", "unikernel")) -> Path:
+    """``state`` with the specialised kernels of ``profiles`` registered, built first if this
+    machine has not built them yet (that takes long: CI builds them before the tests)."""
+    from builders.kernel_build import KernelCache, register
+    from builders.kernels import KernelRegistry
+
+    cache = KernelCache(kernel_cache_dir())
+    registry = KernelRegistry(state / "kernels")
+    for profile in profiles:
+        built, _ = cache.build(profile, hidden=[state])
+        register(registry, built)
     return state
