@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -893,6 +893,79 @@ def vm_name(workload: str, ordinal: int) -> str:
     return f"{workload}-{ordinal}"
 
 
+@dataclass(frozen=True)
+class Replicas:
+    """What every replica of one workload shares: the compact record of its VMs
+    (``ReplicaVMs``), one per workload whatever its number of replicas."""
+
+    workload: str
+    count: int
+    runtime: RuntimeKind
+    target: Target
+    artifact: ArtifactRef
+    settings: Mapping[str, str]
+
+    def vm(self, ordinal: int) -> DesiredVM:
+        return DesiredVM(
+            name=vm_name(self.workload, ordinal),
+            workload=self.workload,
+            ordinal=ordinal,
+            runtime=self.runtime,
+            target=self.target,
+            artifact=self.artifact,
+            settings=self.settings,
+        )
+
+
+class ReplicaVMs(Mapping[str, DesiredVM]):
+    """A desired fleet's VMs, ``<workload>-<ordinal>`` -> ``DesiredVM``, kept as one
+    ``Replicas`` record per workload: a ``DesiredVM`` is made when it is looked up.
+
+    A fleet of 100,000 VMs is mostly replicas nobody looks at one by one (the planner compares
+    whole workloads first: ``planning.diff``), so memory and time follow the workloads. Reads
+    like the ``dict`` it stands for: iteration in workload order, then ordinal order."""
+
+    __slots__ = ("_count", "groups")
+
+    def __init__(self, groups: Iterable[Replicas]) -> None:
+        self.groups: dict[str, Replicas] = {g.workload: g for g in groups}
+        self._count = sum(g.count for g in self.groups.values())
+
+    def locate(self, name: str) -> tuple[Replicas, int] | None:
+        """The record and ordinal of VM ``name``, or None when it is not one of these."""
+        workload, dash, digits = name.rpartition("-")
+        # Only the spelling vm_name gives: "web-01" or "web-+1" name no VM.
+        if not dash or not digits.isascii() or not digits.isdigit():
+            return None
+        if len(digits) > 1 and digits[0] == "0":
+            return None
+        group = self.groups.get(workload)
+        ordinal = int(digits)
+        if group is None or ordinal >= group.count:
+            return None
+        return group, ordinal
+
+    def __getitem__(self, name: str) -> DesiredVM:
+        found = self.locate(name)
+        if found is None:
+            raise KeyError(name)
+        return found[0].vm(found[1])
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.locate(name) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        for group in self.groups.values():
+            for ordinal in range(group.count):
+                yield vm_name(group.workload, ordinal)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __repr__(self) -> str:
+        return f"<{self._count} VMs of {len(self.groups)} workloads>"
+
+
 # What ``assemble_fleet`` derived from one workload object: (the workload, kernel, artifact of
 # each target, the deployed one, the VMs' settings).
 Expansion = tuple[Workload, str | None, dict[Target, ArtifactRef], ArtifactRef, dict[str, str]]
@@ -910,7 +983,7 @@ def assemble_fleet(
     ``expanded`` (by ``id`` of the workload object, which each entry keeps alive) carries the
     derivations of a workload object the loader reuses from one revision to the next: they are
     computed once, and both revisions share the settings objects."""
-    vms: dict[str, DesiredVM] = {}
+    groups: list[Replicas] = []
     artifacts: dict[tuple[str, Target], ArtifactRef] = {}
     for workload in workloads.values():
         kernel = workload.deploy.kernel or fleet.kernel
@@ -927,17 +1000,20 @@ def assemble_fleet(
                 expanded[id(workload)] = (workload, kernel, own, deployed, settings)
         for target, ref in own.items():
             artifacts[(workload.name, target)] = ref
-        for ordinal in range(workload.deploy.replicas):
-            name = vm_name(workload.name, ordinal)
-            vms[name] = DesiredVM(
-                name=name,
+        groups.append(
+            Replicas(
                 workload=workload.name,
-                ordinal=ordinal,
+                count=workload.deploy.replicas,
                 runtime=workload.deploy.runtime,
                 target=workload.deploy.target,
                 artifact=deployed,
                 settings=settings,
             )
+        )
     return DesiredFleet(
-        revision=revision, fleet=fleet, workloads=dict(workloads), vms=vms, artifacts=artifacts
+        revision=revision,
+        fleet=fleet,
+        workloads=dict(workloads),
+        vms=ReplicaVMs(groups),
+        artifacts=artifacts,
     )

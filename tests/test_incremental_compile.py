@@ -4,8 +4,12 @@ Generated fleets in real git repositories take random edits commit after commit 
 defaults, source files, exec bits, documents moved between files, symlinks in and in front of
 source trees); at every step the plan between two revisions made with the cache (in one loader,
 and from the file a previous process saved) is compared with the plan compiled from scratch.
-Then: the cache file is private, a damaged file or entry is compiled again, an unwritable state
-directory only costs the reuse, and ``diff`` imports neither the validators nor the runtimes.
+The planner's per-workload path (``ReplicaVMs`` against ``observed_from_desired``: whole
+workloads decided at once) is compared, on those fleets and on generated fleets with suspended
+workloads, shrinking volumes, scale-downs, renamed fleets and prune off, with the per-VM path
+it stands for. Then: the cache file is private, a damaged file or entry is compiled again, an
+unwritable state directory only costs the reuse, and ``diff`` imports neither the validators,
+the runtimes, GitPython nor the database driver.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 import pytest
 from support.repo import FleetRepo
 
-from reconciler.errors import ManifestError
+from reconciler.errors import ManifestError, PlanError
 from reconciler.manifests import DEFAULT_LIMITS, ParseCache, load_fleet
 from reconciler.manifests.compile_cache import (
     CACHE_FILE,
@@ -38,6 +42,7 @@ from reconciler.model import (
     BuildSpec,
     DeploySpec,
     DesiredFleet,
+    FleetSettings,
     HealthCheck,
     HealthKind,
     Language,
@@ -49,8 +54,10 @@ from reconciler.model import (
     Target,
     VolumeSpec,
     Workload,
+    assemble_fleet,
 )
 from reconciler.pipeline import RevisionLoader, plan_between
+from reconciler.planning import check_deletions, diff, observed_from_desired
 from reconciler.render import render_json
 from reconciler.source import GitSource
 
@@ -217,6 +224,20 @@ def _loaded(fleet: DesiredFleet) -> tuple[object, ...]:
     return (fleet.workloads, fleet.vms, fleet.artifacts, fleet.fleet)
 
 
+def _per_vm(fleet: DesiredFleet) -> DesiredFleet:
+    """``fleet`` with its VMs in a plain dict: the planner then compares VM by VM."""
+    return replace(fleet, vms=dict(fleet.vms))
+
+
+def _plan_per_vm(loader: RevisionLoader, base: str, head: str) -> str:
+    """``plan_between`` the long way: every VM built, observed and compared on its own."""
+    base_fleet, head_fleet = _per_vm(loader.load(base)), _per_vm(loader.load(head))
+    observed = observed_from_desired(base_fleet)
+    assert isinstance(observed.vms, dict)
+    plan = check_deletions(diff(head_fleet, observed, base=base_fleet), head_fleet, observed)
+    return render_json(plan)
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_cached_plans_equal_plans_from_scratch(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
@@ -238,6 +259,7 @@ def test_cached_plans_equal_plans_from_scratch(tmp_path: Path, seed: int) -> Non
         head = revisions[-1]
         scratch = RevisionLoader(source, "fleet", cache=ParseCache())  # no reuse at all
         expected = render_json(plan_between(scratch, base, head))
+        assert _plan_per_vm(scratch, base, head) == expected, (step, what)
         reopened = RevisionLoader(source, "fleet", compile_cache=cache_file)
         for loader in (lasting, reopened):
             assert render_json(plan_between(loader, base, head)) == expected, (step, what)
@@ -363,7 +385,8 @@ def test_diff_imports_neither_validators_nor_runtimes(tmp_path: Path) -> None:
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         f"    code = main({argv!r})\n"
         "print(json.dumps([code, sorted(m for m in sys.modules if m.split('.')[0] in "
-        "{'jsonschema', 'jsonschema_rs', 'jinja2', 'runtime', 'builders', 'pyroute2'} "
+        "{'jsonschema', 'jsonschema_rs', 'jinja2', 'runtime', 'builders', 'pyroute2', "
+        "'git', 'sqlite3'} "
         "or m.startswith(('reconciler.daemon.', 'reconciler.execution')))]))\n"
     )
     for run in ("cold", "warm"):
@@ -376,7 +399,8 @@ def test_diff_imports_neither_validators_nor_runtimes(tmp_path: Path) -> None:
         if run == "warm":
             assert heavy == [], heavy
         else:
-            assert not [m for m in heavy if m.split(".")[0] in {"runtime", "builders", "pyroute2"}]
+            light = {"runtime", "builders", "pyroute2", "git", "sqlite3"}
+            assert not [m for m in heavy if m.split(".")[0] in light]
 
 
 def test_a_smaller_node_limit_parses_again(tmp_path: Path) -> None:
@@ -416,3 +440,58 @@ def test_every_field_of_a_workload_survives_the_file() -> None:
     )
     encoded = encode_workload(workload)
     assert decode_workload(marshal.loads(marshal.dumps(encoded))) == workload
+
+
+def _generated_workload(rng: random.Random, name: str) -> Workload:
+    volumes = tuple(
+        VolumeSpec(f"v{i}", rng.choice([16, 32]), f"/v{i}", rng.choice(["ext4", "ext4", "xfs"]))
+        for i in range(rng.randrange(2))
+    )
+    return Workload(
+        name=name,
+        labels={"team": rng.choice("ab")},
+        source=SourceSpec(f"src/{name}", Language.PYTHON, "app.py"),
+        build=BuildSpec((Target.MICROVM,)),
+        deploy=DeploySpec(
+            Target.MICROVM,
+            RuntimeKind.QEMU,
+            replicas=rng.randrange(4),
+            vcpus=1,
+            memory_mib=rng.choice([64, 64, 128]),
+            env={"LEVEL": rng.choice(["info", "info", "debug"])},
+            volumes=volumes,
+            depends_on=(rng.choice(["w0", "w1"]),) if name > "w1" and rng.random() < 0.3 else (),
+        ),
+        source_digest="sha256:" + rng.choice("01") * 64,
+        suspended=rng.random() < 0.15,
+    )
+
+
+def _outcome(desired: DesiredFleet, base: DesiredFleet) -> str:
+    try:
+        observed = observed_from_desired(base)
+        return render_json(check_deletions(diff(desired, observed, base=base), desired, observed))
+    except PlanError as refused:
+        return f"refused: {refused}"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_per_workload_planning_equals_per_vm_planning(seed: int) -> None:
+    """Pure: generated pairs of fleets, planned per workload and per VM, give the same plan
+    (or the same refusal)."""
+    rng = random.Random(seed)
+    for _ in range(40):
+        names = [f"w{i}" for i in range(rng.randint(0, 6))]
+        base_workloads = {n: _generated_workload(rng, n) for n in names}
+        head_workloads = dict(base_workloads)
+        for name in names:
+            if rng.random() < 0.4:
+                head_workloads[name] = _generated_workload(rng, name)
+            elif rng.random() < 0.1:
+                del head_workloads[name]
+        settings = FleetSettings(name="f", prune=rng.random() < 0.8, allow_empty=True)
+        head_settings = replace(settings, name=rng.choice(["f", "f", "f", "g"]))
+        base = assemble_fleet("a" * 40, settings, base_workloads)
+        head = assemble_fleet("b" * 40, head_settings, head_workloads)
+        expected = _outcome(_per_vm(head), _per_vm(base))
+        assert _outcome(head, base) == expected

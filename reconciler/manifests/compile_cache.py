@@ -156,6 +156,8 @@ class CompileCache:
     """content key -> compiled workload; as read from the file (plain data) until first used."""
     expanded: dict[int, Expansion] = field(default_factory=dict)
     """What ``assemble_fleet`` derived from the workloads of the last load (memory only)."""
+    encoded: dict[str, Any] = field(default_factory=dict)
+    """content key -> the plain data a workload was decoded from: saved again as it was read."""
     changed: bool = False
     hits: int = 0
     """Workloads served without compiling, since the cache was made (for logs and tests)."""
@@ -206,7 +208,9 @@ class CompileCache:
             return
         workloads = {}
         for key, value in self.workloads.items():
-            encoded = encode_workload(value) if isinstance(value, Workload) else value
+            encoded = value
+            if isinstance(value, Workload):
+                encoded = self.encoded.get(key) or encode_workload(value)
             if encoded is not None:
                 workloads[key] = encoded
         payload = marshal.dumps(
@@ -267,6 +271,7 @@ class CompileCache:
             if decoded is None:
                 self.changed = True  # a bad entry: dropped, and compiled again
                 return None
+            self.encoded[key] = found
             found = decoded
         self.workloads[key] = found
         self.hits += 1
@@ -276,6 +281,7 @@ class CompileCache:
         if workload.deploy.secret_env or workload.deploy.secret_files:
             return
         self.workloads[key] = workload
+        self.encoded.pop(key, None)
         self.changed = True
 
 
@@ -307,35 +313,48 @@ _MODEL_TYPES: dict[str, type] = {
 }
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls))
+    for cls in _MODEL_TYPES.values()
+    if dataclasses.is_dataclass(cls)
+}
+_PLAIN = (str, int, float, bool, type(None))
+# Dispatch on the exact type: a thousand workloads are some fifty thousand values each way.
+
+
 def _encode(value: Any) -> Any:
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    names = _FIELDS.get(kind)
+    if names is not None:
+        return (_DATACLASS, kind.__name__, tuple([_encode(getattr(value, n)) for n in names]))
     if isinstance(value, Enum):
-        return (_ENUM, type(value).__name__, value.value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = tuple(_encode(getattr(value, f.name)) for f in dataclasses.fields(value))
-        return (_DATACLASS, type(value).__name__, fields)
-    if isinstance(value, tuple):
-        return (_TUPLE, tuple(_encode(v) for v in value))
+        return (_ENUM, kind.__name__, value.value)
+    if kind is tuple:
+        return (_TUPLE, tuple([_encode(v) for v in value]))
     if isinstance(value, Mapping):
         return {k: _encode(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if kind is list:
         return [_encode(v) for v in value]
-    return value
+    return value  # not plain data: ``marshal`` refuses it and the workload is not saved
 
 
 def _decode(value: Any) -> Any:
-    if isinstance(value, tuple):
+    kind = type(value)
+    if kind is tuple:
         tag = value[0]
         if tag == _TUPLE:
-            return tuple(_decode(v) for v in value[1])
+            return tuple([_decode(v) for v in value[1]])
         cls = _MODEL_TYPES[value[1]]  # KeyError: not ours, the entry is dropped
+        if tag == _DATACLASS and cls in _FIELDS:
+            return cls(*[_decode(v) for v in value[2]])
         if tag == _ENUM and issubclass(cls, Enum):
             return cls(value[2])
-        if tag == _DATACLASS and dataclasses.is_dataclass(cls):
-            return cls(*(_decode(v) for v in value[2]))
         raise ValueError(f"unknown tag {tag!r}")
-    if isinstance(value, dict):
+    if kind is dict:
         return {k: _decode(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if kind is list:
         return [_decode(v) for v in value]
     return value
 

@@ -25,13 +25,20 @@ refused (ext4 is grown in place, never shrunk), and a delete says whether it dis
 volume data (``reclaimPolicy: delete``) or keeps it.
 
 An empty desired set never deletes the fleet unless the fleet sets ``allowEmpty``.
+
+Comparing two revisions (``observed_from_desired``), both sides stay one record per workload
+(``model.ReplicaVMs``, ``DerivedVMs``): a workload whose replicas have the same settings on
+both sides is "up to date" for every replica they share without a ``DesiredVM`` or
+``ObservedVM`` being built, so the cost follows the workloads and the change, not the VMs. The
+decisions, and the plan's content and order, are the same as VM by VM (a randomized test
+compares both).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from reconciler.errors import PlanError
 from reconciler.model import (
@@ -45,12 +52,14 @@ from reconciler.model import (
     ObservedFleet,
     ObservedVM,
     Plan,
+    Replicas,
+    ReplicaVMs,
     RestartPolicy,
     Target,
     VMAction,
     VMState,
-    VolumeSpec,
     settings_change,
+    vm_name,
     volumes_of,
 )
 from reconciler.planning.rollout import (
@@ -72,25 +81,94 @@ def observed_from_desired(desired: DesiredFleet, *, version: int = 0) -> Observe
     """The fleet as it would run once ``desired`` were fully applied and healthy.
 
     This is the "observed" side when two revisions are compared (``diff --base --head``): the
-    review of a pull request needs no runtime and no state store.
+    review of a pull request needs no runtime and no state store. Its VMs stay one record per
+    workload (``DerivedVMs``), which lets ``diff`` compare whole workloads.
     """
-    vms = {
-        vm.name: ObservedVM(
-            name=vm.name,
-            workload=vm.workload,
-            fleet=desired.fleet.name,
-            runtime=vm.runtime,
-            target=vm.target,
-            artifact_digest=vm.artifact.input_digest,
-            artifact_inputs=vm.artifact.inputs,
-            settings=vm.settings,
-            state=VMState.RUNNING,
-            healthy=True,
+    if isinstance(desired.vms, ReplicaVMs):
+        running = ReplicaVMs(
+            group
+            for name, group in desired.vms.groups.items()
+            if not desired.workloads[name].suspended
         )
-        for vm in desired.vms.values()
-        if not desired.workloads[vm.workload].suspended
-    }
+        return ObservedFleet(
+            version=version,
+            vms=DerivedVMs(running, desired.fleet.name),
+            applied_revision=desired.revision,
+        )
+    vms = {vm.name: _running(vm, desired.fleet.name) for vm in desired.vms.values()}
+    vms = {n: vm for n, vm in vms.items() if not desired.workloads[vm.workload].suspended}
     return ObservedFleet(version=version, vms=vms, applied_revision=desired.revision)
+
+
+def _running(vm: DesiredVM, fleet: str) -> ObservedVM:
+    return ObservedVM(
+        name=vm.name,
+        workload=vm.workload,
+        fleet=fleet,
+        runtime=vm.runtime,
+        target=vm.target,
+        artifact_digest=vm.artifact.input_digest,
+        artifact_inputs=vm.artifact.inputs,
+        settings=vm.settings,
+        state=VMState.RUNNING,
+        healthy=True,
+    )
+
+
+class DerivedVMs(Mapping[str, ObservedVM]):
+    """``observed_from_desired``'s VMs: every replica of ``replicas`` running and healthy in
+    ``fleet``, an ``ObservedVM`` made when it is looked up."""
+
+    __slots__ = ("fleet", "replicas")
+
+    def __init__(self, replicas: ReplicaVMs, fleet: str) -> None:
+        self.replicas = replicas
+        self.fleet = fleet
+
+    def __getitem__(self, name: str) -> ObservedVM:
+        return _running(self.replicas[name], self.fleet)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.replicas
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.replicas)
+
+    def __len__(self) -> int:
+        return len(self.replicas)
+
+
+@dataclass(frozen=True)
+class _Sides:
+    """Both sides of a plan kept per workload (``ReplicaVMs`` against ``DerivedVMs`` of one
+    fleet): ``diff`` then decides whole workloads at once where nothing differs."""
+
+    desired: ReplicaVMs
+    observed: DerivedVMs
+
+    @classmethod
+    def of(cls, desired: DesiredFleet, observed: ObservedFleet) -> _Sides | None:
+        if (
+            isinstance(desired.vms, ReplicaVMs)
+            and isinstance(observed.vms, DerivedVMs)
+            and observed.vms.fleet == desired.fleet.name
+        ):
+            return cls(desired.vms, observed.vms)
+        return None
+
+    def pair(self, workload: str) -> tuple[Replicas | None, Replicas | None]:
+        return self.desired.groups.get(workload), self.observed.replicas.groups.get(workload)
+
+
+def _same(group: Replicas | None, before: Replicas | None) -> bool:
+    """Whether the replicas both records have in common are alike (``_plan_vm`` of a running
+    VM with the same settings is "up to date"; the settings hold the artifact, the runtime and
+    the target)."""
+    return (
+        group is not None
+        and before is not None
+        and (group.settings is before.settings or group.settings == before.settings)
+    )
 
 
 def diff(
@@ -105,66 +183,111 @@ def diff(
     the plan name every artifact whose inputs change, not only those of VMs that move.
     """
     fleet = desired.fleet.name
-    owned = {name: vm for name, vm in observed.vms.items() if vm.fleet == fleet}
+    sides = _Sides.of(desired, observed)
+    owned: Mapping[str, ObservedVM]
+    if sides is not None:
+        owned = sides.observed  # one fleet's, all of them
+    else:
+        owned = {name: vm for name, vm in observed.vms.items() if vm.fleet == fleet}
     if not desired.vms and owned and not desired.fleet.allow_empty:
         raise PlanError(
             f"the revision declares no VMs, which would delete all {len(owned)} VMs of fleet "
             f"{fleet!r}; refusing. Set Fleet spec.allowEmpty: true to allow an empty fleet"
         )
 
-    _refuse_shrinking(desired, owned)
-    order = _workload_order(desired, owned.values())
+    _refuse_shrinking(desired, owned, sides)
+    if sides is not None:
+        # Every VM of a workload has the same settings: one of each speaks for all.
+        order = _workload_order(
+            desired,
+            (owned[vm_name(w, 0)] for w, g in sides.observed.replicas.groups.items() if g.count),
+        )
+    else:
+        order = _workload_order(desired, owned.values())
     actions: list[VMAction] = []
     noops: list[VMAction] = []
     warnings: list[str] = []
     # Surge stand-ins of an earlier plan still running (``rollout``), by the VM they stand in for.
     stand_ins: dict[str, VMAction] = {}
 
-    for name, foreign in sorted(observed.vms.items()):
-        if foreign.fleet != fleet:
-            noops.append(
-                _noop(name, foreign.workload, f"owned by fleet {foreign.fleet!r}, not {fleet!r}")
-            )
-            if name in desired.vms:
-                warnings.append(
-                    f"VM {name} is wanted by fleet {fleet!r} but owned by fleet "
-                    f"{foreign.fleet!r}; it is left alone"
-                )
-
     desired_by_workload: dict[str, list[DesiredVM]] = {}
-    for desired_vm in desired.vms.values():
-        desired_by_workload.setdefault(desired_vm.workload, []).append(desired_vm)
     extra_by_workload: dict[str, list[ObservedVM]] = {}
-    for observed_vm in owned.values():
-        if observed_vm.name not in desired.vms:
-            extra_by_workload.setdefault(observed_vm.workload, []).append(observed_vm)
+    if sides is None:
+        for name, foreign in sorted(observed.vms.items()):
+            if foreign.fleet != fleet:
+                noops.append(
+                    _noop(
+                        name, foreign.workload, f"owned by fleet {foreign.fleet!r}, not {fleet!r}"
+                    )
+                )
+                if name in desired.vms:
+                    warnings.append(
+                        f"VM {name} is wanted by fleet {fleet!r} but owned by fleet "
+                        f"{foreign.fleet!r}; it is left alone"
+                    )
+        for desired_vm in desired.vms.values():
+            desired_by_workload.setdefault(desired_vm.workload, []).append(desired_vm)
+        for observed_vm in owned.values():
+            if observed_vm.name not in desired.vms:
+                extra_by_workload.setdefault(observed_vm.workload, []).append(observed_vm)
 
     for workload_name in order:
         workload = desired.workloads.get(workload_name)
-        desired_vms = sorted(desired_by_workload.get(workload_name, []), key=lambda vm: vm.ordinal)
+        suspended = workload is not None and workload.suspended
+        restart_policy = workload.deploy.restart_policy if workload else RestartPolicy.ALWAYS
+        desired_vms: Iterable[DesiredVM]
+        extra: Iterable[ObservedVM]
+        if sides is not None:
+            group, before = sides.pair(workload_name)
+            count = group.count if group is not None else 0
+            start = 0
+            if group is not None and suspended:
+                noops.extend(
+                    _noop(vm_name(workload_name, o), workload_name, "workload is suspended")
+                    for o in range(count)
+                )
+                start = count
+            elif group is not None and before is not None and _same(group, before):
+                # Unchanged replicas, running: up to date, without comparing them one by one.
+                start = min(count, before.count)
+                noops.extend(
+                    _noop(vm_name(workload_name, o), workload_name, "up to date")
+                    for o in range(start)
+                )
+            desired_vms = (group.vm(o) for o in range(start, count)) if group is not None else ()
+            extra = (
+                (owned[vm_name(workload_name, o)] for o in range(count, before.count))
+                if before is not None
+                else ()
+            )
+        else:
+            desired_vms = sorted(
+                desired_by_workload.get(workload_name, []), key=lambda vm: vm.ordinal
+            )
+            extra = sorted(
+                extra_by_workload.get(workload_name, []), key=lambda v: _ordinal_key(v.name)
+            )
         for vm in desired_vms:
-            current = observed.vms.get(vm.name)
+            current = owned.get(vm.name) if sides is not None else observed.vms.get(vm.name)
             if current is not None and current.fleet != fleet:
                 continue
-            if workload is not None and workload.suspended:
+            if suspended:
                 noops.append(_noop(vm.name, vm.workload, "workload is suspended"))
                 continue
-            restart_policy = workload.deploy.restart_policy if workload else RestartPolicy.ALWAYS
             action = _plan_vm(vm, current, restart_policy)
             (noops if action.action is ActionType.NOOP else actions).append(action)
 
-        extra = sorted(extra_by_workload.get(workload_name, []), key=lambda v: _ordinal_key(v.name))
         for current in extra:
-            vm_name = current.name
-            if workload is not None and workload.suspended:
-                noops.append(_noop(vm_name, current.workload, "workload is suspended"))
+            vm_name_ = current.name
+            if suspended:
+                noops.append(_noop(vm_name_, current.workload, "workload is suspended"))
                 continue
-            slot = stands_in_for(vm_name)
+            slot = stands_in_for(vm_name_)
             if slot is not None:
                 # Temporary capacity of an interrupted surge: it goes, prune or not, once its
                 # VM is replaced (``_assign_waves`` orders it after that VM's action).
                 stand_ins[slot] = stand_in_delete(
-                    vm_name,
+                    vm_name_,
                     current.workload,
                     slot,
                     current.artifact_digest,
@@ -177,13 +300,13 @@ def diff(
                 else f"scaled down to {workload.deploy.replicas} replicas"
             )
             if not desired.fleet.prune:
-                noops.append(_noop(vm_name, current.workload, f"{reason}; prune is disabled"))
+                noops.append(_noop(vm_name_, current.workload, f"{reason}; prune is disabled"))
                 continue
             reason += _volume_fate(current, warnings)
             actions.append(
                 VMAction(
                     action=ActionType.DELETE,
-                    vm=vm_name,
+                    vm=vm_name_,
                     workload=current.workload,
                     disruption=Disruption.DESTROY,
                     reason=reason,
@@ -212,41 +335,56 @@ def diff(
     )
 
 
-def _refuse_shrinking(desired: DesiredFleet, owned: Mapping[str, ObservedVM]) -> None:
+def _refuse_shrinking(
+    desired: DesiredFleet, owned: Mapping[str, ObservedVM], sides: _Sides | None
+) -> None:
     """A volume is never made smaller (resize2fs can shrink only what is unused, and a plan
     cannot know what that is): the whole revision is refused, naming every such volume."""
-    problems = []
-    # The replicas of a workload share one settings mapping: read its volumes once.
-    parsed: dict[int, tuple[VolumeSpec, ...]] = {}
+    # The replicas of a workload share one settings mapping: compare each pair once.
+    compared: dict[tuple[int, int], list[str]] = {}
 
-    def volumes(settings: Mapping[str, str]) -> tuple[VolumeSpec, ...]:
-        known = parsed.get(id(settings))
-        if known is None:
-            known = parsed[id(settings)] = volumes_of(settings)
-        return known
+    def shrunk(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
+        key = (id(before), id(after))
+        if key not in compared:
+            compared[key] = _shrunk_volumes(before, after)
+        return compared[key]
 
-    for name, vm in sorted(desired.vms.items()):
-        current = owned.get(name)
-        if current is None:
-            continue
-        before = {v.name: v for v in volumes(current.settings)}
-        for volume in volumes(vm.settings):
-            old = before.get(volume.name)
-            if old is not None and volume.size_mib < old.size_mib:
-                problems.append(
-                    f"{name}/{volume.name} from {old.size_mib} to {volume.size_mib} MiB"
-                )
-            elif old is not None and volume.filesystem != old.filesystem:
-                problems.append(
-                    f"{name}/{volume.name} from {old.filesystem} to {volume.filesystem}"
-                )
+    problems: list[tuple[str, str]] = []
+    if sides is not None:
+        for workload, group in sides.desired.groups.items():
+            before = sides.observed.replicas.groups.get(workload)
+            if before is None or group.settings is before.settings:
+                continue
+            found = shrunk(before.settings, group.settings)
+            for ordinal in range(min(group.count, before.count)) if found else ():
+                problems += [(vm_name(workload, ordinal), p) for p in found]
+        problems.sort(key=lambda problem: problem[0])  # by VM name, as below
+    else:
+        for name, vm in sorted(desired.vms.items()):
+            current = owned.get(name)
+            if current is not None:
+                problems += [(name, p) for p in shrunk(current.settings, vm.settings)]
     if problems:
         raise PlanError(
             "volumes cannot shrink or change filesystem: "
-            + ", ".join(problems)
+            + ", ".join(f"{name}/{problem}" for name, problem in problems)
             + "; keep the size, or give the volume a new name (the old one is kept until "
             "`reconciler volumes rm`)"
         )
+
+
+def _shrunk_volumes(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
+    """``<volume> from <old> to <new>`` for each volume of ``after`` smaller than, or of
+    another filesystem than, its namesake in ``before``."""
+    old_volumes = {v.name: v for v in volumes_of(before)}
+    problems = []
+    for volume in volumes_of(after):
+        old = old_volumes.get(volume.name)
+        if old is not None and volume.size_mib < old.size_mib:
+            problems.append(f"{volume.name} from {old.size_mib} to {volume.size_mib} MiB")
+        elif old is not None and volume.filesystem != old.filesystem:
+            problems.append(f"{volume.name} from {old.filesystem} to {volume.filesystem}")
+    return problems
 
 
 def _volume_fate(current: ObservedVM, warnings: list[str]) -> str:

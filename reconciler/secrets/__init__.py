@@ -8,10 +8,9 @@ decrypted on the host with its age key, known everywhere else only by keyed dige
 ``sops.py`` reads the formats, ``keys.py`` finds the keys, ``resolver.py`` caches and digests.
 """
 
+from reconciler.defaults import AGE_KEY_ENV, AGE_KEY_FILE
 from reconciler.secrets.errors import SecretError, SecretIntegrityError, SecretKeyMissingError
 from reconciler.secrets.keys import (
-    AGE_KEY_ENV,
-    AGE_KEY_FILE,
     DIGEST_KEY_FILE,
     age_key_path,
     digest_key,

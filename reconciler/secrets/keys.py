@@ -19,13 +19,10 @@ import os
 import secrets
 from pathlib import Path
 
-import pyrage
-
+from reconciler.defaults import AGE_KEY_ENV, AGE_KEY_FILE
 from reconciler.secrets.errors import SecretKeyMissingError
 from reconciler.secrets.sops import Identity
 
-AGE_KEY_ENV = "SOPS_AGE_KEY_FILE"
-AGE_KEY_FILE = "age-key.txt"
 DIGEST_KEY_FILE = "secret-digest.key"
 _DIGEST_KEY_BYTES = 32
 
@@ -54,6 +51,8 @@ def load_identities(path: Path | None) -> list[Identity]:
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise SecretKeyMissingError(f"cannot read the age key file {path}: {why}") from exc
+    import pyrage  # noqa: PLC0415 (imported when a key is read, not by every command)
+
     identities = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()

@@ -39,10 +39,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-import pyrage
 import yaml
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from reconciler.secrets.errors import (
     SecretError,
@@ -199,6 +196,8 @@ def _unflatten(flat: dict[str, str], *, origin: str) -> dict[str, Any]:
 
 
 def _age_decrypt(data: bytes, identities: Sequence[Identity], *, origin: str) -> bytes:
+    import pyrage  # noqa: PLC0415 (imported when a secret is read, not by every command)
+
     if not identities:
         raise SecretKeyMissingError(f"{origin}: no age key to decrypt it with")
     try:
@@ -266,6 +265,8 @@ class _SopsFile:
         return values
 
     def _data_key(self, identities: Sequence[Identity]) -> bytes:
+        import pyrage  # noqa: PLC0415 (see _age_decrypt)
+
         stanzas = self.meta.get("age") or []
         if not isinstance(stanzas, list) or not stanzas:
             raise SecretKeyMissingError(
@@ -326,6 +327,9 @@ class _SopsFile:
         return plain, text
 
     def _aes(self, value: _Value, key: bytes, aad: str, *, at: str) -> bytes:
+        from cryptography.exceptions import InvalidTag  # noqa: PLC0415 (see _age_decrypt)
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
+
         try:
             return AESGCM(key).decrypt(value.iv, value.sealed, aad.encode())
         except (InvalidTag, ValueError) as exc:

@@ -1,4 +1,4 @@
-"""``GitSource``: a fleet repository, local or remote, read at any revision with GitPython.
+"""``GitSource``: a fleet repository, local or remote, read at any revision with the git CLI.
 
 A local path is read in place (no fetch, refs such as ``origin/main`` resolve as in the user's
 clone). A URL is mirrored under the cache directory (``git clone --bare``, then ``git fetch
@@ -12,6 +12,9 @@ or anything else a hosting service publishes), and a revision name is qualified 
 and no name reaches git's command line as an option. A credential never appears in a URL that
 git, a log line or the mirror's configuration sees (``reconciler.source.credentials``), and every
 message that quotes git goes through ``reconciler.redact``.
+
+Every read is one ``git`` command run directly (no GitPython: a fleet command that only reads
+two revisions pays neither its import nor its per-command overhead).
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
-
-import git
 
 from reconciler.errors import SourceError
 from reconciler.formatting import short_sha
@@ -100,7 +103,46 @@ def is_url(location: str) -> bool:
     return bool(_URL.match(location))
 
 
-def _reason(exc: git.GitCommandError) -> str:
+class GitCommandError(Exception):
+    """A git command that failed: its exit status (-9: killed on timeout) and what it printed
+    on stderr. Never leaves this module: each caller turns it into a ``SourceError``."""
+
+    def __init__(self, status: int, stderr: str) -> None:
+        super().__init__(f"git exited with {status}: {stderr.strip()}")
+        self.status = status
+        self.stderr = stderr
+
+
+def run_git(
+    args: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    stdin: bytes | None = None,
+    check: bool = True,
+) -> str:
+    """Run ``git args`` and return its stdout without the final newline (as GitPython did);
+    ``GitCommandError`` when it fails (unless ``check`` is false) or outlives ``timeout``."""
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            input=stdin,
+            capture_output=True,
+            timeout=timeout,
+            env={**os.environ, **GIT_ENV} if env is None else env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise GitCommandError(-9, f"did not complete in {timeout:g} s") from exc
+    except OSError as exc:
+        raise GitCommandError(127, f"cannot run git: {exc.strerror}") from exc
+    if check and done.returncode != 0:
+        raise GitCommandError(done.returncode, done.stderr.decode(errors="replace"))
+    out = done.stdout.decode(errors="surrogateescape")
+    return out[:-1] if out.endswith("\n") else out
+
+
+def _reason(exc: GitCommandError) -> str:
     """The last ``fatal:``/``error:`` line git printed: short enough for a one-line error."""
     stderr = str(exc.stderr or "").strip().strip("'").strip()
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
@@ -147,35 +189,38 @@ class GitSource:
                 log.warning("a repository credential is given but --repo is a local path")
             self.repo_path = Path(location).expanduser().resolve()
         self.location = location  # never holds a credential
-        self._repo: git.Repo | None = None
+        self._opened = False
 
     def describe(self) -> str:
         return (
             f"the remote {self.location}" if self.remote else f"the repository at {self.location}"
         )
 
-    @property
-    def repo(self) -> git.Repo:
-        if self._repo is None:
-            self._repo = self._open()
-        return self._repo
+    def _git(self, *args: str) -> str:
+        """``git args`` in the repository (checked to be one the first time)."""
+        if not self._opened:
+            self._open()
+        return run_git(["-C", str(self.repo_path), *args])
 
-    def _open(self) -> git.Repo:
+    def _open(self) -> None:
         if self.remote and not self.repo_path.exists():
             raise SourceError(
                 f"{self.location} has never been fetched; check the URL and the network"
             )
+        if not self.repo_path.exists():
+            raise SourceError(f"{self.location} does not exist; pass --repo PATH|URL")
         try:
-            repo = git.Repo(self.repo_path)
-        except git.NoSuchPathError as exc:
-            raise SourceError(f"{self.location} does not exist; pass --repo PATH|URL") from exc
-        except git.InvalidGitRepositoryError as exc:
+            # The top of a work tree, or a git directory itself: git's answer for a
+            # sub-directory of a repository is a non-empty prefix, and that is refused.
+            prefix: str | None = run_git(["-C", str(self.repo_path), "rev-parse", "--show-prefix"])
+        except GitCommandError:
+            prefix = None
+        if prefix is None or prefix.strip():
             raise SourceError(
                 f"{self.location} is not a git repository; pass --repo with the repository's "
                 "top directory (and --path for a sub-directory)"
-            ) from exc
-        repo.git.update_environment(**GIT_ENV)
-        return repo
+            )
+        self._opened = True
 
     def fetch(self) -> None:
         """Bring the mirror of a remote up to date; a local repository needs no fetch.
@@ -188,16 +233,15 @@ class GitSource:
         # The credential travels in this environment only (see reconciler.source.credentials).
         env = {**os.environ, **GIT_ENV, **self._access.git_env()}
         auth = self._access.git_config_args()
-        runner = git.Git()
         staging = self.repo_path.with_name(self.repo_path.name + ".tmp")
         try:
             if (self.repo_path / "HEAD").exists():
                 log.info("fetching %s", self.location)
-                self._configure_mirror(runner, self.repo_path)
+                self._configure_mirror(self.repo_path)
                 fetch = ["fetch", "--prune", "--no-tags", "--quiet", "--end-of-options", "origin"]
-                runner.execute(
-                    ["git", "-C", str(self.repo_path), *auth, *fetch, *MIRROR_REFSPECS],
-                    kill_after_timeout=self.fetch_timeout,
+                run_git(
+                    ["-C", str(self.repo_path), *auth, *fetch, *MIRROR_REFSPECS],
+                    timeout=self.fetch_timeout,
                     env=env,
                 )
             else:
@@ -206,18 +250,17 @@ class GitSource:
                 shutil.rmtree(staging, ignore_errors=True)  # left by a clone that was killed
                 # A bare clone takes branches and tags only, and the remote's default branch
                 # as HEAD; the URL it records is the one without credential.
-                runner.execute(
-                    ["git", *auth, "clone", "--bare", "--quiet", "--", self.location, str(staging)],
-                    kill_after_timeout=self.fetch_timeout,
+                run_git(
+                    [*auth, "clone", "--bare", "--quiet", "--", self.location, str(staging)],
+                    timeout=self.fetch_timeout,
                     env=env,
                 )
-                self._configure_mirror(runner, staging)
+                self._configure_mirror(staging)
                 os.rename(staging, self.repo_path)
-        except git.GitCommandError as exc:
+        except GitCommandError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             reason = _reason(exc)
-            # GitPython kills the command with SIGKILL when kill_after_timeout expires.
-            if exc.status == -9 or "did not complete in" in str(exc):
+            if exc.status == -9:  # killed when the timeout expired
                 reason = f"no answer within {self.fetch_timeout:g} s"
             raise SourceError(
                 f"cannot fetch {self.location}: {reason}; check the URL and network, "
@@ -229,33 +272,27 @@ class GitSource:
                 f"cannot write the mirror of {self.location} under {self.repo_path.parent}: "
                 f"{exc.strerror}; check free space and permissions of the state directory"
             ) from exc
-        self._repo = None  # reopen: refs and packs changed under the cached Repo
+        self._opened = False  # check again: the mirror may have just been made
 
-    def _configure_mirror(self, runner: git.Git, path: Path) -> None:
+    def _configure_mirror(self, path: Path) -> None:
         """Make the mirror's configuration and refs what this module promises, also for a
         mirror made by an older version (``clone --mirror``: every ref, and the URL as given,
         credential included)."""
-        config = ["git", "--git-dir", str(path), "config"]
-        runner.execute([*config, "remote.origin.url", self.location])
-        runner.execute([*config, "--unset-all", "remote.origin.mirror"], with_exceptions=False)
-        runner.execute([*config, "--replace-all", "remote.origin.fetch", MIRROR_REFSPECS[0]])
-        runner.execute([*config, "--add", "remote.origin.fetch", MIRROR_REFSPECS[1]])
-        listed = str(
-            runner.execute(["git", "--git-dir", str(path), "for-each-ref", "--format=%(refname)"])
-        )
+        config = ["--git-dir", str(path), "config"]
+        run_git([*config, "remote.origin.url", self.location])
+        run_git([*config, "--unset-all", "remote.origin.mirror"], check=False)
+        run_git([*config, "--replace-all", "remote.origin.fetch", MIRROR_REFSPECS[0]])
+        run_git([*config, "--add", "remote.origin.fetch", MIRROR_REFSPECS[1]])
+        listed = run_git(["--git-dir", str(path), "for-each-ref", "--format=%(refname)"])
         stray = [ref for ref in listed.splitlines() if ref and not ref.startswith(_MIRRORED)]
         if stray:
-            with tempfile.TemporaryFile() as commands:
-                commands.write("".join(f"delete {ref}\n" for ref in stray).encode())
-                commands.seek(0)
-                runner.execute(
-                    ["git", "--git-dir", str(path), "update-ref", "--stdin"], istream=commands
-                )
+            commands = "".join(f"delete {ref}\n" for ref in stray).encode()
+            run_git(["--git-dir", str(path), "update-ref", "--stdin"], stdin=commands)
 
     def _refs(self) -> set[str]:
         try:
-            listed = str(self.repo.git.for_each_ref("--format=%(refname)"))
-        except git.GitCommandError as exc:
+            listed = self._git("for-each-ref", "--format=%(refname)")
+        except GitCommandError as exc:
             raise SourceError(f"cannot list the refs of {self.describe()}: {_reason(exc)}") from exc
         return {ref for ref in listed.splitlines() if ref}
 
@@ -269,12 +306,10 @@ class GitSource:
         if qualified.abbreviation is not None:
             expression = self._expand(qualified.abbreviation, wanted) + qualified.steps
         try:
-            sha = str(
-                self.repo.git.rev_parse(
-                    "--verify", "--quiet", "--end-of-options", f"{expression}^{{commit}}"
-                )
+            sha = self._git(
+                "rev-parse", "--verify", "--quiet", "--end-of-options", f"{expression}^{{commit}}"
             ).strip()
-        except git.GitCommandError:
+        except GitCommandError:
             sha = ""
         if not _SHA.match(sha):
             raise SourceError(
@@ -287,15 +322,15 @@ class GitSource:
         """The one commit whose SHA starts with ``prefix``; looked up among objects only, so
         no ref of that name can stand in for it."""
         try:
-            listed = str(self.repo.git.rev_parse(f"--disambiguate={prefix}"))
-        except git.GitCommandError:
+            listed = self._git("rev-parse", f"--disambiguate={prefix}")
+        except GitCommandError:
             listed = ""
         commits = []
         for sha in listed.split():
             try:
-                if str(self.repo.git.cat_file("-t", sha)).strip() == "commit":
+                if self._git("cat-file", "-t", sha).strip() == "commit":
                     commits.append(sha)
-            except git.GitCommandError:
+            except GitCommandError:
                 continue
         if len(commits) > 1:
             raise SourceError(
@@ -314,8 +349,8 @@ class GitSource:
             if not _SHA.match(sha):
                 raise SourceError(f"{sha!r} is not a full commit SHA")
         try:
-            self.repo.git.merge_base("--is-ancestor", "--end-of-options", ancestor, descendant)
-        except git.GitCommandError as exc:
+            self._git("merge-base", "--is-ancestor", "--end-of-options", ancestor, descendant)
+        except GitCommandError as exc:
             if exc.status == 1:
                 return False
             raise SourceError(
@@ -335,32 +370,43 @@ class GitSource:
         # A full SHA that is not in the repository fails here with a clear message, rather
         # than as an empty archive.
         rev = self.resolve(rev)
-        try:
-            process = self.repo.git.archive("--format=tar", rev, as_process=True)
-        except git.GitCommandError as exc:
-            raise SourceError(
-                f"cannot export {short_sha(rev)} from {self.describe()}: {_reason(exc)}"
-            ) from exc
-        try:
-            stream = process.proc.stdout
-            if stream is None:
-                raise SourceError(f"cannot export {short_sha(rev)} from {self.describe()}")
-            extract_tree(stream, destination)
-            process.wait()  # raises GitCommandError when git archive failed
-        except git.GitCommandError as exc:
-            remove_tree(destination)
-            raise SourceError(
-                f"cannot export {short_sha(rev)} from {self.describe()}: {_reason(exc)}"
-            ) from exc
-        except OSError as exc:
-            raise SourceError(
-                f"cannot write the checkout of {short_sha(rev)} under {destination.parent}: "
-                f"{exc.strerror}; check free space and permissions of the state directory"
-            ) from exc
-        finally:
-            if process.proc.poll() is None:  # extraction stopped early: do not leave git behind
-                process.proc.kill()
-                process.proc.wait()
+        if not self._opened:
+            self._open()
+        # stderr goes to a file: a pipe nobody reads while the tar streams could fill and stall.
+        with tempfile.TemporaryFile() as errors:
+            try:
+                process = subprocess.Popen(
+                    ["git", "-C", str(self.repo_path), "archive", "--format=tar", rev],
+                    stdout=subprocess.PIPE,
+                    stderr=errors,
+                    env={**os.environ, **GIT_ENV},
+                )
+            except OSError as exc:
+                raise SourceError(f"cannot run git: {exc.strerror}") from exc
+            try:
+                stream = process.stdout
+                if stream is None:
+                    raise SourceError(f"cannot export {short_sha(rev)} from {self.describe()}")
+                extract_tree(stream, destination)
+                if process.wait() != 0:
+                    errors.seek(0)
+                    failed = GitCommandError(process.returncode, errors.read().decode("replace"))
+                    remove_tree(destination)
+                    raise SourceError(
+                        f"cannot export {short_sha(rev)} from {self.describe()}: {_reason(failed)}"
+                    )
+            except OSError as exc:
+                raise SourceError(
+                    f"cannot write the checkout of {short_sha(rev)} under "
+                    f"{destination.parent}: {exc.strerror}; check free space and permissions of "
+                    "the state directory"
+                ) from exc
+            finally:
+                if process.poll() is None:  # extraction stopped early: do not leave git behind
+                    process.kill()
+                    process.wait()
+                if process.stdout is not None:
+                    process.stdout.close()
         self._prune_trees()
         return destination
 
@@ -382,10 +428,8 @@ class GitSource:
         if not _SHA.match(rev):
             rev = self.resolve(rev)
         try:
-            listed = str(
-                self.repo.git.ls_tree("-r", "-t", "-z", "--full-tree", "--end-of-options", rev)
-            )
-        except git.GitCommandError as exc:
+            listed = self._git("ls-tree", "-r", "-t", "-z", "--full-tree", "--end-of-options", rev)
+        except GitCommandError as exc:
             raise SourceError(
                 f"cannot list the tree of {short_sha(rev)} in {self.describe()}: {_reason(exc)}"
             ) from exc
@@ -395,8 +439,8 @@ class GitSource:
         """Paths that differ between two revisions (for logs)."""
         old, new = self.resolve(base), self.resolve(head)
         try:
-            out = str(self.repo.git.diff("--name-only", "--end-of-options", old, new))
-        except git.GitCommandError as exc:
+            out = self._git("diff", "--name-only", "--end-of-options", old, new)
+        except GitCommandError as exc:
             raise SourceError(
                 f"cannot compare {short_sha(old)} and {short_sha(new)}: {_reason(exc)}"
             ) from exc

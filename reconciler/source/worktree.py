@@ -29,11 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import git
-
 from reconciler.errors import SourceError
 from reconciler.source.export import extract_tree, remove_tree
-from reconciler.source.git import GIT_ENV, Source
+from reconciler.source.git import GitCommandError, Source, run_git
 
 WORKTREE = ":worktree"
 """The revision name that selects the working tree (``:`` starts no ref or SHA)."""
@@ -114,24 +112,23 @@ class WorktreeSource:
 
 def _worktree_files(repo_path: Path) -> tuple[Path, list[str]]:
     """The top of the working tree and the files a commit of everything would hold."""
+    where = ["-C", str(repo_path)]
     try:
-        repo = git.Repo(repo_path)
-    except (git.NoSuchPathError, git.InvalidGitRepositoryError) as exc:
+        answer = run_git([*where, "rev-parse", "--is-bare-repository", "--show-prefix"])
+    except GitCommandError as exc:
         raise SourceError(f"{repo_path} is not a git repository") from exc
+    bare, _, prefix = answer.partition("\n")
+    if prefix.strip():  # a sub-directory of a repository, not the repository
+        raise SourceError(f"{repo_path} is not a git repository")
+    if bare.strip() == "true":
+        raise SourceError(f"{repo_path} is a bare repository: it has no working tree")
     try:
-        repo.git.update_environment(**GIT_ENV)
-        if repo.bare or repo.working_tree_dir is None:
-            raise SourceError(f"{repo_path} is a bare repository: it has no working tree")
-        top = Path(repo.working_tree_dir)
-        listed = str(
-            repo.git.ls_files(
-                "-z", "--cached", "--others", "--exclude-standard", strip_newline_in_stdout=False
-            )
+        top = Path(run_git([*where, "rev-parse", "--show-toplevel"]).strip())
+        listed = run_git(
+            ["-C", str(top), "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
         )
-    except git.GitCommandError as exc:
+    except GitCommandError as exc:
         raise SourceError(f"cannot list the working tree of {repo_path}: {exc.stderr}") from exc
-    finally:
-        repo.close()
     # An unmerged path is listed once per stage; the working tree holds it once.
     return top, sorted({name for name in listed.split("\0") if name})
 

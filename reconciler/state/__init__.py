@@ -8,9 +8,9 @@ this package names an implementation. The execution layer writes it; ``diff`` an
 read it.
 """
 
+from reconciler.defaults import default_state_dir
 from reconciler.model import FLEET_WIDE
 from reconciler.state.location import LeaseBinding, StoreLocation, open_state_store
-from reconciler.state.paths import default_state_dir
 from reconciler.state.protocol import Event, Intent, Pin, RevisionRecord, StateStore, VMHistoryEntry
 
 __all__ = [
