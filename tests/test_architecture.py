@@ -54,6 +54,8 @@ LAYERS: list[tuple[str, ...]] = [
         "reconciler.formatting",  # how revisions and durations read
         "reconciler.log_context",  # the fields of a cycle's log lines
         "reconciler.lifetimes",  # with-blocks for what holds a resource
+        "reconciler.http_client",  # outgoing requests follow no redirect
+        "reconciler.defaults",  # the state directory and age key a host reads by default
         "reconciler",
     ),
     ("reconciler.errors",),  # the one error tree

@@ -4,6 +4,7 @@ and QEMU boots of the images (TCG here)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from support.kernel import debian_kernel
 from support.qemu import boot
 from support.repo import FLEET_EXAMPLE, FleetRepo
 
@@ -250,34 +252,50 @@ def test_executables_run_on_the_host(example: dict[str, Path], tmp_path: Path) -
 
 
 def test_every_cache_entry_keeps_its_log_and_gc_keeps_what_runs(
-    example: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    example: dict[str, Path],
+    tmp_path: Path,
+    session_state: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(example["cache"], cache)
     entries = ArtifactCache(cache).entries()
     assert all((e.path / "build.log").is_file() for e in entries)
-    # One VM in the state store runs the echo unikernel: gc keeps that artifact only.
+    assert main(["artifacts", "ls", "--cache-dir", str(cache)]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert any(" executable-onedir " in row for row in rows)  # the web bundle the images carry
+    column = header.index("INPUT")  # every row's input digest starts under its heading
+    assert all(re.fullmatch(r" [0-9a-f]{12} ", row[column - 1 : column + 13]) for row in rows)
+    # VMs in the state store run the echo and web unikernels: gc keeps those artifacts only,
+    # not the executables and the bundle they were built from ...
     from dataclasses import replace
 
     from support.fakes import fleet, running, workload
 
     from reconciler.state import open_state_store
 
-    keep = next(
-        e
-        for e in entries
-        if e.manifest["target"] == "unikernel" and e.manifest["workload"] == "echo"
-    )
-    vm = running(fleet(workload("echo"))).vms["echo-0"]
+    keep = [e for e in entries if e.manifest["target"] == "unikernel"]
+    assert {e.manifest["workload"] for e in keep} == {"echo", "web"}
+    vms = running(fleet(workload("echo"), workload("web"))).vms
     store = open_state_store(tmp_path / "state")
-    store.put_vm(replace(vm, artifact_digest=keep.input_digest))
+    for entry in keep:
+        vm = vms[f"{entry.manifest['workload']}-0"]
+        store.put_vm(replace(vm, artifact_digest=entry.input_digest))
     store.close()
     assert (
         main(["artifacts", "gc", "--state-dir", str(tmp_path / "state"), "--cache-dir", str(cache)])
         == 0
     )
-    assert f"removed {len(entries) - 1} artifacts" in capsys.readouterr().out
-    assert [e.key for e in ArtifactCache(cache).entries()] == [keep.key]
+    assert f"removed {len(entries) - 2} artifacts" in capsys.readouterr().out
+    assert [e.key for e in ArtifactCache(cache).entries()] == sorted(e.key for e in keep)
+    # ... which is harmless: an image carries its own copy of the program, and building it
+    # again is a cache hit that needs neither.
+    code, records, _ = build(
+        capsys, example["repo"], session_state, cache, "--target", "unikernel", "echo", "web"
+    )
+    assert code == 0
+    assert [r["status"] for r in records] == ["cached", "cached"]
+    assert [e.key for e in ArtifactCache(cache).entries()] == sorted(e.key for e in keep)
 
 
 @pytest.mark.qemu
@@ -352,7 +370,7 @@ def test_echo_unikernel_echoes_over_the_vm_network(
 
 
 def test_kernel_registry_reads_the_debian_kernel(session_state: Path) -> None:
-    kernel = KernelRegistry(session_state / "kernels").get(None)
+    kernel = debian_kernel(session_state)
     assert kernel.format == "bzImage"
     assert kernel.features["virtio_blk"] == "module"
     assert kernel.features["ext4"] == "builtin"
@@ -436,7 +454,7 @@ def test_initramfs_bytes_depend_only_on_entries(tmp_path: Path) -> None:
 
 def test_vmlinux_is_extracted_for_firecracker(session_state: Path) -> None:
     registry = KernelRegistry(session_state / "kernels")
-    kernel = registry.get(None)
+    kernel = debian_kernel(session_state)  # a bzImage with no vmlinux beside it
     vmlinux = registry.vmlinux_for(kernel)
     header = vmlinux.read_bytes()[:20]
     assert header[:4] == b"\x7fELF"

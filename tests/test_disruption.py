@@ -121,6 +121,27 @@ def test_diff_reads_measurements_from_the_state_store(
     assert "Warning" not in capsys.readouterr().out
 
 
+@pytest.mark.postgres
+def test_diff_reads_measurements_from_the_store_it_is_given(
+    fleet_repo: FleetRepo, tmp_path: Path, lease_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--store postgresql://...``: the measurements come from there, not from the (empty)
+    SQLite store of the state directory."""
+    from reconciler.state import StoreLocation
+
+    base = fleet_repo.git("rev-parse", "HEAD")
+    fleet_repo.edit("workloads/web.yaml", "env:\n", "env:\n      NEW: value\n")
+    head = fleet_repo.commit("web: new env (a restart)")
+    state_dir = tmp_path / "state"
+    with open_state_store(StoreLocation(state_dir, url=lease_dsn)) as store:
+        message = {"workload": "web", "start_to_healthy": 42.0, "phases": {}}
+        store.record_event("vm.timeline", "web-0", json.dumps(message))
+    argv = ["diff", "--repo", str(fleet_repo.path), "--state-dir", str(state_dir)]
+    argv += ["--store", lease_dsn, "--base", base, "--head", head, "--format", "markdown"]
+    assert main(argv) == 2
+    assert "| 42.0 s (1 run) |" in capsys.readouterr().out
+
+
 def test_a_bad_budget_is_one_line(
     fleet_repo: FleetRepo, state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,6 +23,7 @@ from support.process_fleet import (
     network_yaml,
     new_pool,
     remove_deployment,
+    sleeper_spec,
 )
 from support.repo import FleetRepo
 
@@ -364,26 +365,10 @@ def test_stop_reaches_the_workload_and_a_new_runtime_adopts_the_sandbox(tmp_path
     ignores it), so the workload ends gracefully; a runtime that did not start the sandbox (a
     restarted reconciler) finds it from the pid file."""
     from builders.images import guest_init
-    from reconciler.guest_config import GuestConfig
-    from reconciler.model import RuntimeKind, VMState
+    from reconciler.model import VMState
     from runtime.process.driver import ProcessRuntime
-    from runtime.protocol import VMSpec
 
-    busybox = tmp_path / "busybox"  # a static executable, named so that it runs its applets
-    busybox.write_bytes(Path("/bin/busybox").read_bytes())
-    busybox.chmod(0o755)
-    script = "trap 'echo terminated; exit 0' TERM; echo waiting; while :; do sleep 1; done"
-    spec = VMSpec(
-        name="sleeper-0",
-        workload="sleeper",
-        fleet="test",
-        runtime=RuntimeKind.PROCESS,
-        vcpus=1,
-        memory_mib=64,
-        vm_dir=tmp_path / "vms" / "sleeper-0",
-        executable=busybox,
-        guest=GuestConfig(hostname="sleeper-0", args=("sh", "-c", script), restart="never"),
-    )
+    spec = sleeper_spec(tmp_path, restart="never")
     init = guest_init(tmp_path / "guest-init.log")
     started = ProcessRuntime(init_binary=lambda: init).start(spec)
     try:

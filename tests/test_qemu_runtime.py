@@ -178,7 +178,12 @@ def envdump_unikernel(tmp_path_factory: pytest.TempPathFactory, session_state: P
     repo.commit("envdump")
     common = ["--state-dir", str(session_state), "--cache-dir", str(root / "cache")]
     assert main(["build", "--repo", str(repo.path), *common, "envdump"]) == 0
-    return next(e.path for e in ArtifactCache(root / "cache").entries())
+    # The unikernel: the build also makes the executable (and the bundle) it embeds.
+    return next(
+        e.path
+        for e in ArtifactCache(root / "cache").entries()
+        if e.manifest["target"] == "unikernel"
+    )
 
 
 @pytest.mark.qemu

@@ -203,18 +203,29 @@ def run_kernel_ls(args: argparse.Namespace) -> int:
 
 def run_artifacts_ls(args: argparse.Namespace) -> int:
     entries = ArtifactCache(cache_dir(args)).entries()
-    print(f"{'WORKLOAD':<20} {'TARGET':<11} {'INPUT':<13} {'SIZE':>10}  BUILT")
-    for e in sorted(entries, key=lambda e: (e.manifest["workload"], e.manifest["target"])):
+    rows = sorted(
+        ((str(e.manifest["workload"]), str(e.manifest["target"]), e) for e in entries),
+        key=lambda row: row[:2],
+    )
+    # Columns as wide as their longest value: workload names and targets such as a Python
+    # workload's ``executable-onedir`` bundle outgrow any fixed width.
+    name = max([len("WORKLOAD"), *(len(r[0]) for r in rows)])
+    target = max([len("TARGET"), *(len(r[1]) for r in rows)])
+    print(f"{'WORKLOAD':<{name}} {'TARGET':<{target}} {'INPUT':<13} {'SIZE':>10}  BUILT")
+    for workload, kind, e in rows:
         size = sum(f["size"] for f in e.manifest.get("files", {}).values())
         print(
-            f"{e.manifest['workload']:<20} {e.manifest['target']:<11} "
-            f"{short_digest(e.input_digest):<13} {size / 1e6:>8.1f}MB  "
-            f"{e.manifest.get('seconds', 0):.1f} s"
+            f"{workload:<{name}} {kind:<{target}} {short_digest(e.input_digest):<13} "
+            f"{size / 1e6:>8.1f}MB  {e.manifest.get('seconds', 0):.1f} s"
         )
     return EXIT_OK
 
 
 def run_artifacts_gc(args: argparse.Namespace) -> int:
+    """Keep the artifacts the state store's VMs run; remove every other entry. That includes
+    the executables and Python bundles the kept images were built from: an image carries its
+    own copy of the program (``builders.images``), so it boots without them, and they are only
+    needed to build an image again, which rebuilds them (a kept image is a cache hit)."""
     store = open_state_store(store_location(args))
     try:
         keep = {vm.artifact_digest for vm in store.observed().vms.values()}

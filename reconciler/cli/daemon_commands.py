@@ -15,9 +15,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from email.message import Message as HTTPMessage
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from reconciler.cli.build_commands import add_cache_option, cache_dir
 from reconciler.cli.environment import (
@@ -47,6 +46,7 @@ from reconciler.daemon.settings import (
     SourceSettings,
 )
 from reconciler.errors import EXIT_OK, ConfigError, LeadershipError
+from reconciler.http_client import NoRedirect
 from reconciler.leadership import LeaseSettings
 from reconciler.notify import CommitStatusTarget
 from reconciler.redact import redact_url
@@ -226,24 +226,9 @@ def run_daemon(args: argparse.Namespace) -> int:
         return daemon.run()
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is an error: following it would send the bearer token to wherever the
-    answer points (another host, another port, a plain-HTTP downgrade)."""
-
-    def redirect_request(  # noqa: PLR0917 (the standard library's signature)
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: HTTPMessage,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        return None
-
-
-# No proxy either: $http_proxy would receive the token; the daemon is asked directly.
-_TOKEN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+# No redirect (``reconciler.http_client``), and no proxy either: $http_proxy would receive the
+# token; the daemon is asked directly.
+_TOKEN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirect())
 TOKEN_OPENER = _TOKEN_OPENER  # for the other commands that talk to the daemon (``logs``)
 
 
@@ -274,7 +259,11 @@ def leader_endpoint(args: argparse.Namespace) -> tuple[str, str, str]:
     return url, token, shown
 
 
-def _call_leader(args: argparse.Namespace, path: str, body: dict[str, Any]) -> dict[str, Any]:
+def call_leader(args: argparse.Namespace, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST ``body`` as JSON to ``path`` of the daemon ``leader_endpoint`` finds, with the API
+    token; its JSON answer (``{}`` for none). Redirects are refused, not followed, so the token
+    reaches no other address; every failure is one ``LeadershipError`` naming the daemon by its
+    password-free URL."""
     url, token, shown = leader_endpoint(args)
     request = urllib.request.Request(
         url.rstrip("/") + path,
@@ -307,8 +296,19 @@ def _call_leader(args: argparse.Namespace, path: str, body: dict[str, Any]) -> d
     return answer
 
 
+def nudge_leader(args: argparse.Namespace, reason: str) -> None:
+    """After an operator's change in the store: ask a running daemon to reconcile now. It
+    would at its next poll anyway, so no daemon is fine and an unreachable one is one line."""
+    if running_leader(state_dir(args)) is None:
+        return
+    try:
+        call_leader(args, "/api/reconcile", {"reason": reason})
+    except (LeadershipError, ConfigError) as err:
+        print(f"the daemon acts on it at its next poll ({err})")
+
+
 def run_reconcile(args: argparse.Namespace) -> int:
-    _call_leader(args, "/api/reconcile", {"reason": "reconciler reconcile --now"})
+    call_leader(args, "/api/reconcile", {"reason": "reconciler reconcile --now"})
     print("the daemon reconciles now; follow with `reconciler status` or `reconciler events`")
     return EXIT_OK
 
@@ -332,11 +332,7 @@ def run_resume(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"resumed {args.workload or 'the whole fleet'}")
-    if running_leader(state_dir(args)) is not None:
-        try:
-            _call_leader(args, "/api/reconcile", {"reason": "resumed"})
-        except (LeadershipError, ConfigError) as err:
-            print(f"the daemon converges it at its next poll ({err})")
+    nudge_leader(args, "resumed")
     return EXIT_OK
 
 

@@ -30,7 +30,7 @@ from reconciler.cli.options import (
     store_location,
 )
 from reconciler.daemon.leader_file import running_leader
-from reconciler.errors import EXIT_OK, ConfigError, LeadershipError, ReconcilerError
+from reconciler.errors import EXIT_OK, ConfigError, ReconcilerError
 from reconciler.execution.status import (
     VMDescription,
     describe_vm,
@@ -218,14 +218,12 @@ def run_unpin(args: argparse.Namespace) -> int:
 
 def _nudge(args: argparse.Namespace, reason: str) -> None:
     """Ask a running daemon to act now; it would at its next poll anyway."""
-    from reconciler.cli.daemon_commands import _call_leader  # noqa: PLC0415 (the HTTP client: only when a daemon runs)
-
     if running_leader(state_dir(args)) is None:
         return
-    try:
-        _call_leader(args, "/api/reconcile", {"reason": reason})
-    except (LeadershipError, ConfigError) as err:
-        print(f"the daemon acts on it at its next poll ({err})")
+    # Imported here: the HTTP client is loaded only when a daemon runs.
+    from reconciler.cli.daemon_commands import nudge_leader  # noqa: PLC0415
+
+    nudge_leader(args, reason)
 
 
 # -- describe ---------------------------------------------------------------------------------

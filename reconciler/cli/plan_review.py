@@ -5,7 +5,8 @@ expected disruption in the Markdown plan (``--disruption-budget``).
     diff --format markdown ──▶ vm.timeline events (state store) ──▶ planning.disruption
                                                                 ──▶ render_markdown(plan, estimate)
 
-The measured start-to-healthy times are read from the state directory's store only when that
+The measured start-to-healthy times are read from the command's store (``--store``, else
+``RECONCILER_STORE``, else SQLite in the state directory); the SQLite one only when its
 directory exists: a CI job reviewing a pull request has none and says "not measured yet", and
 no command creates a state directory just to read it.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from reconciler.cli.options import state_dir
+from reconciler.cli.options import state_dir, store_location
 from reconciler.errors import ConfigError
 from reconciler.model import Plan
 from reconciler.pipeline import RevisionLoader
@@ -28,6 +29,7 @@ from reconciler.render import RENDERERS, render_markdown
 from reconciler.source.git import GitSource
 from reconciler.source.worktree import WORKTREE, WorktreeSource
 from reconciler.state import open_state_store
+from reconciler.state.location import SQLITE
 
 TIMELINE_EVENTS_READ = 2000  # the newest events scanned for measurements
 
@@ -93,10 +95,10 @@ def render_plan(args: argparse.Namespace, plan: Plan) -> str:
 
 def measured_start_to_healthy(args: argparse.Namespace) -> dict[str, list[float]]:
     """Workload -> the newest start-to-healthy times the daemon recorded, newest first."""
-    directory = state_dir(args)
-    if not directory.is_dir():
+    location = store_location(args)  # --store / RECONCILER_STORE, as every other command
+    if location.kind == SQLITE and not location.state_dir.is_dir():
         return {}
-    with open_state_store(directory) as store:
+    with open_state_store(location) as store:
         events = store.events(TIMELINE_EVENTS_READ)
     return start_to_healthy_samples((e.kind, e.message) for e in events)
 

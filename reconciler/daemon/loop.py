@@ -45,6 +45,7 @@ from reconciler.leadership.fence import Fence
 from reconciler.leadership.file_lease import FileLease
 from reconciler.leadership.protocol import Lease
 from reconciler.log_context import log_fields
+from reconciler.manifests.compile_cache import CACHE_FILE
 from reconciler.model import DesiredFleet, NotificationEvent, short_digest
 from reconciler.notify import (
     Endpoints,
@@ -181,6 +182,7 @@ class Daemon:
         self.queue = TriggerQueue()
         self.state = LoopState(started_at=time.time())
         self._stopping = threading.Event()
+        self._pid = os.getpid()  # the daemon's own, not a fork's (see _on_signal)
         self._loaded: dict[str, DesiredFleet] = {}  # the revisions loaded last, by commit
         status_target = settings.notify.commit_status
         self.endpoints = Endpoints(settings.notify.endpoints_env)
@@ -208,6 +210,7 @@ class Daemon:
                     age_key_file=settings.source.age_key_file,
                     create_digest_key=True,
                 ),
+                compile_cache=settings.state_dir / CACHE_FILE,
             ),
             host,
             settings.cache_dir,
@@ -326,6 +329,12 @@ class Daemon:
         return 0
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:
+            # A fork of the daemon (pyroute2's namespace helper) inherits this handler and is
+            # ended with SIGTERM: it dies as it would have without it, and says nothing.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self._stopping.is_set():
             return  # the same signal sent to the process and to its group
         log.info(
@@ -348,6 +357,9 @@ class Daemon:
         reasons = self.queue.take(timeout=wait)
         if retry_at and time.time() >= retry_at and not reasons:
             reasons = ["retry"]
+        recheck_at = self.cycle.recheck_at  # a canary's soak ended (cycle.recheck_at)
+        if recheck_at and time.time() >= recheck_at and not reasons:
+            reasons = ["rollout"]
         if reasons and not self._stopping.is_set() and fence.valid:
             self._run_cycle(fence, reasons)
 

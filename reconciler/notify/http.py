@@ -11,10 +11,9 @@ from __future__ import annotations
 import urllib.error
 import urllib.parse
 import urllib.request
-from email.message import Message
-from typing import IO
 
 from reconciler.errors import ReconcilerError
+from reconciler.http_client import NoRedirect
 
 MAX_ANSWER = 64 * 1024  # what is read of an answer: webhooks answer "ok"
 
@@ -23,20 +22,7 @@ class DeliveryError(ReconcilerError):
     """An endpoint did not take a notification; the message never holds its URL."""
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(  # noqa: PLR0917 (urllib's signature, overridden)
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: Message,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        return None  # the 3xx is then raised as an HTTPError
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect())
+_OPENER = urllib.request.build_opener(NoRedirect())
 
 
 def scrub(text: str, url: str) -> str:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.errors import ConfigError
-from reconciler.state import sqlite
 from reconciler.state.protocol import StateStore
 
 SQLITE = "sqlite"
@@ -72,7 +71,10 @@ def open_state_store(where: Path | StoreLocation) -> StateStore:
     location = where if isinstance(where, StoreLocation) else StoreLocation(where)
     location = location.validated()
     if location.url is None or location.url == SQLITE:
-        return sqlite.open_state_store(location.state_dir)
+        # Imported here too: a command that opens no store (``diff --base``) loads no driver.
+        from reconciler.state.sqlite import SQLiteStateStore  # noqa: PLC0415
+
+        return SQLiteStateStore.in_directory(location.state_dir)
     # Imported here: a host on the embedded store never loads psycopg and libpq.
     from reconciler.state.postgres import PostgresStateStore  # noqa: PLC0415
 

@@ -48,7 +48,6 @@ from reconciler.state.protocol import (
     OutboxState,
     Pin,
     RevisionRecord,
-    StateStore,
     VMHistoryEntry,
     pin_message,
 )
@@ -182,6 +181,12 @@ class SQLiteStateStore(ClosedOnExit):
             ) from exc
         if tightened:
             log.warning("made private what others could read: %s", ", ".join(tightened))
+
+    @classmethod
+    def in_directory(cls, state_dir: Path) -> SQLiteStateStore:
+        """The store of ``state_dir``. Commands open it through
+        ``reconciler.state.location.open_state_store``, which also knows the other stores."""
+        return cls(state_dir / "state.db")
 
     def _add_missing_columns(self) -> None:
         """Columns added after a store was created (same schema version: additive only)."""
@@ -635,8 +640,3 @@ def _history_from_row(row: tuple[object, ...]) -> VMHistoryEntry:
 
 def _companion_files(db: Path) -> list[Path]:
     return [db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
-
-
-def open_state_store(state_dir: Path) -> StateStore:
-    """The state store of ``state_dir``; every call opens a handle (a connection) of its own."""
-    return SQLiteStateStore(state_dir / "state.db")

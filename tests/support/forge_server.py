@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from support.receiver import reply, serve, stop
 
 GITHUB_STATES = {"pending", "success", "failure", "error"}
 GITLAB_STATES = {"pending", "running", "success", "failed", "canceled", "skipped"}
@@ -51,25 +52,12 @@ class FakeForge:
         return f"http://{host!s}:{port}{self.prefix}"
 
     def __enter__(self) -> FakeForge:
-        forge = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _handle(self) -> None:
-                forge.handle(self)
-
-            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _handle
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = serve(self.handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
+        stop(self._server)
 
     def add_comment(self, pr: int, body: str, *, foreign: bool = False) -> int:
         self._next_id += 1
@@ -94,11 +82,7 @@ class FakeForge:
         )
         self.requests.append(request)
         if self.redirect_to is not None:
-            h.send_response(302)
-            h.send_header("Location", self.redirect_to)
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-            return None
+            return reply(h, 302, b"", {"Location": self.redirect_to})
         if not request.path.startswith(self.prefix):
             return _reply(h, 404, {"message": "Not Found"})
         path = request.path[len(self.prefix) :]
@@ -190,11 +174,4 @@ def _has_body(r: Request) -> bool:
 
 
 def _reply(h: BaseHTTPRequestHandler, status: int, data: Any, link: str | None = None) -> None:
-    raw = json.dumps(data).encode()
-    h.send_response(status)
-    h.send_header("Content-Type", "application/json")
-    h.send_header("Content-Length", str(len(raw)))
-    if link:
-        h.send_header("Link", link)
-    h.end_headers()
-    h.wfile.write(raw)
+    reply(h, status, json.dumps(data).encode(), {"Link": link} if link else {})

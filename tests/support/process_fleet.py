@@ -13,9 +13,13 @@ import socket
 import subprocess
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime.network import scope_for
 from support.repo import FLEET_EXAMPLE, FleetRepo
+
+if TYPE_CHECKING:
+    from runtime.protocol import VMSpec
 
 ECHO = FLEET_EXAMPLE / "services" / "echo" / "echo.c"
 
@@ -135,3 +139,29 @@ def remove_deployment(state: Path, bridge: str | None = None) -> None:
             subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
     for family, table in (("bridge", f"reconciler{scope}"), ("ip", f"reconciler{scope}-nat")):
         subprocess.run(["nft", "delete", "table", family, table], check=False, capture_output=True)
+
+
+SLEEPER_SCRIPT = "trap 'echo terminated; exit 0' TERM; echo waiting; while :; do sleep 1; done"
+
+
+def sleeper_spec(directory: Path, restart: str) -> VMSpec:
+    """A process VM (not started) whose workload, busybox's sh, prints ``waiting``, sleeps,
+    and on SIGTERM prints ``terminated`` and exits 0: what a stop must reach."""
+    from reconciler.guest_config import GuestConfig
+    from reconciler.model import RuntimeKind
+    from runtime.protocol import VMSpec
+
+    busybox = directory / "busybox"  # a static executable, named so that it runs its applets
+    busybox.write_bytes(Path("/bin/busybox").read_bytes())
+    busybox.chmod(0o755)
+    return VMSpec(
+        name="sleeper-0",
+        workload="sleeper",
+        fleet="test",
+        runtime=RuntimeKind.PROCESS,
+        vcpus=1,
+        memory_mib=64,
+        vm_dir=directory / "vms" / "sleeper-0",
+        executable=busybox,
+        guest=GuestConfig(hostname="sleeper-0", args=("sh", "-c", SLEEPER_SCRIPT), restart=restart),
+    )
