@@ -90,10 +90,7 @@ WORKLOADS = {
 def built_kernel(profile: str) -> kernel_build.BuiltKernel | None:
     """The specialised kernel of ``profile`` if this machine built it already (what ``reconciler
     kernel build`` would reuse), without building it."""
-    base, *fragments = (p.read_text() for p in kernel_build.fragment_paths(profile))
-    merged, _wanted = kernel_build.merge(base, fragments)
-    key = kernel_build.build_key(kernel_build.source_version(), merged, kernel_build.toolchain())
-    return kernel_cache().get(key)
+    return kernel_cache().cached(profile)
 
 
 def kernel_cache() -> kernel_build.KernelCache:
@@ -615,12 +612,12 @@ def main() -> int:
                 f" | {disk.stat().st_size / 1e6 if disk.exists() else 0:.1f}"
                 f" | {tree_size(programs[program]) / 1e6:.2f} |"
             )
-        for label, kernel in kernel_of.items():
-            vmlinux = kernel.image.with_name("vmlinux")
+        for label, registered in kernel_of.items():
+            vmlinux = registered.image.with_name("vmlinux")
             extra = f", vmlinux {vmlinux.stat().st_size / 1e6:.1f} MB" if vmlinux.exists() else ""
             lines.append(
-                f"\nKernel `{label}`: {kernel.name}, bzImage "
-                f"{kernel.image.stat().st_size / 1e6:.1f} MB{extra}."
+                f"\nKernel `{label}`: {registered.name}, bzImage "
+                f"{registered.image.stat().st_size / 1e6:.1f} MB{extra}."
             )
 
     args.out.write_text("\n".join(lines) + "\n")

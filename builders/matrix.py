@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from builders.bundle_trim import RULES_DIGEST
 from builders.cache import ArtifactCache, CacheEntry, file_digest
 from builders.executable import Layout, build_executable
 from builders.images import INITRAMFS_COMPRESSION, build_microvm, build_unikernel, guest_init
@@ -42,7 +43,9 @@ EXECUTABLE_NAME = "workload"
 BUNDLE_NAME = "bundle"
 # How workloads are packed (stripped Python, the images' bundle and initramfs compression); in
 # every cache key, so changing it rebuilds once (bump the number when the packing changes).
-PACKING = f"2:python-strip,images-onedir:initramfs-{INITRAMFS_COMPRESSION.value}"
+PACKING = (
+    f"3:python-strip,trim-{RULES_DIGEST},images-onedir:initramfs-{INITRAMFS_COMPRESSION.value}"
+)
 
 
 @dataclass(frozen=True)

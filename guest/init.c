@@ -931,10 +931,38 @@ static int has_power_key(int fd) {
  * device appears nor needs the supervisor loop to poll. Without a button (no ACPI, no button or
  * evdev driver in the kernel) the runtime's other ways still work: Ctrl-Alt-Del, its own
  * timeout. */
+static nfds_t open_power_buttons(struct pollfd fds[8]) {
+    nfds_t count = 0;
+    DIR *dir = opendir("/dev/input");
+    struct dirent *entry;
+    while (dir && (entry = readdir(dir)) && count < 8) {
+        if (strncmp(entry->d_name, "event", 5)) continue;
+        char path[300];
+        snprintf(path, sizeof path, "/dev/input/%s", entry->d_name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        if (!has_power_key(fd)) {
+            close(fd);
+            continue;
+        }
+        fds[count].fd = fd;
+        fds[count].events = POLLIN;
+        count++;
+    }
+    if (dir) closedir(dir);
+    return count;
+}
+
 static void watch_power_button(void) {
+    /* Opened before the workload starts when the device is there already (a kernel with the
+     * button built in): a press right after "workload-started" is then never lost to a child
+     * that has not opened the device yet. */
+    struct pollfd fds[8];
+    nfds_t count = open_power_buttons(fds);
     pid_t pid = fork();
     if (pid != 0) {
         if (pid < 0) error_marker("fork (power button watch): %s", strerror(errno));
+        for (nfds_t i = 0; i < count; i++) close(fds[i].fd);
         return;
     }
     sigset_t none;
@@ -943,28 +971,10 @@ static void watch_power_button(void) {
     signal(SIGTERM, SIG_DFL);
     signal(SIGINT, SIG_DFL);
     signal(SIGPWR, SIG_DFL);
-    struct pollfd fds[8];
-    nfds_t count = 0;
     /* The devices appear a moment after their drivers bind: look for up to 5 s. */
     for (int attempt = 0; attempt < 100 && count == 0; attempt++) {
-        DIR *dir = opendir("/dev/input");
-        struct dirent *entry;
-        while (dir && (entry = readdir(dir)) && count < 8) {
-            if (strncmp(entry->d_name, "event", 5)) continue;
-            char path[300];
-            snprintf(path, sizeof path, "/dev/input/%s", entry->d_name);
-            int fd = open(path, O_RDONLY | O_CLOEXEC);
-            if (fd < 0) continue;
-            if (!has_power_key(fd)) {
-                close(fd);
-                continue;
-            }
-            fds[count].fd = fd;
-            fds[count].events = POLLIN;
-            count++;
-        }
-        if (dir) closedir(dir);
-        if (!count) usleep(50000);
+        usleep(50000);
+        count = open_power_buttons(fds);
     }
     if (!count) _exit(0);
     for (;;) {

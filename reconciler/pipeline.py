@@ -13,7 +13,9 @@ is the target revision's, except that the pinned workload is the pinned revision
 
 A loader keeps what it learnt (``manifests.compile_cache``): a file parsed, a source tree
 digested or a workload compiled at one revision is reused at the next when its content (its
-text, its Git tree id) is the same. With ``compile_cache`` set, that lasts across processes.
+text, its Git tree id) is the same, and a whole revision loaded before (by commit, when nothing
+outside the commit decided its load) is decoded without reading its files. With
+``compile_cache`` set, that lasts across processes.
 """
 
 from __future__ import annotations

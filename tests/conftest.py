@@ -38,16 +38,19 @@ def kernel_deb() -> Path:
 
 @pytest.fixture(scope="session")
 def session_state(tmp_path_factory: pytest.TempPathFactory, kernel_deb: Path) -> Path:
-    """A state directory with the Debian kernel registered, shared by the build tests."""
-    return register_kernel(tmp_path_factory.mktemp("session-state"), kernel_deb)
+    """A state directory shared by the build tests, with Debian's kernel and the specialised
+    kernels (microvm, unikernel) registered: images built in it boot the specialised kernel of
+    their target by default, and ``support.kernel.debian_kernel`` finds Debian's for the tests
+    that compare with it. The specialised kernels come from the machine's kernel cache (built
+    there first if missing: ``make kernel`` and ``.ci/run`` fill it before the tests)."""
+    state = register_kernel(tmp_path_factory.mktemp("session-state"), kernel_deb)
+    return register_specialised(state)
 
 
 @pytest.fixture(scope="session")
-def specialised_state(tmp_path_factory: pytest.TempPathFactory, kernel_deb: Path) -> Path:
-    """A state directory with Debian's kernel and the specialised kernels (microvm, unikernel)
-    registered: images built in it boot the specialised kernel of their target by default."""
-    state = register_kernel(tmp_path_factory.mktemp("specialised-state"), kernel_deb)
-    return register_specialised(state)
+def specialised_state(session_state: Path) -> Path:
+    """The shared state directory, named for the tests about the specialised kernels."""
+    return session_state
 
 
 @pytest.fixture(scope="session")

@@ -10,16 +10,21 @@ patience, so a stop that waited one out would fail the test; no wall-clock bound
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import threading
 from pathlib import Path
 
 import pytest
-from support.process_fleet import remove_deployment
+from support.builds import build_artifacts
+from support.kernel import register_kernel
+from support.process_fleet import remove_deployment, sleeper_spec
 from support.qemu import artifact_spec, wait_for_event
+from support.repo import FleetRepo
 
 from builders.images import guest_init
-from reconciler.guest_config import GuestConfig
-from reconciler.model import RuntimeKind, VMState
+from reconciler.model import VMState
 from runtime.console import read_markers
 from runtime.detached import alive
 from runtime.process.driver import ProcessRuntime
@@ -34,21 +39,45 @@ def stop_within(runtime: Runtime, spec: VMSpec, patience: float) -> VMStatus:
     """``runtime.stop(spec, grace_seconds=GRACE)``; fails when it has not returned within
     ``patience`` seconds (it would have waited the grace period out)."""
     result: list[VMStatus] = []
-    worker = threading.Thread(
-        target=lambda: result.append(runtime.stop(spec, grace_seconds=GRACE)), daemon=True
-    )
+
+    def stop() -> None:
+        try:
+            result.append(runtime.stop(spec, grace_seconds=GRACE))
+        finally:
+            # QMP's client made an event loop for this thread; it ends with the thread.
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_event_loop_policy().get_event_loop().close()
+
+    worker = threading.Thread(target=stop, daemon=True)
     worker.start()
     worker.join(patience)
     assert result, f"stop of {spec.name} waited for its grace period ({GRACE:g} s)"
     return result[0]
 
 
+@pytest.fixture(scope="module")
+def echo_unikernel_debian(tmp_path_factory: pytest.TempPathFactory, kernel_deb: Path) -> Path:
+    """fleet-example's echo unikernel on Debian's kernel (its evdev and button are modules)."""
+    root = tmp_path_factory.mktemp("echo-debian")
+    state = register_kernel(root / "state", kernel_deb)  # Debian's kernel only
+    repo = FleetRepo.of_fleet_example(root / "fleet")
+    built = build_artifacts(repo.path, state, root / "cache", "--target", "unikernel", "echo")
+    return built["echo/unikernel"].path
+
+
 @pytest.mark.qemu
 @pytest.mark.root
+@pytest.mark.parametrize("kernel", ["specialised", "debian"])
 def test_a_qemu_vm_powers_itself_off_on_the_power_button(
-    echo_unikernel: Path, tmp_path: Path
+    kernel: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    spec = artifact_spec(echo_unikernel, tmp_path / "echo-0", "echo-0")
+    """On the specialised unikernel kernel (button and evdev built in) and on Debian's."""
+    image: Path = request.getfixturevalue(
+        "echo_unikernel" if kernel == "specialised" else "echo_unikernel_debian"
+    )
+    booted = json.loads((image / "manifest.json").read_text())["kernel"]["name"]
+    assert ("-unikernel-" in booted) == (kernel == "specialised"), booted
+    spec = artifact_spec(image, tmp_path / "echo-0", "echo-0")
     runtime = QemuRuntime(state_dir=tmp_path, accel="tcg")
     started = runtime.start(spec)
     assert started.pid is not None
@@ -77,21 +106,7 @@ def test_a_qemu_vm_powers_itself_off_on_the_power_button(
 
 @pytest.mark.root
 def test_a_process_vm_stop_returns_when_the_workload_has_ended(tmp_path: Path) -> None:
-    busybox = tmp_path / "busybox"  # a static executable, named so that it runs its applets
-    busybox.write_bytes(Path("/bin/busybox").read_bytes())
-    busybox.chmod(0o755)
-    script = "trap 'echo terminated; exit 0' TERM; echo waiting; while :; do sleep 1; done"
-    spec = VMSpec(
-        name="sleeper-0",
-        workload="sleeper",
-        fleet="test",
-        runtime=RuntimeKind.PROCESS,
-        vcpus=1,
-        memory_mib=64,
-        vm_dir=tmp_path / "vms" / "sleeper-0",
-        executable=busybox,
-        guest=GuestConfig(hostname="sleeper-0", args=("sh", "-c", script), restart="always"),
-    )
+    spec = sleeper_spec(tmp_path, restart="always")
     init = guest_init(tmp_path / "guest-init.log")
     runtime = ProcessRuntime(init_binary=lambda: init)
     started = runtime.start(spec)

@@ -20,6 +20,7 @@ import json
 import marshal
 import os
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,7 @@ from reconciler.pipeline import RevisionLoader, plan_between
 from reconciler.planning import check_deletions, diff, observed_from_desired
 from reconciler.render import render_json
 from reconciler.source import GitSource
+from reconciler.source.export import remove_tree
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -173,6 +175,8 @@ class GeneratedFleet:
                 "symlink-inside",
                 "symlink-in-front",
                 "dir-becomes-link",
+                "unlink",
+                "ignore",
                 "nothing",
             ]
         )
@@ -217,7 +221,32 @@ class GeneratedFleet:
                     child.unlink()
                 real.rmdir()
                 real.symlink_to(target)
+        elif kind == "unlink":
+            # Back to a symlink-free tree (a revision the cache may keep whole).
+            self._unlink()
+        elif kind == "ignore":
+            # A foreign YAML file that only the ignore file keeps from being an error.
+            notes = self.repo.path / "fleet" / "notes"
+            if notes.is_dir():
+                shutil.rmtree(notes)
+                (self.repo.path / "fleet" / ".reconcilerignore").unlink()
+            else:
+                self.repo.write("fleet/notes/todo.yaml", "items: [a, b]\n")
+                self.repo.write("fleet/.reconcilerignore", "notes/\n")
         return f"{kind} {name}"
+
+    def _unlink(self) -> None:
+        for directory, dirnames, filenames in os.walk(self.repo.path):
+            dirnames[:] = [d for d in dirnames if d != ".git"]
+            for entry in [*dirnames, *filenames]:
+                path = Path(directory) / entry
+                if path.is_symlink():
+                    path.unlink()
+        for name, spec in self.workloads.items():
+            leaf = spec.path.rsplit("/", 1)[1]
+            if not (self.repo.path / "src" / leaf).is_dir():
+                self.repo.write(f"src/{leaf}/app.py", f"print({name!r})\n")
+            spec.path = f"../src/{leaf}"
 
 
 def _loaded(fleet: DesiredFleet) -> tuple[object, ...]:
@@ -267,6 +296,7 @@ def test_cached_plans_equal_plans_from_scratch(tmp_path: Path, seed: int) -> Non
     store = lasting.cache.store
     assert store is not None
     assert store.hits > 0
+    assert store.revisions  # some revisions were symlink-free and were kept whole
 
 
 def _example(tmp_path: Path) -> tuple[FleetRepo, GitSource, str, str]:
@@ -318,11 +348,63 @@ def test_an_entry_that_does_not_decode_is_dropped(tmp_path: Path) -> None:
     cache_file = tmp_path / CACHE_FILE
     fresh = _planned(source, base, head, cache_file)
     payload = cache_file.read_bytes()[len(MAGIC) + 32 :]
-    version, files, _, workloads = marshal.loads(payload)
+    version, files, _, workloads, revisions = marshal.loads(payload)
+    # The example renders a template and decrypts secrets: its revisions are never kept whole.
+    assert revisions == {}
     workloads = dict.fromkeys(workloads, ("garbage",))  # well signed, wrong shape
-    bad = marshal.dumps((version, files, {}, workloads))
+    bad = marshal.dumps((version, files, {}, workloads, revisions))
     cache_file.write_bytes(MAGIC + hashlib.sha256(bad).digest() + bad)
     assert _planned(source, base, head, cache_file) == fresh  # every workload compiled again
+    assert decode_workload(("garbage",)) is None
+
+
+def _generated(tmp_path: Path) -> tuple[GitSource, str, str]:
+    repo = FleetRepo(tmp_path / "repo")
+    generated = GeneratedFleet(repo, random.Random(7))
+    for _ in range(6):
+        generated.add_workload()
+    generated.write()
+    base = repo.commit("generated")
+    generated.memory = 256
+    generated.write()
+    head = repo.commit("defaults")
+    return GitSource(str(repo.path), cache_dir=tmp_path / "state" / "git"), base, head
+
+
+def _plan_of(source: GitSource, base: str, head: str, cache_file: Path) -> tuple[str, int]:
+    loader = RevisionLoader(source, "fleet", compile_cache=cache_file)
+    plan = render_json(plan_between(loader, base, head))
+    assert loader.cache.store is not None
+    return plan, loader.cache.store.hits
+
+
+def test_a_revision_loaded_whole_before_reads_no_file(tmp_path: Path) -> None:
+    source, base, head = _generated(tmp_path)
+    cache_file = tmp_path / "state" / CACHE_FILE
+    expected = render_json(
+        plan_between(RevisionLoader(source, "fleet", cache=ParseCache()), base, head)
+    )
+    assert _plan_of(source, base, head, cache_file)[0] == expected
+    payload = cache_file.read_bytes()[len(MAGIC) + 32 :]
+    version, files, trees, workloads, revisions = marshal.loads(payload)
+    assert len(revisions) == 2  # base and head, symlink-free, no template, no secret
+    # Neither checkout is read again: both revisions come from the cache alone.
+    for rev in (base, head):
+        checkout = tmp_path / "state" / "git" / "trees" / rev
+        os.chmod(checkout, 0o755)
+        remove_tree(checkout / "fleet")
+    plan, hits = _plan_of(source, base, head, cache_file)
+    assert plan == expected
+    assert hits == 12
+    # An entry of the wrong shape, or one whose workloads are gone, is loaded again.
+    for broken in (
+        (files, trees, workloads, dict.fromkeys(revisions, ("garbage", ()))),
+        (files, trees, {}, revisions),
+    ):
+        bad = marshal.dumps((version, *broken))
+        cache_file.write_bytes(MAGIC + hashlib.sha256(bad).digest() + bad)
+        remove_tree(tmp_path / "state" / "git" / "trees")
+        assert _plan_of(source, base, head, cache_file)[0] == expected
     assert decode_workload(("garbage",)) is None
 
 

@@ -1,5 +1,6 @@
-"""The specialised kernel builder: fragment merging and verification (pure), the checked-in
-profiles against the real Kconfig of linux-source-6.1, the registry's choice of kernel per
+"""The specialised kernel builder: fragment merging and verification (pure), the fragments'
+derivation from Firecracker's configuration, the checked-in profiles on tinyconfig against the
+real Kconfig of linux-source-6.1, the registry's choice of kernel per
 target, and QEMU boots (TCG here) of fleet-example's images on the specialised kernels."""
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from support.repo import FLEET_EXAMPLE, FleetRepo
 
 from builders.cache import ArtifactCache
 from builders.kernel_build import (
-    BASE_CONFIG,
     CONFIG_DIR,
+    DEVIATIONS,
     PROFILES,
+    REFERENCE_CONFIG,
     SOURCE_DIR,
     SOURCE_TARBALL,
     build_key,
@@ -31,6 +33,7 @@ from builders.kernel_build import (
     parse_config,
     render_config,
     verify,
+    wanted_options,
 )
 from builders.kernels import VM_MODULES, KernelRegistry, profile_for
 from reconciler.cli import main
@@ -105,14 +108,34 @@ def test_the_checked_in_profiles_ask_for_what_a_guest_needs() -> None:
         assert common[option] == value, option
     wants = {p: parse_config((CONFIG_DIR / f"{p}.config").read_text()) for p in PROFILES}
     assert wants["microvm"]["CONFIG_VIRTIO_BLK"] == wants["microvm"]["CONFIG_VIRTIO_NET"] == "y"
-    assert wants["unikernel"]["CONFIG_VIRTIO_BLK"] == wants["unikernel"]["CONFIG_EXT4_FS"] == "n"
-    assert wants["batch"]["CONFIG_VIRTIO_NET"] == "n"
+    # tinyconfig has no block layer and no network device: a profile adds what it uses.
+    assert "CONFIG_VIRTIO_BLK" not in wants["unikernel"]
+    assert "CONFIG_VIRTIO_NET" not in wants["batch"]
     assert "Apache License, Version 2.0" in (CONFIG_DIR / "NOTICE").read_text()
-    assert [p.name for p in fragment_paths("batch")] == [
-        BASE_CONFIG,
-        "common.config",
-        "batch.config",
-    ]
+    assert [p.name for p in fragment_paths("batch")] == ["common.config", "batch.config"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_option_is_set_as_firecracker_sets_it_or_is_a_listed_deviation(
+    profile: str,
+) -> None:
+    """The fragments are derived from Firecracker's guest configuration: an option set another
+    way must be in ``DEVIATIONS`` with its reason, and a deviation that is none is stale."""
+    reference = parse_config((CONFIG_DIR / REFERENCE_CONFIG).read_text())
+    wanted = wanted_options([p.read_text() for p in fragment_paths(profile)])
+    differing = {o for o, v in wanted.items() if reference.get(o, "n") != v}
+    unexplained = sorted(differing - set(DEVIATIONS))
+    assert not unexplained, f"set unlike Firecracker and not in DEVIATIONS: {unexplained}"
+    assert all(reason.strip() for reason in DEVIATIONS.values())
+
+
+def test_every_deviation_is_one_the_fragments_make() -> None:
+    reference = parse_config((CONFIG_DIR / REFERENCE_CONFIG).read_text())
+    differing: set[str] = set()
+    for profile in PROFILES:
+        wanted = wanted_options([p.read_text() for p in fragment_paths(profile)])
+        differing |= {o for o, v in wanted.items() if reference.get(o, "n") != v}
+    assert set(DEVIATIONS) == differing
 
 
 def test_omitted_features_are_the_registry_features_left_out() -> None:
@@ -208,23 +231,54 @@ def kernel_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def olddefconfig(tree: Path, merged: str) -> str:
     (tree / ".config").write_text(merged)
-    subprocess.run(["make", "-s", "olddefconfig"], cwd=tree, check=True, capture_output=True)
+    make = ["make", "-s", "ARCH=x86_64"]
+    subprocess.run([*make, "olddefconfig"], cwd=tree, check=True, capture_output=True)
     return (tree / ".config").read_text()
+
+
+@pytest.fixture(scope="module")
+def tinyconfig(kernel_tree: Path) -> str:
+    """``make tinyconfig``: the base every profile is merged onto."""
+    make = ["make", "-s", "ARCH=x86_64", "tinyconfig"]
+    subprocess.run(make, cwd=kernel_tree, check=True, capture_output=True)
+    return (kernel_tree / ".config").read_text()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("profile", PROFILES)
-def test_every_profile_holds_after_olddefconfig(kernel_tree: Path, profile: str) -> None:
-    base, *fragments = (p.read_text() for p in fragment_paths(profile))
-    merged, wanted = merge(base, fragments)
-    final = olddefconfig(kernel_tree, merged)
-    verify(final, wanted, profile=profile)
-    assert parse_config(final).get("CONFIG_MODULES", "n") == "n"
+def test_every_profile_holds_after_olddefconfig(
+    kernel_tree: Path, tinyconfig: str, profile: str
+) -> None:
+    merged, wanted = merge(tinyconfig, [p.read_text() for p in fragment_paths(profile)])
+    final = parse_config(olddefconfig(kernel_tree, merged))
+    verify(render_config(final), wanted, profile=profile)
+    assert final.get("CONFIG_MODULES", "n") == "n"
+    assert final.get("CONFIG_64BIT") == "y"
+    # The guest's needs that are not named but must follow: the power button's input device,
+    # and no initramfs decompressor beyond LZ4 and gzip.
+    assert final.get("CONFIG_ACPI_BUTTON") == final.get("CONFIG_INPUT_EVDEV") == "y"
+    assert {o for o, v in final.items() if o.startswith("CONFIG_RD_") and v == "y"} == {
+        "CONFIG_RD_GZIP",
+        "CONFIG_RD_LZ4",
+    }
+    devices = ("CONFIG_VIRTIO_BLK", "CONFIG_EXT4_FS", "CONFIG_VIRTIO_NET")
+    has = {o for o in devices if final.get(o) == "y"}
+    assert (
+        has
+        == {
+            "microvm": {"CONFIG_VIRTIO_BLK", "CONFIG_EXT4_FS", "CONFIG_VIRTIO_NET"},
+            "unikernel": {"CONFIG_VIRTIO_NET"},
+            "batch": {"CONFIG_VIRTIO_BLK", "CONFIG_EXT4_FS"},
+        }[profile]
+    )
 
 
 @pytest.mark.slow
-def test_an_option_kconfig_drops_is_a_build_error_naming_it(kernel_tree: Path) -> None:
-    base, *fragments = (p.read_text() for p in fragment_paths("microvm"))
+def test_an_option_kconfig_drops_is_a_build_error_naming_it(
+    kernel_tree: Path, tinyconfig: str
+) -> None:
+    base = tinyconfig
+    fragments = [p.read_text() for p in fragment_paths("microvm")]
     # virtio-blk depends on the block-device menu: Kconfig drops it without a word.
     merged, wanted = merge(base, [*fragments, "# CONFIG_BLK_DEV is not set\nCONFIG_VIRTIO_BLK=y"])
     with pytest.raises(BuildError, match=r"CONFIG_VIRTIO_BLK \(wanted y, got n\)"):
@@ -241,7 +295,8 @@ def test_the_built_kernels_are_registered_with_their_provenance(specialised_stat
         assert kernel.profile == profile
         meta = json.loads((kernel.image.parent / "kernel.json").read_text())["build"]
         assert meta["source"].startswith("linux-source-6.1 ")
-        assert meta["config_digest"].startswith("sha256:")
+        assert meta["fragments_digest"].startswith("sha256:")
+        assert meta["key"] == kernel.build["key"]
         assert meta["gcc"].startswith("gcc ")
         assert kernel.features["virtio_mmio"] == kernel.features["virtio_net"] == "builtin"
         assert kernel.modules_dir is None

@@ -1,7 +1,9 @@
 """The lean images: how a workload is packed into the unikernel and microVM images.
 
 The Python bundle is PyInstaller's one-directory layout under ``/app`` (nothing unpacks itself
-at boot), the initramfs is compressed as ``images.INITRAMFS_COMPRESSION`` says, a kernel with
+at boot) without the standard library's optional parts the workload's code cannot reach
+(``bundle_trim``: the rules on graphs, then real bundles that keep or drop them, and run), the
+initramfs is compressed as ``images.INITRAMFS_COMPRESSION`` says, a kernel with
 the features built in gets no module to load, and nothing a build leaves behind is followed out
 of its tree. Ends with the lean web unikernel booted under QEMU answering its health check.
 """
@@ -9,21 +11,27 @@ of its tree. Ends with the lean web unikernel booted under QEMU answering its he
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import stat
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.builds import build_artifacts
+from support.kernel import debian_kernel
 from support.qemu import boot
 from support.repo import FleetRepo
+from support.waiting import free_port
 
+from builders.bundle_trim import Module, decide
 from builders.cpio import Compression, Entry, archive, compression_of, file_entry, write_initramfs
-from builders.executable import take_tree
+from builders.executable import Layout, build_executable, take_tree
 from builders.images import (
     CONFIG_PATH,
     INITRAMFS,
@@ -32,11 +40,12 @@ from builders.images import (
     build_unikernel,
     guest_init,
 )
-from builders.kernels import FEATURES, VM_MODULES, Kernel, KernelRegistry
+from builders.kernels import FEATURES, VM_MODULES, Kernel
 from builders.matrix import BUNDLE_NAME
 from builders.toolchain import require
 from reconciler.errors import BuildError
 from reconciler.guest_config import GuestConfig
+from reconciler.model import Language
 
 
 def unpack(path: Path) -> dict[str, tuple[int, bytes]]:
@@ -121,7 +130,7 @@ def test_unikernel_carries_the_onedir_bundle_and_loads_no_module_when_built_in(
 def test_debian_kernel_gets_its_modules_in_dependency_order(
     tmp_path: Path, bundle: Path, session_state: Path
 ) -> None:
-    debian = KernelRegistry(session_state / "kernels").get(None)
+    debian = debian_kernel(session_state)
     assert "module" in {debian.features[m] for m in VM_MODULES}
     out = tmp_path / "out"
     out.mkdir()
@@ -205,8 +214,98 @@ def test_a_bundle_is_taken_without_following_what_the_build_planted(tmp_path: Pa
         take_tree(tmp_path / "linked", tmp_path / "taken-linked")
 
 
+ALIASES = {"sjis": "shift_jis", "latin1": "latin_1", "utf8": "utf_8"}
+STDLIB_GRAPH = {
+    "http.server": Module(own=False, imports=frozenset({"http.client", "socketserver"})),
+    "http.client": Module(own=False, imports=frozenset({"ssl", "email.parser"})),
+    "hmac": Module(own=False, imports=frozenset({"_hashlib", "hashlib"})),
+    "hashlib": Module(own=False, imports=frozenset({"_hashlib", "_sha256"})),
+    "ssl": Module(own=False, imports=frozenset({"_ssl"})),
+    "_ssl": Module(own=False),
+    "_hashlib": Module(own=False),
+    "urllib.request": Module(own=False, imports=frozenset({"http.client"})),
+    "encodings.utf_8": Module(own=False),
+    "encodings.cp437": Module(own=False),
+    "encodings.shift_jis": Module(own=False, imports=frozenset({"_codecs_jp"})),
+    "encodings.cp1252": Module(own=False),
+}
+
+
+def cut_for(**own: Module) -> dict[str, str]:
+    graph = {**STDLIB_GRAPH, **own}
+    return decide(graph, aliases=ALIASES, openssl_only=frozenset({"sha512_224"})).cut
+
+
+def test_a_server_that_only_compares_tokens_loses_tls_openssl_and_unnamed_codecs() -> None:
+    # fleet-example's web service: http.server (whose http.client tries ssl) and hmac.
+    script = Module(own=True, imports=frozenset({"http.server", "hmac", "json"}))
+    cut = cut_for(__main__=script)
+    assert set(cut) == {"ssl", "_ssl", "_hashlib", "encodings.shift_jis", "encodings.cp1252"}
+    assert "TLS" in cut["ssl"]
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        Module(own=True, imports=frozenset({"ssl"})),
+        Module(own=True, imports=frozenset({"http.client"})),  # imports ssl itself
+        Module(own=True, imports=frozenset({"urllib.request"})),  # through http.client
+        Module(own=True, imports=frozenset({"asyncio.streams"})),
+    ],
+)
+def test_code_that_can_open_tls_connections_keeps_tls_and_openssl(script: Module) -> None:
+    cut = cut_for(__main__=script)
+    assert not {"ssl", "_ssl", "_hashlib"} & set(cut)
+
+
+def test_a_third_party_package_counts_as_the_workloads_code() -> None:
+    script = Module(own=True, imports=frozenset({"requests"}))
+    requests = Module(own=True, imports=frozenset({"ssl"}))
+    assert "ssl" not in cut_for(__main__=script, requests=requests)
+
+
+@pytest.mark.parametrize(
+    ("strings", "names"),
+    [
+        (frozenset(), frozenset({"pbkdf2_hmac"})),
+        (frozenset({"SHA512_224"}), frozenset({"new"})),
+    ],
+)
+def test_openssl_only_hashes_keep_hashlib_without_tls(
+    strings: frozenset[str], names: frozenset[str]
+) -> None:
+    script = Module(own=True, imports=frozenset({"hashlib"}), strings=strings, names=names)
+    cut = cut_for(__main__=script)
+    assert "_hashlib" not in cut
+    assert "ssl" in cut
+
+
+def test_a_codec_the_code_names_by_any_alias_stays() -> None:
+    script = Module(own=True, strings=frozenset({"SJIS", "Windows-1252?"}))
+    cut = cut_for(__main__=script)
+    assert "encodings.shift_jis" not in cut
+    assert "encodings.cp1252" in cut  # not a codec name: "windows_1252?" is no alias here
+    cut = cut_for(__main__=Module(own=True, imports=frozenset({"encodings.cp1252"})))
+    assert "encodings.cp1252" not in cut
+
+
+def elf_needed(path: Path) -> set[str]:
+    dynamic = subprocess.run(
+        ["readelf", "-d", "-W", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    return {
+        line.split("[", 1)[1].split("]", 1)[0]
+        for line in dynamic.splitlines()
+        if "(NEEDED)" in line
+    }
+
+
+def bundle_files(bundle: Path) -> dict[str, Path]:
+    return {p.name: p for p in bundle.rglob("*") if p.is_file()}
+
+
 @pytest.fixture(scope="module")
-def web_unikernel(tmp_path_factory: pytest.TempPathFactory, session_state: Path) -> Path:
+def web_build(tmp_path_factory: pytest.TempPathFactory, session_state: Path) -> dict[str, Any]:
     """fleet-example's web service built as a unikernel through the build matrix."""
     root = tmp_path_factory.mktemp("web-unikernel")
     repo = FleetRepo.of_fleet_example(root / "fleet")
@@ -215,15 +314,127 @@ def web_unikernel(tmp_path_factory: pytest.TempPathFactory, session_state: Path)
     )
     # The bundle the image carries is a cache entry of its own, never the plan's executable.
     assert "web/executable-onedir" in built
-    bundle = built["web/executable-onedir"].file(BUNDLE_NAME)
     assert built["web/executable-onedir"].input_digest != built["web/executable"].input_digest
+    return built
+
+
+@pytest.fixture(scope="module")
+def web_bundle(web_build: dict[str, Any]) -> Path:
+    bundle: Path = web_build["web/executable-onedir"].file(BUNDLE_NAME)
     assert (bundle / "_internal").is_dir()
     libpython = next((bundle / "_internal").glob("libpython3*.so*"))
     sections = subprocess.run(
         ["readelf", "-S", "-W", str(libpython)], capture_output=True, text=True, check=True
     ).stdout
     assert ".debug_info" not in sections  # stripped
-    return built["web/unikernel"].path
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def web_unikernel(web_build: dict[str, Any], web_bundle: Path) -> Path:
+    path: Path = web_build["web/unikernel"].path
+    return path
+
+
+@pytest.mark.slow
+def test_web_bundle_carries_no_tls_openssl_or_unnamed_codecs(web_bundle: Path) -> None:
+    files = bundle_files(web_bundle)
+    names = set(files)
+    assert not {n for n in names if n.startswith(("libssl", "libcrypto", "_ssl.", "_hashlib."))}
+    assert not {n for n in names if n.startswith(("_codecs_", "_multibytecodec"))}
+    assert any(n.startswith("_sha256.") for n in names)  # what hmac and hashlib use instead
+    # Every shared library is linked against by something kept: nothing rides along.
+    elves = [p for p in files.values() if p.read_bytes()[:4] == b"\x7fELF"]
+    needed = set().union(*(elf_needed(p) for p in elves))
+    libraries = {
+        n for n in names if ".so" in n and not n.endswith(".cpython-311-x86_64-linux-gnu.so")
+    }
+    assert libraries - {n for n in libraries if n.startswith("libpython")} <= needed
+    total = sum(p.stat().st_size for p in files.values())
+    assert total < 12 << 20, total  # 18.4 MB before the trim
+
+
+@pytest.mark.slow
+def test_web_bundle_still_serves_and_checks_the_token_without_openssl(
+    web_bundle: Path, tmp_path: Path
+) -> None:
+    # hmac.compare_digest without _hashlib: _operator's, as hmac falls back to.
+    port = free_port()
+    env = {"PORT": str(port), "API_TOKEN": "s3cret", "PATH": "/usr/bin:/bin"}
+    server = subprocess.Popen(
+        [web_bundle / "workload"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=5) as reply:
+                    assert reply.read() == b"ok\n"
+                break
+            except OSError:
+                assert server.poll() is None
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        request = urllib.request.Request(
+            f"{url}/private", headers={"Authorization": "Bearer s3cret"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            assert reply.read() == b"welcome\n"
+        wrong = urllib.request.Request(f"{url}/private", headers={"Authorization": "Bearer nope"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(wrong, timeout=5)
+        assert refused.value.code == 403
+        refused.value.close()
+    finally:
+        server.kill()
+        server.wait()
+        assert server.stdout is not None
+        server.stdout.close()
+
+
+GREEDY = """\
+import hashlib, json, urllib.request
+print(json.dumps({
+    "sjis": "\\u30c6\\u30b9\\u30c8".encode("shift_jis").hex(),
+    "https": hasattr(urllib.request, "HTTPSHandler"),
+    "pbkdf2": hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 1).hex()[:8],
+}))
+"""
+
+
+@pytest.mark.slow
+def test_a_program_that_uses_tls_openssl_and_a_named_codec_keeps_them(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "main.py").write_text(GREEDY)
+    bundle, log = tmp_path / "bundle", tmp_path / "log"
+    build_executable(
+        Language.PYTHON,
+        source,
+        entrypoint="main.py",
+        options={},
+        output=bundle,
+        log=log,
+        layout=Layout.ONEDIR,
+    )
+    names = set(bundle_files(bundle))
+    for kept in ("_ssl.", "_hashlib.", "_codecs_jp.", "libcrypto"):
+        assert any(n.startswith(kept) for n in names), kept
+    assert "left out ssl" not in log.read_text()
+    assert "left out encodings.cp1252" in log.read_text()
+    ran = subprocess.run(
+        [bundle / "workload"], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert json.loads(ran.stdout) == {
+        "sjis": "836583588367",
+        "https": True,
+        "pbkdf2": hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 1).hex()[:8],
+    }
 
 
 @pytest.mark.slow

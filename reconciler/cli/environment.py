@@ -17,9 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler.secrets import AGE_KEY_ENV
+from reconciler.defaults import AGE_KEY_ENV, default_state_dir
 from reconciler.source.credentials import CREDENTIAL_ENV
-from reconciler.state import default_state_dir
 
 STATE_DIR_ENV = "RECONCILER_STATE_DIR"
 CACHE_DIR_ENV = "RECONCILER_CACHE_DIR"

@@ -51,7 +51,7 @@ def register(commands: Any) -> None:
     )
     add_state_option(history)
     history.add_argument("workload", nargs="?", default=None, help="only this workload's")
-    history.add_argument("--limit", type=int, default=20)
+    history.add_argument("--limit", type=_count, default=20, help="revisions shown (default 20)")
     history.add_argument("--format", choices=["table", "json"], default="table")
     history.set_defaults(handler=run_history)
 
@@ -214,6 +214,13 @@ def run_unpin(args: argparse.Namespace) -> int:
     print(f"unpinned {what}: the daemon follows the head again")
     _nudge(args, "unpinned")
     return EXIT_OK
+
+
+def _count(text: str) -> int:
+    """``--limit``: a positive number (a negative one would cut rows off the end)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return int(text)
 
 
 def _nudge(args: argparse.Namespace, reason: str) -> None:

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reconciler.cli.environment import STORE_ENV, read_environment
+from reconciler.defaults import AGE_KEY_ENV, AGE_KEY_FILE
 from reconciler.errors import ConfigError
 from reconciler.manifests.compile_cache import CACHE_FILE
 from reconciler.pipeline import RevisionLoader
-from reconciler.secrets import AGE_KEY_ENV, AGE_KEY_FILE, open_resolver
+from reconciler.secrets import open_resolver
 from reconciler.source import open_source
 from reconciler.source.credentials import CREDENTIAL_ENV, GitCredential
 from reconciler.source.signatures import SignatureVerifier, TrustedKeys, VerifiedSource
-from reconciler.state import StoreLocation
+
+if TYPE_CHECKING:
+    from reconciler.state import StoreLocation
 
 
 def add_repo_options(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +117,9 @@ def store_location(args: argparse.Namespace) -> StoreLocation:
     SQLite in the state directory."""
     chosen: str | None = getattr(args, "store", None)
     url = chosen if chosen is not None else read_environment().store
+    # Imported here: a command that opens no store (``diff --base``) loads no database driver.
+    from reconciler.state import StoreLocation  # noqa: PLC0415
+
     return StoreLocation(state_dir(args), url=url).validated()
 
 

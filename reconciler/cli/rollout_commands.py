@@ -32,6 +32,7 @@ def register(commands: Any) -> None:
         parser = commands.add_parser(command.value, help=_HELP[command])
         add_state_option(parser)
         parser.add_argument("workload")
+        parser.add_argument("--url", default=None, help="the daemon's URL (default: the leader)")
         parser.set_defaults(handler=run_switch, rollout_command=command)
 
 
@@ -47,4 +48,9 @@ def run_switch(args: argparse.Namespace) -> int:
         store.switch_rollout(RolloutSwitch(args.workload, command, state.version, time.time()))
     done = "promoted" if command is RolloutCommand.PROMOTE else "aborted"
     print(f"{args.workload}: rollout {done}; the daemon acts on it in its next cycle")
+    # Imported here: the HTTP client is loaded only when a daemon runs. Without the nudge the
+    # switch would wait for the next poll (30 s by default).
+    from reconciler.cli.daemon_commands import nudge_leader  # noqa: PLC0415
+
+    nudge_leader(args, f"reconciler {command.value} {args.workload}")
     return EXIT_OK

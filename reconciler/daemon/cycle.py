@@ -66,7 +66,6 @@ from reconciler.log_context import current_fields, log_fields
 from reconciler.model import (
     FLEET_WIDE,
     DesiredFleet,
-    NotificationEvent,
     ObservedFleet,
     Plan,
 )
@@ -77,9 +76,11 @@ from reconciler.notify import (
     revision_failed,
     revision_rolled_back,
     rollback,
+    rollout_rolled_back,
 )
 from reconciler.pipeline import PinnedWorkload, pin_workloads
 from reconciler.planning import DeletionGuardError, check_deletions, diff, suspend_plan
+from reconciler.planning.disruption import TIMELINE_EVENT, timeline_messages
 from reconciler.planning.rollout import Gated, abort_for_unhealthy, gate
 from reconciler.source import Source
 from reconciler.source.history import require_descendant
@@ -275,6 +276,10 @@ class ReconcileCycle:
     _term: int | None = None  # the term of the cycle in flight
     _timeline: Timeline = field(default_factory=lambda: Timeline(started=time.time()))
     """The phases of the cycle in flight (one at a time: the daemon has one worker)."""
+    _rolled_out: str | None = None  # the revision rolled out progressively last
+    recheck_at: float | None = None
+    """When a rollout wants another cycle (wall clock): a canary's soak ends, or its health
+    is to be noted; the daemon runs one then instead of waiting for the next poll."""
 
     # -- the cycle ----------------------------------------------------------------------------
 
@@ -286,6 +291,7 @@ class ReconcileCycle:
         the trigger happened: the start of the commit → healthy timeline."""
         started, cpu = time.monotonic(), time.process_time()
         self._timeline = Timeline(started=self.clock(), triggered_at=triggered_at, clock=self.clock)
+        self.recheck_at = None
         try:
             result = self.run(fence)
         except ReconcilerError as err:  # a refused (stale-term) write among them
@@ -365,6 +371,7 @@ class ReconcileCycle:
         desired = run.gated.desired if run.gated is not None else desired
         if rolling:
             is_head = False  # converged onto, not applied until every rollout is done
+            self._rolled_out = target
         if not plan.has_changes:
             run.step = Step.SETTLE
             unsettled = self._settle(run, target, observed)
@@ -389,7 +396,13 @@ class ReconcileCycle:
             )
         run.step = Step.CONVERGE
         summary = ", ".join(f"{n} {kind}" for kind, n in plan.summary().items() if n)
-        what = "applying" if is_head else "healing drift on the last applied revision"
+        what = (
+            "rolling out"
+            if rolling
+            else "applying"
+            if is_head
+            else "healing drift on the last applied revision"
+        )
         log.info("%s %s: %s", what, short_sha(target), summary)
         self.event("cycle", short_sha(target), f"{what}: {summary}")
         report = self.host.converge(
@@ -560,6 +573,14 @@ class ReconcileCycle:
             describe_rollout(rollout_status(gated.progress[w].state, now))
             for w in gated.in_progress
         ]
+        # A rollout moves on only when a cycle looks: at its soak's end, or (canaries started
+        # or promoted) at once, to note their health. At least a second apart, never a spin.
+        due = [
+            now + (progress.soak_remaining or 0.0)
+            for w in gated.in_progress
+            if not (progress := gated.progress[w]).waiting_for_promote
+        ]
+        self.recheck_at = max(now + 1.0, min(due)) if due else None
         lines += [f"{s.workload}: rolled back: {s.message}" for s in gated.aborted]
         return tuple(lines)
 
@@ -577,16 +598,7 @@ class ReconcileCycle:
 
     def _notify_rolled_back(self, workload: str, message: str, revision: str | None) -> None:
         log.warning("rollout of %s rolled back: %s", workload, message)
-        # Keyed by workload and revision, so a new leader re-deciding it sends nothing twice.
-        self.notify(
-            Notice(
-                NotificationEvent.ROLLBACK,
-                f"rollout-rolled-back:{workload}:{revision}",
-                f"rollout of {workload} rolled back",
-                message,
-                revision=revision,
-            )
-        )
+        self.notify(rollout_rolled_back(workload, revision, message))
 
     def _settle(self, run: _Run, target: str, observed: ObservedFleet) -> dict[str, str]:
         return self.host.settle_health(
@@ -658,6 +670,9 @@ class ReconcileCycle:
             done = (
                 f"{result.actions} action(s), healthy"
                 if result.actions
+                # Its VMs changed in the rollout's earlier cycles; this one only saw it done.
+                else "rolled out, healthy"
+                if result.converged_to == self._rolled_out
                 else "no changes were needed"
             )
             self.event("revision-applied", short_sha(result.converged_to), done)
@@ -669,6 +684,14 @@ class ReconcileCycle:
         if timeline.started_vms:
             subject = short_sha(result.converged_to or result.head or "")
             self.event("timeline", subject or "-", timeline.summary())
+            # Per workload, what `diff --format markdown` estimates a rollout's disruption from.
+            vms = self.host.store.observed().vms
+            measured = timeline_messages(
+                ((s.phase, s.vm, s.seconds) for s in timeline.samples),
+                {name: vm.workload for name, vm in vms.items()},
+            )
+            for workload, message in measured.items():
+                self.event(TIMELINE_EVENT, workload, message)
         if self.metrics is not None:
             for sample in timeline.samples:
                 self.metrics.observe_phase(sample.phase, sample.seconds)

@@ -27,6 +27,7 @@ from reconciler.model import (
     RevisionOutcome,
     RolloutPhase,
     RolloutState,
+    RuntimeKind,
     VMState,
 )
 from reconciler.state import FLEET_WIDE, Pin, RevisionRecord, StateStore
@@ -309,7 +310,7 @@ def describe_vm(
         "artifact": vm.artifact_digest,
         "build_log": _tail(log_path, BUILD_LOG_LINES) if log_path else [],
         "build_log_path": str(log_path) if log_path else None,
-        "boot": _boot_markers(state_dir, vm.name),
+        "boot": _boot_markers(state_dir, vm.name, host_clock=vm.runtime is RuntimeKind.PROCESS),
         "probes": [e for e in history if e["kind"] == "health"],
         "actions": acted,
         "rollbacks": [e for e in history if e["kind"] == "rollback"],
@@ -362,13 +363,17 @@ def _tail(path: Path, count: int) -> list[str]:
         return []
 
 
-def _boot_markers(state_dir: Path, name: str) -> list[BootMarker]:
-    """The guest init's markers of the current boot, with host times."""
+def _boot_markers(state_dir: Path, name: str, *, host_clock: bool = False) -> list[BootMarker]:
+    """The guest init's markers of the current boot, with host times. A guest's ``t`` counts
+    from its kernel's start; the init of a process VM (``host_clock``) reads the host's own
+    CLOCK_MONOTONIC, which counts from the host's boot, so it maps straight onto wall time."""
     directory = vm_dir(state_dir, name)
     try:
         booted = ConsoleLog(directory).boot()
     except OSError:
         booted = None
+    if host_clock:
+        booted = time.time() - time.monotonic()
     markers: list[BootMarker] = []
     for marker in read_markers(directory / LOG):
         t = marker.get("t")

@@ -18,6 +18,13 @@ when reaching it crosses no symlink and nothing below it is a symlink or a submo
 symlink means depends on what lies outside the tree, so those workloads are compiled every time.
 Workloads with secrets are never cached: their references depend on the decrypted files.
 
+A whole revision is kept too, keyed by its commit (which names its whole tree), the fleet path
+and the limits: its fleet settings and the content keys of its workloads. Loading it again
+decodes those and reads no file of the checkout (a pull request's diff run again, the daemon
+meeting a commit it loaded before). Only a revision whose load depended on nothing but its
+commit is kept: no symlink or submodule anywhere in it, no template, no secret, every workload
+keyed.
+
 The cache persists in one file of the state directory (``save``/``open``), private like the
 rest of it: a magic, the SHA-256 of the payload, the payload (``marshal`` of plain data, never
 pickle). A file that is truncated, altered or from another compiler version is ignored as a
@@ -49,7 +56,7 @@ from reconciler.model import Expansion, Workload
 log = logging.getLogger("reconciler.manifests")
 
 CACHE_FILE = "compile-cache"
-MAGIC = b"reconciler-compile-cache-1\n"
+MAGIC = b"reconciler-compile-cache-2\n"
 MAX_ENTRIES = 50_000
 """Of each kind (files, trees, workloads): a fleet of tens of thousands of workloads keeps its
 own entries, a repository that churns does not grow the file without bound."""
@@ -96,6 +103,8 @@ class TreeIndex:
 
     plain: Mapping[str, str]
     directories: frozenset[str]
+    linked: bool = True
+    """Whether the revision holds any symlink or submodule anywhere (``True`` when unknown)."""
 
     @classmethod
     def from_entries(cls, entries: Mapping[str, tuple[str, str]]) -> TreeIndex:
@@ -114,7 +123,8 @@ class TreeIndex:
             for path, (mode, object_id) in entries.items()
             if mode == _TREE_MODE and path not in tainted
         }
-        return cls(plain, frozenset(directories))
+        linked = any(mode != _TREE_MODE for mode, _ in entries.values())
+        return cls(plain, frozenset(directories), linked)
 
     def source_tree(self, fleet_rel: str, declared: str) -> tuple[str, str] | None:
         """(path relative to the root, tree id) of the source directory ``declared`` (relative
@@ -158,6 +168,10 @@ class CompileCache:
     """What ``assemble_fleet`` derived from the workloads of the last load (memory only)."""
     encoded: dict[str, Any] = field(default_factory=dict)
     """content key -> the plain data a workload was decoded from: saved again as it was read."""
+    revisions: dict[str, Any] = field(default_factory=dict)
+    """revision key (``revision_key``) -> (the encoded ``FleetSettings``, ((workload name,
+    content key), ...)) of a whole revision that loaded without problems, symlinks, templates
+    or secrets: loading it again decodes these and reads no file."""
     changed: bool = False
     hits: int = 0
     """Workloads served without compiling, since the cache was made (for logs and tests)."""
@@ -185,7 +199,7 @@ class CompileCache:
             log.warning("the compile cache %s is damaged; compiling everything again", path)
             return
         try:
-            version, files, trees, workloads = marshal.loads(payload)
+            version, files, trees, workloads, revisions = marshal.loads(payload)
         except (ValueError, EOFError, TypeError):
             log.warning("the compile cache %s does not decode; compiling everything again", path)
             return
@@ -197,11 +211,13 @@ class CompileCache:
             self.trees = trees
         if isinstance(workloads, dict):
             self.workloads = workloads  # decoded when used: a run touches what it loads
+        if isinstance(revisions, dict):
+            self.revisions = revisions
 
     def save(self) -> None:
         """Write the cache (atomically, mode 0600) when it learnt something; a state directory
         that cannot be written only costs the next run its reuse."""
-        for entries in (self.files, self.trees, self.workloads):
+        for entries in (self.files, self.trees, self.workloads, self.revisions):
             for key in list(entries)[: max(0, len(entries) - MAX_ENTRIES)]:
                 del entries[key]  # the least recently used first
         if self.path is None or not self.changed:
@@ -219,6 +235,7 @@ class CompileCache:
                 self.files,
                 self.trees,
                 workloads,
+                self.revisions,
             )
         )
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -283,6 +300,51 @@ class CompileCache:
         self.workloads[key] = workload
         self.encoded.pop(key, None)
         self.changed = True
+
+    def revision(self, key: str) -> tuple[model.FleetSettings, dict[str, Workload]] | None:
+        """The fleet settings and workloads of a whole revision loaded before, or ``None`` when
+        it was not, or any part of it no longer decodes or was evicted (load it again)."""
+        entry = self.revisions.get(key)
+        if entry is None:
+            return None
+        try:
+            settings = _decode(entry[0])
+            names = [(str(name), str(content)) for name, content in entry[1]]
+        except (TypeError, ValueError, IndexError, KeyError):
+            settings = None
+        if not isinstance(settings, model.FleetSettings):
+            del self.revisions[key]
+            self.changed = True
+            return None
+        workloads: dict[str, Workload] = {}
+        for name, content in names:
+            found = self.workload(content)
+            if found is None or found.name != name:
+                return None
+            workloads[name] = found
+        self.revisions[key] = self.revisions.pop(key)  # most recently used last
+        return settings, workloads
+
+    def remember_revision(
+        self, key: str, settings: model.FleetSettings, workloads: Mapping[str, str]
+    ) -> None:
+        """Remember a revision whose every workload is in the cache under ``workloads``
+        (name -> content key)."""
+        encoded = _encode(settings)
+        try:
+            marshal.dumps(encoded)
+        except ValueError:
+            return
+        entry = (encoded, tuple(sorted(workloads.items())))
+        if self.revisions.get(key) != entry:
+            self.revisions[key] = entry
+            self.changed = True
+
+
+def revision_key(*parts: str) -> str:
+    """The key of a whole revision's load: the commit (which names its whole tree), the fleet
+    path and the limits, under the compiler's version."""
+    return workload_key("revision", *parts)
 
 
 def workload_key(*parts: str) -> str:

@@ -41,7 +41,13 @@ from reconciler.manifests.compile import (
     compile_workload,
     fleet_defaults,
 )
-from reconciler.manifests.compile_cache import CompileCache, TreeIndex, text_key, workload_key
+from reconciler.manifests.compile_cache import (
+    CompileCache,
+    TreeIndex,
+    revision_key,
+    text_key,
+    workload_key,
+)
 from reconciler.manifests.ignore import IGNORE_FILE, IgnoreRules
 from reconciler.manifests.limits import DEFAULT_LIMITS, Limits
 from reconciler.manifests.notifications import compile_notifications
@@ -53,6 +59,7 @@ from reconciler.manifests.yaml_loader import ParsedDocument, YAMLProblem, line_o
 from reconciler.model import (
     API_VERSION,
     DesiredFleet,
+    FleetSettings,
     SensitiveValues,
     Workload,
     assemble_fleet,
@@ -432,6 +439,15 @@ def load_fleet(
     ``subpath`` is the fleet directory inside ``root``; source paths in manifests are relative
     to it and must stay inside ``root``. Raises ``ManifestError`` with every problem found.
     """
+    cache = cache or ParseCache()
+    # A revision loaded before, whole, is decoded from the cache: no file is read. Only one
+    # whose load depends on nothing but its commit qualifies (``_remember_revision``).
+    memo = None
+    if cache.store is not None and tree_index is not None and not tree_index.linked and revision:
+        memo = revision_key(revision, subpath, repr(limits))
+        kept = cache.store.revision(memo)
+        if kept is not None:
+            return _assemble(revision, kept[0], kept[1], cache.store)
     root = root.resolve()
     fleet_dir = (root / subpath).resolve()
     shown = subpath or "."
@@ -441,7 +457,7 @@ def load_fleet(
         raise ManifestError(
             [Problem(shown, 0, "", "no such directory in this revision; check --path")]
         )
-    rev = _Revision(root, fleet_dir, limits, cache or ParseCache())
+    rev = _Revision(root, fleet_dir, limits, cache)
     found = find_manifests(root, fleet_dir, limits)
     rev.problems.extend(found.problems)
     ignored = _read_ignore_file(rev)
@@ -519,8 +535,11 @@ def load_fleet(
     settings = replace(settings, notifications=notifications)
     reuse = _Reuse(rev, store, tree_index, defaults) if store and tree_index else None
     workloads: dict[str, Workload] = {}
+    keys: dict[str, str] = {}
     for name, document in sorted(documents.items()):
         key = reuse.key(document) if reuse is not None else None
+        if key:
+            keys[name] = key
         workload = reuse.workload(key, name) if reuse is not None and key else None
         if workload is None:
             workload = compile_workload(
@@ -543,11 +562,31 @@ def load_fleet(
     if rev.cache.store is None:
         fleet = assemble_fleet(revision, settings, workloads)
     else:
-        # Workload objects reused from the last load keep their VMs' settings and artifacts;
-        # only this load's are kept for the next (bounded by the fleet, not by history).
-        expanded = rev.cache.store.expanded
-        fleet = assemble_fleet(revision, settings, workloads, expanded=expanded)
-        rev.cache.store.expanded = {
-            id(w): expanded[id(w)] for w in workloads.values() if id(w) in expanded
-        }
+        if (
+            memo is not None
+            and not settings.secrets
+            and not fleet_secrets.sensitive
+            and not any(f.templated for f in files)
+            and keys.keys() == workloads.keys()
+            and all(k in rev.cache.store.workloads for k in keys.values())
+        ):
+            # Nothing outside the commit decided this load: no symlink (whose meaning depends
+            # on where the checkout lies), no template (rendered in a child process), no
+            # secret (decrypted with a key the repository does not hold).
+            rev.cache.store.remember_revision(memo, settings, keys)
+        fleet = _assemble(revision, settings, workloads, rev.cache.store)
     return replace(fleet, sensitive=SensitiveValues(fleet_secrets.sensitive))
+
+
+def _assemble(
+    revision: str | None,
+    settings: FleetSettings,
+    workloads: dict[str, Workload],
+    store: CompileCache,
+) -> DesiredFleet:
+    # Workload objects reused from the last load keep their VMs' settings and artifacts; only
+    # this load's are kept for the next (bounded by the fleet, not by history).
+    expanded = store.expanded
+    fleet = assemble_fleet(revision, settings, workloads, expanded=expanded)
+    store.expanded = {id(w): expanded[id(w)] for w in workloads.values() if id(w) in expanded}
+    return fleet

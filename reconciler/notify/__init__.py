@@ -24,6 +24,7 @@ from reconciler.notify.notices import (
     revision_failed,
     revision_rolled_back,
     rollback,
+    rollout_rolled_back,
     vm_unhealthy,
 )
 from reconciler.notify.outbox import Notifier
@@ -45,5 +46,6 @@ __all__ = [
     "revision_failed",
     "revision_rolled_back",
     "rollback",
+    "rollout_rolled_back",
     "vm_unhealthy",
 ]

@@ -103,6 +103,21 @@ def revision_rolled_back(sha: str, previous: str | None) -> Notice:
     )
 
 
+def rollout_rolled_back(workload: str, revision: str | None, reason: str) -> Notice:
+    """A progressive rollout of ``revision`` put ``workload`` back on its previous version
+    (a canary failed, the operator aborted, the deadline passed): the commit is not deployed,
+    so its status is a failure, not a ``pending`` left for ever. Keyed by workload and
+    revision, so a new leader re-deciding it sends nothing twice."""
+    return Notice(
+        NotificationEvent.ROLLBACK,
+        f"rollout-rolled-back:{workload}:{revision}",
+        f"rollout of {workload} rolled back",
+        f"{workload}: {reason}",  # also the commit status's description: it names the workload
+        revision=revision,
+        status="failure" if revision is not None else None,
+    )
+
+
 def leader_change(holder: str, term: int) -> Notice:
     return Notice(
         NotificationEvent.LEADER_CHANGE,

@@ -9,7 +9,9 @@ A restart or replace takes a VM out of service until its new instance is healthy
 has already cut those into waves of at most ``maxUnavailable``, run one after another. So a
 workload runs below its full count for about *waves x start-to-healthy time*, with *at most
 ``at_once``* VMs missing. The time is the median of the newest measurements the daemon
-recorded for that workload (one ``vm.timeline`` event per VM that became healthy); with none,
+recorded for that workload (``timeline_messages``: one ``vm.timeline`` event per workload and
+cycle that started VMs of it, with its slowest VM's time from the VMM's start to the first
+passing probe, the phases of the cycle's timeline); with none,
 the estimate says "not measured yet" rather than inventing a figure. Above the budget (seconds
 below full capacity per workload) the plan warns; a wave that takes down every running VM of a
 workload is an outage and always warns.
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from reconciler.model import ActionType, Plan
 
 TIMELINE_EVENT = "vm.timeline"
+# A VM's timeline phases from its VMM's start to its first passing probe (daemon.timeline).
+START_TO_HEALTHY_PHASES = ("vmm-start", "boot", "workload", "probe")
 RECENT_SAMPLES = 20  # per workload: recent enough to follow a faster kernel, enough for a median
 DEFAULT_BUDGET_SECONDS = 120.0
 _DISRUPTIVE = (ActionType.RESTART, ActionType.REPLACE)
@@ -142,6 +146,35 @@ def start_to_healthy_samples(events: Iterable[tuple[str, str]]) -> dict[str, lis
             continue
         samples.setdefault(workload, []).append(float(seconds))
     return samples
+
+
+def timeline_messages(
+    samples: Iterable[tuple[str, str | None, float]], workload_of: Mapping[str, str]
+) -> dict[str, str]:
+    """Workload -> the ``vm.timeline`` message to record for one cycle, from its timeline's
+    ``(phase, vm, seconds)`` samples and each VM's workload: the slowest start-to-healthy time
+    (``START_TO_HEALTHY_PHASES`` summed per VM) among the VMs that got healthy (a ``probe``
+    sample), as ``start_to_healthy_samples`` reads it back."""
+    per_vm: dict[str, float] = {}
+    healthy: set[str] = set()
+    for phase, vm, seconds in samples:
+        if vm is None or phase not in START_TO_HEALTHY_PHASES:
+            continue
+        per_vm[vm] = per_vm.get(vm, 0.0) + seconds
+        if phase == "probe":
+            healthy.add(vm)
+    slowest: dict[str, list[float]] = {}
+    for vm in sorted(healthy):
+        workload = workload_of.get(vm)
+        if workload is not None:
+            slowest.setdefault(workload, []).append(per_vm[vm])
+    return {
+        workload: json.dumps(
+            {"workload": workload, "start_to_healthy": round(max(times), 3), "vms": len(times)},
+            sort_keys=True,
+        )
+        for workload, times in sorted(slowest.items())
+    }
 
 
 def _seconds(value: float) -> str:

@@ -8,8 +8,12 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from support.repo import PROJECT
+
+if TYPE_CHECKING:
+    from builders.kernels import Kernel
 
 TEST_CACHE = Path(
     os.environ.get("RECONCILER_TEST_CACHE", Path.home() / ".cache" / "reconciler-tests")
@@ -33,6 +37,17 @@ def register_kernel(state: Path, deb: Path | None = None) -> Path:
 
     KernelRegistry(state / "kernels").import_path(deb or fetch_kernel_deb())
     return state
+
+
+def debian_kernel(state: Path) -> Kernel:
+    """The general-purpose (Debian) kernel registered in ``state``, beside the specialised ones
+    that images pick by default: for the tests that compare with it or need its modules."""
+    from builders.kernels import KernelRegistry
+
+    general = [k for k in KernelRegistry(state / "kernels").list() if k.profile is None]
+    if not general:
+        raise AssertionError(f"no general-purpose kernel registered in {state}")
+    return general[-1]
 
 
 def kernel_cache_dir() -> Path:
