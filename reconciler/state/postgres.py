@@ -63,9 +63,6 @@ from reconciler.model import (
     RolloutCommand,
     RolloutState,
     RolloutSwitch,
-    RuntimeKind,
-    Target,
-    VMState,
 )
 from reconciler.redact import redact_text
 from reconciler.state.location import LeaseBinding
@@ -75,11 +72,16 @@ from reconciler.state.protocol import (
     Intent,
     OutboxEntry,
     OutboxMessage,
-    OutboxState,
     Pin,
     RevisionRecord,
     VMHistoryEntry,
     pin_message,
+)
+from reconciler.state.rows import (
+    OUTBOX_COLUMNS,
+    history_from_row,
+    outbox_entry_from_row,
+    vm_from_row,
 )
 
 log = logging.getLogger(__name__)
@@ -583,17 +585,7 @@ class PostgresStateStore(ClosedOnExit):
                 " ORDER BY id DESC LIMIT %s",
                 (vm, limit),
             ).fetchall()
-        return [
-            VMHistoryEntry(
-                str(r[0]),
-                float(r[1]),
-                str(r[2]),
-                str(r[3]),
-                None if r[4] is None else bool(r[4]),
-                None if r[5] is None else int(r[5]),
-            )
-            for r in rows
-        ]
+        return [history_from_row(r) for r in rows]
 
     def rollouts(self) -> dict[str, RolloutState]:
         with self._session("read") as conn:
@@ -641,7 +633,7 @@ class PostgresStateStore(ClosedOnExit):
         with self._session("read") as conn:
             rows = conn.execute(_OBSERVED, {"host": self.host}).fetchall()
         version, applied = int(rows[0][0]), rows[0][1]
-        vms = {str(row[2]): _vm_from_row(row[2:]) for row in rows if row[2] is not None}
+        vms = {str(row[2]): vm_from_row(row[2:]) for row in rows if row[2] is not None}
         return ObservedFleet(
             version=version, vms=vms, applied_revision=None if applied is None else str(applied)
         )
@@ -775,13 +767,13 @@ class PostgresStateStore(ClosedOnExit):
     def due_messages(self, now: float, limit: int = 100) -> list[OutboxEntry]:
         with self._session("read") as conn:
             rows = conn.execute(
-                f"SELECT {_OUTBOX_COLUMNS} FROM ("
+                f"SELECT {OUTBOX_COLUMNS} FROM ("
                 "  SELECT DISTINCT ON (destination) * FROM outbox WHERE state = 'pending'"
                 "  ORDER BY destination, id"
                 ") AS oldest WHERE next_attempt_at <= %s ORDER BY id LIMIT %s",
                 (now, limit),
             ).fetchall()
-        return [_entry_from_row(row) for row in rows]
+        return [outbox_entry_from_row(row) for row in rows]
 
     def settle_message(
         self, entry: int, *, delivered: bool, error: str = "", retry_at: float | None = None
@@ -815,9 +807,9 @@ class PostgresStateStore(ClosedOnExit):
     def outbox(self, limit: int = 50) -> list[OutboxEntry]:
         with self._session("read") as conn:
             rows = conn.execute(
-                f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY id DESC LIMIT %s", (limit,)
+                f"SELECT {OUTBOX_COLUMNS} FROM outbox ORDER BY id DESC LIMIT %s", (limit,)
             ).fetchall()
-        return [_entry_from_row(row) for row in rows]
+        return [outbox_entry_from_row(row) for row in rows]
 
     # -- placement (filled by the leader of a fleet of hosts) --------------------------------
 
@@ -852,24 +844,6 @@ class PostgresStateStore(ClosedOnExit):
             conn.close()
 
 
-_OUTBOX_COLUMNS: LiteralString = (
-    "id, key, destination, kind, body, state, attempts, created_at, next_attempt_at, last_error"
-)
-
-
-def _entry_from_row(row: TupleRow) -> OutboxEntry:
-    (entry, key, destination, kind, body, state, attempts, created, due, error) = row
-    return OutboxEntry(
-        id=int(entry),
-        message=OutboxMessage(str(key), str(destination), str(kind), str(body)),
-        state=OutboxState(str(state)),
-        attempts=int(attempts),
-        created_at=float(created),
-        next_attempt_at=float(due),
-        last_error=str(error),
-    )
-
-
 def _first(row: TupleRow | None) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
@@ -885,28 +859,6 @@ def _lease_in_same_database(params: dict[str, Any], lease: LeaseBinding | None) 
         return None  # the lease itself reports its bad URL
     keys = ("host", "hostaddr", "port", "dbname")
     return lease.name if all(params.get(k) == other.get(k) for k in keys) else None
-
-
-def _vm_from_row(row: tuple[Any, ...]) -> ObservedVM:
-    (name, fleet, workload, runtime, target, digest, inputs, settings) = row[:8]
-    state, healthy, pid, address, detail, started_at, restarts = row[8:]
-    return ObservedVM(
-        name=str(name),
-        workload=str(workload),
-        fleet=str(fleet),
-        runtime=RuntimeKind(str(runtime)),
-        target=Target(str(target)),
-        artifact_digest=str(digest),
-        artifact_inputs=json.loads(str(inputs)),
-        settings=json.loads(str(settings)),
-        state=VMState(str(state)),
-        healthy=None if healthy is None else bool(healthy),
-        pid=None if pid is None else int(pid),
-        address=None if address is None else str(address),
-        detail=str(detail),
-        started_at=None if started_at is None else float(started_at),
-        restarts=int(restarts or 0),
-    )
 
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "PostgresStateStore"]

@@ -33,9 +33,6 @@ from reconciler.model import (
     RolloutCommand,
     RolloutState,
     RolloutSwitch,
-    RuntimeKind,
-    Target,
-    VMState,
 )
 from reconciler.redact import redact_text
 from reconciler.state.paths import private_file, private_state_dir
@@ -45,11 +42,16 @@ from reconciler.state.protocol import (
     Intent,
     OutboxEntry,
     OutboxMessage,
-    OutboxState,
     Pin,
     RevisionRecord,
     VMHistoryEntry,
     pin_message,
+)
+from reconciler.state.rows import (
+    OUTBOX_COLUMNS,
+    history_from_row,
+    outbox_entry_from_row,
+    vm_from_row,
 )
 
 log = logging.getLogger(__name__)
@@ -361,7 +363,7 @@ class SQLiteStateStore(ClosedOnExit):
                 self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StateError(f"cannot read the state store {self.path}: {exc}") from exc
-        vms = {row[0]: _vm_from_row(row) for row in rows}
+        vms = {row[0]: vm_from_row(row) for row in rows}
         applied = self.applied_revision()
         return ObservedFleet(
             version=version, vms=vms, applied_revision=applied.revision if applied else None
@@ -494,7 +496,7 @@ class SQLiteStateStore(ClosedOnExit):
             " ORDER BY id DESC LIMIT ?",
             (vm, limit),
         ).fetchall()
-        return [_history_from_row(row) for row in rows]
+        return [history_from_row(row) for row in rows]
 
     def begin_intent(self, vm: str, action: str) -> int:
         with self._write():
@@ -539,13 +541,13 @@ class SQLiteStateStore(ClosedOnExit):
 
     def due_messages(self, now: float, limit: int = 100) -> list[OutboxEntry]:
         rows = self._db.execute(
-            f"SELECT {_OUTBOX_COLUMNS} FROM outbox AS o WHERE state = 'pending'"
+            f"SELECT {OUTBOX_COLUMNS} FROM outbox AS o WHERE state = 'pending'"
             " AND id = (SELECT MIN(id) FROM outbox"
             "           WHERE state = 'pending' AND destination = o.destination)"
             " AND next_attempt_at <= ? ORDER BY id LIMIT ?",
             (now, limit),
         ).fetchall()
-        return [_entry_from_row(row) for row in rows]
+        return [outbox_entry_from_row(row) for row in rows]
 
     def settle_message(
         self, entry: int, *, delivered: bool, error: str = "", retry_at: float | None = None
@@ -578,64 +580,12 @@ class SQLiteStateStore(ClosedOnExit):
 
     def outbox(self, limit: int = 50) -> list[OutboxEntry]:
         rows = self._db.execute(
-            f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY id DESC LIMIT ?", (limit,)
+            f"SELECT {OUTBOX_COLUMNS} FROM outbox ORDER BY id DESC LIMIT ?", (limit,)
         ).fetchall()
-        return [_entry_from_row(row) for row in rows]
+        return [outbox_entry_from_row(row) for row in rows]
 
     def close(self) -> None:
         self._db.close()
-
-
-_OUTBOX_COLUMNS = (
-    "id, key, destination, kind, body, state, attempts, created_at, next_attempt_at, last_error"
-)
-
-
-def _entry_from_row(row: tuple[object, ...]) -> OutboxEntry:
-    (entry, key, destination, kind, body, state, attempts, created, due, error) = row
-    return OutboxEntry(
-        id=int(str(entry)),
-        message=OutboxMessage(str(key), str(destination), str(kind), str(body)),
-        state=OutboxState(str(state)),
-        attempts=int(str(attempts)),
-        created_at=float(str(created)),
-        next_attempt_at=float(str(due)),
-        last_error=str(error),
-    )
-
-
-def _vm_from_row(row: tuple[object, ...]) -> ObservedVM:
-    (name, fleet, workload, runtime, target, digest, inputs, settings) = row[:8]
-    state, healthy, pid, address, detail, started_at, restarts = row[8:]
-    return ObservedVM(
-        name=str(name),
-        workload=str(workload),
-        fleet=str(fleet),
-        runtime=RuntimeKind(str(runtime)),
-        target=Target(str(target)),
-        artifact_digest=str(digest),
-        artifact_inputs=json.loads(str(inputs)),
-        settings=json.loads(str(settings)),
-        state=VMState(str(state)),
-        healthy=None if healthy is None else bool(healthy),
-        pid=None if pid is None else int(str(pid)),
-        address=None if address is None else str(address),
-        detail=str(detail),
-        started_at=None if started_at is None else float(str(started_at)),
-        restarts=int(str(restarts or 0)),
-    )
-
-
-def _history_from_row(row: tuple[object, ...]) -> VMHistoryEntry:
-    vm, at, kind, detail, healthy, term = row
-    return VMHistoryEntry(
-        vm=str(vm),
-        at=float(str(at)),
-        kind=str(kind),
-        detail=str(detail),
-        healthy=None if healthy is None else bool(healthy),
-        term=None if term is None else int(str(term)),
-    )
 
 
 def _companion_files(db: Path) -> list[Path]:
