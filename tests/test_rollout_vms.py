@@ -39,6 +39,7 @@ from support.process_fleet import (
 from support.repo import FLEET_EXAMPLE, FleetRepo
 from support.waiting import eventually
 
+from reconciler.state import open_state_store
 from runtime.network import scope_for
 
 Probe = Callable[[str], str | None]
@@ -368,11 +369,12 @@ def test_process_surge_interrupted_resumes_without_orphans_or_duplicates(
 
     d.repo.write("fleet.yaml", _process_fleet(d.bridge, d.cidr, SURGE, "v2"))
     d.repo.commit("web v2")
-    # Killed as it starts web-0's stand-in: the VM is recorded (an intent is open) before its
-    # sandbox starts.
+    # Killed as it starts web-0's stand-in: the VM is recorded before its sandbox starts. The
+    # kill lands either inside the start (an intent is left open) or in the health wait after it.
     eventually(lambda: "create   web-0-surge" in d.daemon.log(), 60, "the stand-in started")
     d.daemon.signal(signal.SIGKILL)
     d.daemon.stop()
+    left_open = [i.vm for i in open_state_store(d.state).open_intents()]
     d.daemon = Daemon(
         d.repo.path, d.state, tmp_path, "d1", ["--poll-interval", "1", "--poll-jitter", "0"]
     )
@@ -384,4 +386,5 @@ def test_process_surge_interrupted_resumes_without_orphans_or_duplicates(
     assert supervisor_counts(d.state) == {"web-0": 1, "web-1": 1, "web-2": 1}
     scope = scope_for(str(d.state.resolve()))
     assert len([n for n in netns_names() if n.startswith(f"rc{scope}-")]) == 3
-    assert "intent-resumed" in d.daemon.log()  # the interrupted action was found, finished
+    if left_open:  # the interrupted action was found and finished
+        assert "intent-resumed" in d.daemon.log()

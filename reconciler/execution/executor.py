@@ -33,6 +33,7 @@ from reconciler.errors import (
 from reconciler.execution.events import EventKind, ExecutionEvent, Reporter, print_event
 from reconciler.execution.health import describe_problems, judge_health
 from reconciler.execution.launch import launch_config
+from reconciler.execution.vm_lock import vm_lock
 from reconciler.execution.vms import runtime_for, spec_of, vm_dir, vm_spec
 from reconciler.execution.volumes import prepare as prepare_volumes
 from reconciler.execution.volumes import reclaim as reclaim_volumes
@@ -234,9 +235,8 @@ class Executor:
                 self.store.put_vm(replace(current, settings=wanted.settings))
             return None
         if current is not None:
-            self._guard(f"stopping {current.name}")
             began = time.monotonic()
-            runtime_for(self.runtimes, current.runtime).stop(spec_of(current, self.state_dir))
+            self._stop(current, f"stopping {current.name}")
             self._phase("stop", current.name, time.monotonic() - began)
             if current.healthy:
                 self._last_healthy[current.name] = current
@@ -303,10 +303,11 @@ class Executor:
             address=attachment.address.split("/")[0] if attachment else None,
         )
         self.store.put_vm(record)  # before the VMM starts: a crash leaves a record to adopt
-        self._guard(f"starting {record.name}")
         began = time.monotonic()
         try:
-            status = runtime_for(self.runtimes, record.runtime).start(spec)
+            with vm_lock(self.state_dir, record.name):
+                self._guard(f"starting {record.name}")
+                status = runtime_for(self.runtimes, record.runtime).start(spec)
         except VMRuntimeError as err:
             self.store.put_vm(replace(record, state=VMState.FAILED, healthy=False, detail=str(err)))
             raise
@@ -335,8 +336,7 @@ class Executor:
                 self.on_event(ExecutionEvent(EventKind.ROLLBACK_IMPOSSIBLE, name))
                 continue
             current = self.store.observed().vms[name]
-            self._guard(f"stopping {name} for a rollback")
-            runtime_for(self.runtimes, current.runtime).stop(spec_of(current, self.state_dir))
+            self._stop(current, f"stopping {name} for a rollback")
             self.on_event(
                 ExecutionEvent(EventKind.ROLLBACK, name, artifact=previous.artifact_digest)
             )
@@ -372,9 +372,16 @@ class Executor:
             superseded=self.superseded,
         )
 
+    def _stop(self, vm: ObservedVM, what: str, grace_seconds: float = 10.0) -> None:
+        """Stop ``vm`` under its host lock (``vm_lock``), if this term may still act."""
+        with vm_lock(self.state_dir, vm.name):
+            self._guard(what)
+            runtime_for(self.runtimes, vm.runtime).stop(
+                spec_of(vm, self.state_dir), grace_seconds=grace_seconds
+            )
+
     def _remove(self, vm: ObservedVM) -> None:
-        self._guard(f"removing {vm.name}")
-        runtime_for(self.runtimes, vm.runtime).stop(spec_of(vm, self.state_dir), grace_seconds=5.0)
+        self._stop(vm, f"removing {vm.name}", grace_seconds=5.0)
         if self.network is not None:
             self.network.detach(vm.name)
         shutil.rmtree(vm_dir(self.state_dir, vm.name), ignore_errors=True)
