@@ -233,6 +233,27 @@ def test_console_script_and_module_entry_points(fleet_repo: FleetRepo, state_dir
         assert result.returncode == 0, result.stderr
 
 
+def test_a_reader_that_went_away_ends_the_output_without_a_traceback(
+    fleet_repo: FleetRepo, state_dir: Path
+) -> None:
+    # `reconciler diff | head -1`: the reader closed before the plan was written.
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "reconciler", "diff", "--repo", str(fleet_repo.path)]
+            + ["--state-dir", str(state_dir)],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+    assert result.returncode == 141
+    assert result.stderr == ""
+
+
 # -- A misspelt key, a deleting plan, a protected workload -------------------------------------
 
 

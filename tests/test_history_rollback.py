@@ -237,7 +237,9 @@ def test_history_lists_attempts_with_their_artifacts(
 
     monkey = pytest.MonkeyPatch()
     with monkey.context() as patch:
-        patch.setattr("reconciler.cli.history_commands.open_state_store", lambda where: Opened())
+        patch.setattr(
+            "reconciler.cli.history_commands.open_state_store", lambda where, **_: Opened()
+        )
         patch.setattr("reconciler.cli.history_commands.store_location", lambda args: None)
         run_history(args)
         listed = json.loads(capsys.readouterr().out)

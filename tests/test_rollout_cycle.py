@@ -259,6 +259,9 @@ def test_promote_and_abort_commands(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     state_dir = ["--state-dir", str(tmp_path / "state")]
     assert main(["promote", "web", *state_dir]) == 1
+    assert "no reconciler has run with this state directory" in capsys.readouterr().err
+    open_state_store(tmp_path / "state").close()
+    assert main(["promote", "web", *state_dir]) == 1
     assert "web has no rollout in progress" in capsys.readouterr().err
     with open_state_store(tmp_path / "state") as store:
         store.put_rollout(RolloutState("web", "v2", "a" * 40, RolloutPhase.CANARY, started_at=1.0))

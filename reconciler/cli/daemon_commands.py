@@ -337,7 +337,7 @@ def run_resume(args: argparse.Namespace) -> int:
 
 
 def run_events(args: argparse.Namespace) -> int:
-    store = open_state_store(store_location(args))
+    store = open_state_store(store_location(args), existing=True)
     try:
         events = store.events(args.limit)
     finally:

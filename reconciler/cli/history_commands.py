@@ -93,7 +93,7 @@ def register(commands: Any) -> None:
 
 
 def run_history(args: argparse.Namespace) -> int:
-    with open_state_store(store_location(args)) as store:
+    with open_state_store(store_location(args), existing=True) as store:
         records = store.revisions(HISTORY_SCANNED)
         rows = [(r, store.revision_artifacts(r.revision)) for r in records]
     if args.workload is not None:
@@ -193,7 +193,7 @@ def rollback_target(store: StateStore, to: str | None, workload: str | None) -> 
 
 
 def run_rollback(args: argparse.Namespace) -> int:
-    with open_state_store(store_location(args)) as store:
+    with open_state_store(store_location(args), existing=True) as store:
         revision = rollback_target(store, args.to, args.workload)
         store.pin(args.workload, revision, args.reason)
     what = f"workload {args.workload}" if args.workload else "the fleet"
@@ -207,7 +207,7 @@ def run_rollback(args: argparse.Namespace) -> int:
 
 
 def run_unpin(args: argparse.Namespace) -> int:
-    with open_state_store(store_location(args)) as store:
+    with open_state_store(store_location(args), existing=True) as store:
         if not store.unpin(args.workload):
             raise ConfigError(f"{args.workload or 'the fleet'} is not pinned")
     what = f"workload {args.workload}" if args.workload else "the fleet"
@@ -248,7 +248,7 @@ def run_describe(args: argparse.Namespace) -> int:
 def describe_from_cli(args: argparse.Namespace) -> VMDescription:
     """``describe``: reads the store, the VM's console log and the artifact cache, and the
     repository for the manifest; writes nothing."""
-    with open_state_store(store_location(args)) as store:
+    with open_state_store(store_location(args), existing=True) as store:
         vm = store.observed().vms.get(args.vm)
         revision = vm_revision(store, vm.workload)[0] if vm is not None else None
         desired, root, problem = None, None, None

@@ -90,7 +90,7 @@ def run_logs(args: argparse.Namespace) -> int:
 
 
 def _env_values(args: argparse.Namespace, name: str) -> list[str]:
-    store = open_state_store(store_location(args))
+    store = open_state_store(store_location(args), existing=True)
     try:
         vm = store.observed().vms.get(name)
     finally:
@@ -138,7 +138,7 @@ def _from_daemon(args: argparse.Namespace, name: str) -> Iterable[str]:
 def run_console(args: argparse.Namespace) -> int:
     name = checked_name(args.vm)
     directory = state_dir(args)
-    store = open_state_store(store_location(args))
+    store = open_state_store(store_location(args), existing=True)
     try:
         vm = store.observed().vms.get(name)
     finally:

@@ -12,7 +12,7 @@ from typing import NoReturn
 from reconciler import __version__
 from reconciler.cli import fleet_commands
 from reconciler.daemon.logs import LOG_FORMATS, configure_logging
-from reconciler.errors import EXIT_INTERRUPTED, ConfigError, ReconcilerError
+from reconciler.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, ConfigError, ReconcilerError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `reconciler status | head`: the reader has what it wanted. Point stdout at /dev/null
+        # so the interpreter's final flush does not fail again with a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def entrypoint() -> NoReturn:

@@ -38,7 +38,7 @@ def register(commands: Any) -> None:
 
 def run_switch(args: argparse.Namespace) -> int:
     command: RolloutCommand = args.rollout_command
-    with open_state_store(store_location(args)) as store:
+    with open_state_store(store_location(args), existing=True) as store:
         state = store.rollouts().get(args.workload)
         if state is None or state.phase not in ACTIVE:
             shown = f" (its last one is {state.phase.value})" if state is not None else ""

@@ -17,10 +17,11 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler.errors import ConfigError
+from reconciler.errors import ConfigError, StateError
 from reconciler.state.protocol import StateStore
 
 SQLITE = "sqlite"
+SQLITE_FILE = "state.db"  # the embedded store's file in the state directory
 
 
 def is_postgres_url(value: str) -> bool:
@@ -65,12 +66,18 @@ class StoreLocation:
         return self
 
 
-def open_state_store(where: Path | StoreLocation) -> StateStore:
+def open_state_store(where: Path | StoreLocation, *, existing: bool = False) -> StateStore:
     """The state store at ``where`` (a state directory means its SQLite store); every call opens
-    a handle (a connection) of its own."""
+    a handle (a connection) of its own. ``existing``: a reading command's store, which must
+    already be there; a mistyped ``--state-dir`` is an error, not a new empty store."""
     location = where if isinstance(where, StoreLocation) else StoreLocation(where)
     location = location.validated()
     if location.url is None or location.url == SQLITE:
+        if existing and not (location.state_dir / SQLITE_FILE).exists():
+            raise StateError(
+                f"no state in {location.state_dir}: no reconciler has run with this state "
+                "directory; check --state-dir (or $RECONCILER_STATE_DIR)"
+            )
         # Imported here too: a command that opens no store (``diff --base``) loads no driver.
         from reconciler.state.sqlite import SQLiteStateStore  # noqa: PLC0415
 

@@ -35,6 +35,7 @@ from reconciler.model import (
     RolloutSwitch,
 )
 from reconciler.redact import redact_text
+from reconciler.state.location import SQLITE_FILE
 from reconciler.state.paths import private_file, private_state_dir
 from reconciler.state.protocol import (
     VM_HISTORY_KEPT,
@@ -188,7 +189,7 @@ class SQLiteStateStore(ClosedOnExit):
     def in_directory(cls, state_dir: Path) -> SQLiteStateStore:
         """The store of ``state_dir``. Commands open it through
         ``reconciler.state.location.open_state_store``, which also knows the other stores."""
-        return cls(state_dir / "state.db")
+        return cls(state_dir / SQLITE_FILE)
 
     def _add_missing_columns(self) -> None:
         """Columns added after a store was created (same schema version: additive only)."""
