@@ -41,12 +41,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemu.qmp import QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
 from reconciler.errors import ToolMissingError, VMRuntimeError
 from runtime.process.sandbox import HostLayout
 from runtime.protocol import VolumeAttachment
+from runtime.qemu.qmp import QMP_FAILURES, qmp_connection
 
 __all__ = ["SnapshotInfo", "VolumeAttachment", "VolumeError", "VolumeInfo"]
 
@@ -349,19 +347,20 @@ def restore(state_dir: Path, volume: VolumeInfo, stamp: str | None) -> SnapshotI
 def qemu_paused(qmp_socket: Path) -> Iterator[None]:
     """QEMU's vCPUs stopped (QMP ``stop``, which also drains and flushes the disks to their
     files) for the duration; ``cont`` afterwards, whatever happened."""
-    monitor = QEMUMonitorProtocol(str(qmp_socket))
-    try:
-        monitor.settimeout(10.0)
-        monitor.connect(negotiate=True)
-        monitor.cmd("stop")
-    except (OSError, EOFError, QMPError) as exc:
-        raise VolumeError(f"cannot pause the VM through {qmp_socket.name}: {exc}") from exc
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError, EOFError, QMPError):
-            monitor.cmd("cont")
-            monitor.close()
+
+    def refused(exc: Exception) -> Exception:
+        return VolumeError(f"cannot pause the VM through {qmp_socket.name}: {exc}")
+
+    with qmp_connection(qmp_socket, timeout=10.0, on_refused=refused) as monitor:
+        try:
+            monitor.cmd("stop")
+        except QMP_FAILURES as exc:
+            raise refused(exc) from exc
+        try:
+            yield
+        finally:
+            with contextlib.suppress(*QMP_FAILURES):
+                monitor.cmd("cont")
 
 
 def _descendants(pid: int) -> list[int]:

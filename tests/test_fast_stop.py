@@ -10,8 +10,6 @@ patience, so a stop that waited one out would fail the test; no wall-clock bound
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import threading
 from pathlib import Path
@@ -41,12 +39,7 @@ def stop_within(runtime: Runtime, spec: VMSpec, patience: float) -> VMStatus:
     result: list[VMStatus] = []
 
     def stop() -> None:
-        try:
-            result.append(runtime.stop(spec, grace_seconds=GRACE))
-        finally:
-            # QMP's client made an event loop for this thread; it ends with the thread.
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_event_loop_policy().get_event_loop().close()
+        result.append(runtime.stop(spec, grace_seconds=GRACE))
 
     worker = threading.Thread(target=stop, daemon=True)
     worker.start()

@@ -34,6 +34,7 @@ from runtime.qemu.accel import kvm_usable
 from runtime.qemu.argv import CONSOLE_LOG, PID_FILE, QMP_SOCKET, SnapshotRole, qemu_argv
 from runtime.qemu.confine import confinement
 from runtime.qemu.machine import tcg_kernel_args
+from runtime.qemu.qmp import qmp_connection
 from runtime.qemu.snapshot import (
     Snapshot,
     SnapshotCache,
@@ -183,15 +184,8 @@ class QemuRuntime:
 
     @contextlib.contextmanager
     def _qmp(self, spec: VMSpec) -> Iterator[QEMUMonitorProtocol]:
-        monitor = QEMUMonitorProtocol(str(spec.vm_dir / QMP_SOCKET))
-        monitor.settimeout(5.0)
-        monitor.connect(negotiate=True)
-        try:
+        with qmp_connection(spec.vm_dir / QMP_SOCKET, timeout=5.0) as monitor:
             yield monitor
-        finally:
-            # After "quit" QEMU hangs up first; closing then reports the end of the stream.
-            with contextlib.suppress(EOFError, OSError, QMPError):
-                monitor.close()
 
     def status(self, spec: VMSpec) -> VMStatus:
         ConsoleLog(spec.vm_dir).maintain()  # rotated by size, sampled for `logs --since`

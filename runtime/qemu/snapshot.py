@@ -67,6 +67,7 @@ from runtime.qemu.argv import (
     SnapshotRole,
     qemu_argv,
 )
+from runtime.qemu.qmp import qmp_connection
 
 SNAPSHOTS_ENV = "RECONCILER_QEMU_SNAPSHOTS"  # "1": start eligible VMs from snapshots
 SNAPSHOTS = "qemu-snapshots"  # under the state directory
@@ -308,22 +309,13 @@ def _locked(path: Path) -> Iterator[None]:
 def _monitor(vm_dir: Path, timeout: float = 10.0) -> Iterator[QEMUMonitorProtocol]:
     # A connection refused right after QEMU created its socket was seen on a heavily loaded
     # host: tried again for a few seconds before QEMU's log is asked why.
-    deadline = time.monotonic() + CONNECT_SECONDS
-    while True:
-        monitor = QEMUMonitorProtocol(str(vm_dir / QMP_SOCKET))
-        monitor.settimeout(timeout)
-        try:
-            monitor.connect(negotiate=True)
-            break
-        except (OSError, EOFError, QMPError) as exc:
-            if time.monotonic() > deadline:
-                raise _why_not(vm_dir, f"QMP not answering ({exc})") from exc
-            time.sleep(0.05)
-    try:
+    with qmp_connection(
+        vm_dir / QMP_SOCKET,
+        timeout=timeout,
+        retry_for=CONNECT_SECONDS,
+        on_refused=lambda exc: _why_not(vm_dir, f"QMP not answering ({exc})"),
+    ) as monitor:
         yield monitor
-    finally:
-        with contextlib.suppress(EOFError, OSError, QMPError):
-            monitor.close()
 
 
 def _why_not(vm_dir: Path, what: str) -> VMRuntimeError:
