@@ -155,11 +155,16 @@ def test_describe_puts_a_process_vms_boot_markers_at_host_times(tmp_path: Path) 
     directory = vm_dir(tmp_path, "echo-0")
     directory.mkdir(parents=True)
     t = round(time.monotonic() - 5.0, 3)
-    (directory / LOG).write_text(f'@@reconciler {{"event":"booted","t":{t}}}\n')
-    (marker,) = _boot_markers(tmp_path, "echo-0", host_clock=True)
-    assert marker["event"] == "booted"
-    assert marker["at"] is not None
-    assert abs(marker["at"] - (time.time() - 5.0)) < 1.0
+    (directory / LOG).write_text(
+        f'@@reconciler {{"event":"booted","t":{t}}}\n'
+        f'@@reconciler {{"event":"workload-started","t":{t + 0.25}}}\n'
+    )
+    booted, started = _boot_markers(tmp_path, "echo-0", host_clock=True)
+    assert booted["event"] == "booted"
+    assert booted["at"] is not None
+    assert abs(booted["at"] - (time.time() - 5.0)) < 1.0
+    # Shown as seconds since the init began, not as the host's uptime.
+    assert (booted["guest_seconds"], started["guest_seconds"]) == (0.0, pytest.approx(0.25))
 
 
 @pytest.mark.parametrize("limit", ["-1", "0", "x"])

@@ -222,7 +222,7 @@ class ManifestLocation(TypedDict):
 class BootMarker(TypedDict):
     event: str  # a guest init marker: booted, workload-started, workload-exited ...
     at: float | None  # host time: the VMM's start plus the guest's clock
-    guest_seconds: float | None  # the guest's clock (seconds since its kernel started)
+    guest_seconds: float | None  # seconds since the guest kernel started (process VM: its init)
     detail: str  # the marker's other fields
 
 
@@ -366,7 +366,8 @@ def _tail(path: Path, count: int) -> list[str]:
 def _boot_markers(state_dir: Path, name: str, *, host_clock: bool = False) -> list[BootMarker]:
     """The guest init's markers of the current boot, with host times. A guest's ``t`` counts
     from its kernel's start; the init of a process VM (``host_clock``) reads the host's own
-    CLOCK_MONOTONIC, which counts from the host's boot, so it maps straight onto wall time."""
+    CLOCK_MONOTONIC, which counts from the host's boot, so it maps straight onto wall time, and
+    its ``guest_seconds`` count from the init's first marker (a host's uptime says nothing)."""
     directory = vm_dir(state_dir, name)
     try:
         booted = ConsoleLog(directory).boot()
@@ -375,14 +376,18 @@ def _boot_markers(state_dir: Path, name: str, *, host_clock: bool = False) -> li
     if host_clock:
         booted = time.time() - time.monotonic()
     markers: list[BootMarker] = []
+    origin: float | None = None
     for marker in read_markers(directory / LOG):
         t = marker.get("t")
-        guest = float(t) if isinstance(t, int | float) else None
+        clock = float(t) if isinstance(t, int | float) else None
+        if host_clock and origin is None:
+            origin = clock
+        guest = clock - origin if host_clock and clock is not None and origin is not None else clock
         rest = {k: v for k, v in marker.items() if k not in ("event", "t")}
         markers.append(
             {
                 "event": str(marker.get("event")),
-                "at": booted + guest if booted is not None and guest is not None else None,
+                "at": booted + clock if booted is not None and clock is not None else None,
                 "guest_seconds": guest,
                 "detail": " ".join(f"{k}={v}" for k, v in sorted(rest.items())),
             }
