@@ -241,8 +241,16 @@ def test_a_reader_that_went_away_ends_the_output_without_a_traceback(
     os.close(reader)
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "reconciler", "diff", "--repo", str(fleet_repo.path)]
-            + ["--state-dir", str(state_dir)],
+            [
+                sys.executable,
+                "-m",
+                "reconciler",
+                "diff",
+                "--repo",
+                str(fleet_repo.path),
+                "--state-dir",
+                str(state_dir),
+            ],
             stdout=writer,
             stderr=subprocess.PIPE,
             text=True,
