@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
         "reconciler.pipeline",  # revision -> plan
         "reconciler.execution",  # plan -> effects
         "reconciler.notify",  # notifications and commit statuses from the outbox
+        "reconciler.fleet_hosts",  # registry records -> placement's HostFacts (lost or not)
     ),
     (
         "reconciler.source",  # the only git

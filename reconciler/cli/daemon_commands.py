@@ -40,6 +40,7 @@ from reconciler.daemon.logs import LOG_FORMATS, log_redactor
 from reconciler.daemon.settings import (
     ApiSettings,
     DaemonSettings,
+    HostSettings,
     LeaderSettings,
     NotifySettings,
     PollingSettings,
@@ -50,7 +51,8 @@ from reconciler.http_client import NoRedirect
 from reconciler.leadership import LeaseSettings
 from reconciler.notify import CommitStatusTarget
 from reconciler.redact import redact_url
-from reconciler.state import open_state_store
+from reconciler.state import StoreLocation, open_state_store
+from reconciler.state.location import SQLITE
 
 
 def register(commands: Any) -> None:
@@ -128,6 +130,21 @@ def register(commands: Any) -> None:
     )
     daemon.add_argument("--id", default=None, help="this replica's name (default: host-pid)")
     daemon.add_argument(
+        "--host",
+        default=None,
+        metavar="NAME",
+        help="this host's name in the fleet's registry, under which it heartbeats and keeps "
+        "its VMs (default: the machine's hostname); needs --store postgresql://...",
+    )
+    daemon.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label of this host, which a workload's deploy.placement.hostSelector can ask "
+        "for (repeatable; Kubernetes label syntax); needs --store postgresql://...",
+    )
+    daemon.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
         default=LOG_FORMATS[0],
@@ -170,10 +187,37 @@ def _read_secret(path: Path | None, default: str | None) -> str | None:
     return value
 
 
+def host_labels(values: list[str]) -> dict[str, str]:
+    """``--label KEY=VALUE`` options as a mapping (checked by ``HostSettings``); a key given
+    twice is refused rather than one of its values silently winning."""
+    labels: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--label must be KEY=VALUE, not {item!r}")
+        if key in labels:
+            raise ConfigError(f"--label {key} is given twice")
+        labels[key] = value
+    return labels
+
+
+def host_settings(args: argparse.Namespace, store: StoreLocation) -> HostSettings:
+    """``--host`` and ``--label``: they name this host in a shared store's registry, which
+    the SQLite store (one host) does not have, so they are refused there, not ignored."""
+    if store.kind == SQLITE and (args.host is not None or args.label):
+        raise ConfigError(
+            "--host and --label register this host in the fleet's shared store: they need "
+            "--store postgresql://... (or $RECONCILER_STORE)"
+        )
+    name = {"name": args.host} if args.host is not None else {}  # else the hostname
+    return HostSettings(labels=host_labels(args.label), **name)
+
+
 def daemon_settings(args: argparse.Namespace) -> DaemonSettings:
     env = read_environment()
     secret = _read_secret(args.webhook_secret_file, env.webhook_secret)
     identity = {"identity": args.id} if args.id else {}  # else LeaderSettings' own default
+    store = store_location(args)
     return DaemonSettings(
         source=SourceSettings(
             repo=args.repo,
@@ -187,7 +231,8 @@ def daemon_settings(args: argparse.Namespace) -> DaemonSettings:
             age_key_file=age_key_file(args),
         ),
         state_dir=state_dir(args),
-        store=store_location(args).url,
+        store=store.url,
+        hosts=host_settings(args, store),
         cache_dir=cache_dir(args),
         api=ApiSettings(
             listen=args.listen,

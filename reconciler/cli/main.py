@@ -55,6 +55,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         daemon_commands,
         forge_commands,
         history_commands,
+        hosts_commands,
         logs_commands,
         rollout_commands,
         volume_commands,
@@ -66,6 +67,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     daemon_commands.register(commands)
     forge_commands.register(commands)
     history_commands.register(commands)
+    hosts_commands.register(commands)
     logs_commands.register(commands)
     rollout_commands.register(commands)
     volume_commands.register(commands)

@@ -5,6 +5,7 @@
     main:     worker ── waits on the queue ──▶ ReconcileCycle.reconcile(fence) ──▶ store, runtimes
                                                 └─ notices ──▶ Notifier ──▶ the store's outbox
     sender:   notify.Sender ── while leading, fenced ──▶ webhooks, commit statuses
+    heartbeat: HostHeartbeat ── leader or not (PostgreSQL store) ──▶ the hosts registry
 
 ``open_daemon`` opens what a replica holds (the host's state store and runtimes, the repository,
 the lease, the API token) and closes it again; ``Daemon`` only wires what it is given, so
@@ -28,6 +29,7 @@ from contextlib import ExitStack, contextmanager
 from types import FrameType
 
 from reconciler.daemon.cycle import CommitVerifier, ReconcileCycle
+from reconciler.daemon.heartbeat import HostHeartbeat
 from reconciler.daemon.http_api import OperatorServer
 from reconciler.daemon.leader_file import TOKEN_FILE, write_leader
 from reconciler.daemon.metrics import DaemonMetrics
@@ -61,6 +63,10 @@ from reconciler.secrets import open_resolver
 from reconciler.source import Source, open_source
 from reconciler.source.signatures import SignatureVerifier, TrustedKeys
 from reconciler.state import FLEET_WIDE, StateStore, open_state_store
+from reconciler.state.hosts import HostRegistration
+from reconciler.state.location import SQLITE, open_host_registry
+from reconciler.state.paths import private_state_dir
+from runtime.capacity import probe_machine
 
 log = logging.getLogger("reconciler.daemon")
 
@@ -115,6 +121,32 @@ def commit_status_forge(settings: DaemonSettings) -> StatusForge | None:
     return open_forge(target.provider, target.api, target.repository, target.token)
 
 
+def host_registration(settings: DaemonSettings) -> HostRegistration:
+    """This host as it registers: its name and labels, and what the machine offers now."""
+    machine = probe_machine(settings.state_dir)
+    return HostRegistration(
+        name=settings.hosts.name,
+        vcpus=machine.vcpus,
+        memory_mib=machine.memory_mib,
+        disk_mib=machine.disk_mib,
+        labels=dict(settings.hosts.labels),
+        runtimes=machine.runtimes,
+        kvm=machine.kvm,
+    )
+
+
+def host_heartbeat(settings: DaemonSettings) -> HostHeartbeat | None:
+    """The heartbeat of this host in the registry; None on the SQLite store (one host)."""
+    location = settings.store_location()
+    if location.kind == SQLITE:
+        return None
+    return HostHeartbeat(
+        lambda: open_host_registry(location),
+        lambda: host_registration(settings),
+        interval=settings.hosts.heartbeat,
+    )
+
+
 def open_repository(settings: DaemonSettings) -> Source:
     wanted = settings.source
     source = open_source(
@@ -136,6 +168,11 @@ def open_daemon(
     """A daemon replica with what it holds opened, closed again when the block ends (the HTTP
     server, then the lease, then the host's state store)."""
     settings = settings.validated()
+    # The daemon keeps its token, repository cache and VMs there whichever store it uses; on
+    # PostgreSQL no SQLite store creates it first.
+    tightened = private_state_dir(settings.state_dir)
+    if tightened:
+        log.warning("made private what others could read: %s", ", ".join(tightened))
     with ExitStack() as held:
         host = held.enter_context(open_host_at(settings.state_dir, settings.store_location()))
         source = open_repository(settings)
@@ -246,6 +283,7 @@ class Daemon:
             console_logs=StateDirConsoleLogs(settings.state_dir),
         )
         self._lost_reason: str | None = None
+        self.heartbeat = host_heartbeat(settings)  # builds a thread, opens nothing yet
 
     def _newer_head_waits(self, revision: str) -> bool:
         """Asked while a rollout of ``revision`` waits for health: has a trigger (a webhook, a
@@ -300,6 +338,8 @@ class Daemon:
         try:
             # VMs adopted from a previous run: their secrets are masked from the first answer.
             remember_secrets(self.redactor, self.host.store.observed())
+            if self.heartbeat is not None:
+                self.heartbeat.start()  # before the election: followers are hosts too
             self.server.start()
             log.info(
                 "daemon %s serving on %s, lease %s",
@@ -315,6 +355,8 @@ class Daemon:
             while not self._stopping.is_set():
                 self._work_once()
         finally:
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
             self.sender.stop()
             poller.stop()
             if watcher is not None:

@@ -8,6 +8,7 @@ value is a ``ConfigError``).
         lease    which lease backend elects the leader, its timing, this replica's name
         store    SQLite in the state directory, or a PostgreSQL database the hosts share
         notify   the RECONCILER_NOTIFY_* URLs, where commit statuses go, delivery retries
+        hosts    this host's name and labels in the fleet's registry, how often it heartbeats
 
 Each default is written here once: the command-line options take theirs from these classes.
 Secrets (the token, the webhook secret, a credential, a PostgreSQL URL with a password) stay out
@@ -26,8 +27,11 @@ from pathlib import Path
 from reconciler.errors import ConfigError
 from reconciler.leadership import LeaseSettings
 from reconciler.notify import CommitStatusTarget, RetryPolicy
+from reconciler.planning.placement import label_problem
 from reconciler.source.credentials import GitCredential
 from reconciler.state import LeaseBinding, StoreLocation
+from reconciler.state.hosts import HEARTBEAT_SECONDS, HOST_GRACE_SECONDS
+from reconciler.state.location import default_host_name
 
 _HOST_NAME = re.compile(r"(?i)[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_.])?")
 FILE_LEASE = "file"
@@ -121,6 +125,32 @@ class NotifySettings:
 
 
 @dataclass(frozen=True)
+class HostSettings:
+    """This host in the fleet's registry (a PostgreSQL store only): the name it registers
+    and keeps its VMs under, its labels for ``hostSelector``, and how often it heartbeats."""
+
+    name: str = field(default_factory=default_host_name)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    heartbeat: float = HEARTBEAT_SECONDS  # seconds between heartbeats
+
+    def validated(self) -> HostSettings:
+        if not _HOST_NAME.fullmatch(self.name):
+            raise ConfigError(
+                f"--host must be a host name (letters, digits, '-', '_', '.'), not {self.name!r}"
+            )
+        for key, value in self.labels.items():
+            problem = label_problem(key, value)
+            if problem is not None:
+                raise ConfigError(f"--label: {problem}")
+        if not 0 < self.heartbeat <= HOST_GRACE_SECONDS / 3:
+            raise ConfigError(
+                f"the heartbeat interval must be in (0, {HOST_GRACE_SECONDS / 3:g}] s (a third "
+                f"of the default grace period), not {self.heartbeat:g}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
 class DaemonSettings:
     source: SourceSettings
     state_dir: Path
@@ -131,6 +161,7 @@ class DaemonSettings:
     force_deletions: bool = False  # lift the Fleet's maxDeletions guard (planning.guard)
     notify: NotifySettings = field(default_factory=NotifySettings)
     store: str | None = field(default=None, repr=False)  # None: SQLite; a URL may hold a password
+    hosts: HostSettings = field(default_factory=HostSettings)
 
     def store_location(self) -> StoreLocation:
         """The daemon's state store; with a PostgreSQL lease, bound to it, so that the store
@@ -139,10 +170,11 @@ class DaemonSettings:
         binding = (
             LeaseBinding(lease.backend, holder=lease.identity) if lease.kind != "file" else None
         )
-        return StoreLocation(self.state_dir, url=self.store, lease=binding)
+        return StoreLocation(self.state_dir, url=self.store, host=self.hosts.name, lease=binding)
 
     def validated(self) -> DaemonSettings:
         self.store_location().validated()
+        self.hosts.validated()
         self.lease.validated()
         self.polling.validated()
         self.api.validated()

@@ -16,9 +16,13 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reconciler.errors import ConfigError, StateError
 from reconciler.state.protocol import StateStore
+
+if TYPE_CHECKING:
+    from reconciler.state.postgres import PostgresStateStore
 
 SQLITE = "sqlite"
 SQLITE_FILE = "state.db"  # the embedded store's file in the state directory
@@ -86,3 +90,17 @@ def open_state_store(where: Path | StoreLocation, *, existing: bool = False) -> 
     from reconciler.state.postgres import PostgresStateStore  # noqa: PLC0415
 
     return PostgresStateStore(location.url, host=location.host, lease=location.lease)
+
+
+def open_host_registry(location: StoreLocation) -> PostgresStateStore:
+    """The PostgreSQL store of ``location``, which keeps the fleet's host registry; a
+    ``ConfigError`` for the embedded SQLite store, which is one host and has no registry."""
+    location = location.validated()
+    if location.kind == SQLITE:
+        raise ConfigError(
+            "hosts are registered in a shared PostgreSQL store: pass --store postgresql://... "
+            "(or set $RECONCILER_STORE); the SQLite store is one host"
+        )
+    from reconciler.state.postgres import PostgresStateStore  # noqa: PLC0415 (as above)
+
+    return PostgresStateStore(location.url or "", host=location.host, lease=location.lease)

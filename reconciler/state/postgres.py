@@ -6,6 +6,7 @@
                                                 vms (host, name)   what each host runs
                                                 assignments (vm)   VM -> host, with its term
                                                 intents (host), revisions, events, suspensions
+                                                hosts (name)       the registry: epochs, heartbeats
 
 Selected with ``--store postgresql://...`` (``reconciler.state.location``). The schema is made
 for several hosts sharing the fleet: observed VMs, intents and versions are keyed by host (a
@@ -30,7 +31,9 @@ and the lease unexpired *by the database clock*. That refuses the write of a lea
 lease expired even before anybody else claimed the store, and holds off a takeover until the
 write committed. A paused writer cannot hold those locks for long:
 ``idle_in_transaction_session_timeout`` ends its session, and its write with it. Events and
-suspensions are the operator's history and switches, not fleet state, and are never fenced.
+suspensions are the operator's history and switches, not fleet state, and are never fenced;
+nor is the host registry (``reconciler.state.hosts``): each host writes its own registration
+and heartbeats whether or not it leads, and cordon and drain are the operator's switches.
 
 Every psycopg error becomes one ``StateError`` line that names the database (never its
 password); a lost connection is reopened by the next call.
@@ -65,6 +68,7 @@ from reconciler.model import (
     RolloutSwitch,
 )
 from reconciler.redact import redact_text
+from reconciler.state.hosts import HOST_COLUMNS, HostRecord, HostRegistration, host_from_row
 from reconciler.state.location import LeaseBinding
 from reconciler.state.protocol import (
     VM_HISTORY_KEPT,
@@ -242,6 +246,26 @@ CREATE TABLE vm_history (
 CREATE INDEX vm_history_by_vm ON vm_history (vm, id);
 """,
     ),
+    Migration(
+        4,
+        "the host registry",
+        """
+CREATE TABLE hosts (
+    name text PRIMARY KEY,
+    epoch bigint NOT NULL,
+    vcpus integer NOT NULL,
+    memory_mib bigint NOT NULL,
+    disk_mib bigint NOT NULL,
+    labels text NOT NULL,
+    runtimes text NOT NULL,
+    kvm boolean NOT NULL,
+    cordoned boolean NOT NULL DEFAULT false,
+    draining boolean NOT NULL DEFAULT false,
+    registered_at double precision NOT NULL,
+    heartbeat_at double precision NOT NULL
+);
+""",
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].number
 
@@ -305,6 +329,28 @@ _LAST_REVISION: LiteralString = """
 SELECT revision, outcome, message, at FROM revisions
 WHERE %(applied_only)s = false OR outcome = 'applied'
 ORDER BY id DESC LIMIT 1
+"""
+
+
+# A new registration keeps the operator's flags: a restarted host stays cordoned.
+_REGISTER_HOST: LiteralString = f"""
+INSERT INTO hosts AS h (name, epoch, vcpus, memory_mib, disk_mib, labels, runtimes, kvm,
+    registered_at, heartbeat_at)
+VALUES (%(name)s, 1, %(vcpus)s, %(memory)s, %(disk)s, %(labels)s, %(runtimes)s, %(kvm)s,
+    {_NOW}, {_NOW})
+ON CONFLICT (name) DO UPDATE SET
+    epoch = h.epoch + 1, vcpus = EXCLUDED.vcpus, memory_mib = EXCLUDED.memory_mib,
+    disk_mib = EXCLUDED.disk_mib, labels = EXCLUDED.labels, runtimes = EXCLUDED.runtimes,
+    kvm = EXCLUDED.kvm, registered_at = EXCLUDED.registered_at,
+    heartbeat_at = EXCLUDED.heartbeat_at
+RETURNING h.epoch
+"""
+
+_HOSTS: LiteralString = f"""
+SELECT {HOST_COLUMNS}, {_NOW} - h.heartbeat_at, coalesce(a.vms, 0)
+FROM hosts AS h
+LEFT JOIN (SELECT host, count(*) AS vms FROM assignments GROUP BY host) AS a ON a.host = h.name
+ORDER BY h.name
 """
 
 
@@ -833,6 +879,68 @@ class PostgresStateStore(ClosedOnExit):
         with self._session("read") as conn:
             rows = conn.execute("SELECT vm, host, term FROM assignments ORDER BY vm").fetchall()
         return {str(r[0]): (str(r[1]), int(r[2])) for r in rows}
+
+    # -- the host registry (each host's own rows, and the operator's flags: never fenced) ---
+
+    def register_host(self, host: HostRegistration) -> int:
+        """Register ``host`` anew with its facts, keeping the operator's cordon and drain
+        flags; returns its new epoch, one above its last (1 for a new host)."""
+        with self._write(fenced=False, bump=False) as conn:
+            row = conn.execute(
+                _REGISTER_HOST,
+                {
+                    "name": host.name,
+                    "vcpus": host.vcpus,
+                    "memory": host.memory_mib,
+                    "disk": host.disk_mib,
+                    "labels": host.labels_json(),
+                    "runtimes": host.runtimes_json(),
+                    "kvm": host.kvm,
+                },
+            ).fetchone()
+            epoch = _first(row)
+            self._insert_event(conn, "host-registered", host.name, f"epoch {epoch}")
+        return epoch
+
+    def heartbeat(self, host: str, epoch: int) -> bool:
+        """Say ``host`` is alive in ``epoch``; False when that is no longer its epoch (it
+        registered again since, elsewhere or in another process): its registration ended."""
+        with self._write(fenced=False, bump=False) as conn:
+            cursor = conn.execute(
+                f"UPDATE hosts SET heartbeat_at = {_NOW} WHERE name = %s AND epoch = %s",
+                (host, epoch),
+            )
+            return cursor.rowcount == 1
+
+    def hosts(self) -> list[HostRecord]:
+        """Every registered host, by name, with its heartbeat's age by the database clock and
+        the number of VMs the assignments place on it."""
+        with self._session("read") as conn:
+            rows = conn.execute(_HOSTS).fetchall()
+        return [host_from_row(row) for row in rows]
+
+    def set_host_flag(
+        self, name: str, *, cordoned: bool | None = None, draining: bool | None = None
+    ) -> None:
+        """Set the operator's switches of host ``name`` (None: unchanged); ``ConfigError`` for
+        a host that never registered."""
+        with self._write(fenced=False, bump=False) as conn:
+            cursor = conn.execute(
+                "UPDATE hosts SET cordoned = coalesce(%s, cordoned),"
+                " draining = coalesce(%s, draining) WHERE name = %s",
+                (cordoned, draining, name),
+            )
+            if cursor.rowcount == 0:
+                raise ConfigError(
+                    f"no host {name!r} in the registry at {self.where}; "
+                    "`reconciler hosts` lists the registered hosts"
+                )
+            changes = [
+                f"{flag}={value}".lower()
+                for flag, value in (("cordoned", cordoned), ("draining", draining))
+                if value is not None
+            ]
+            self._insert_event(conn, "host-flags", name, ", ".join(changes) + " by the operator")
 
     def _term(self) -> int | None:
         return self.fence.term if self.fence is not None else None
