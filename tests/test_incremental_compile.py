@@ -454,6 +454,85 @@ def test_tree_index_keys_only_symlink_free_paths() -> None:
     assert index.source_tree("fleet", "../src") is None  # holds a symlink below
 
 
+def test_paths_git_lists_are_refused_as_the_file_system_refuses_them(tmp_path: Path) -> None:
+    """Source paths resolved from Git's listing (no symlink on the way: no ``realpath``) give
+    the same workloads and the same problems as those resolved on disk."""
+    outside = tmp_path / "outside"
+    (outside / "x").mkdir(parents=True)
+    (outside / "x" / "app.py").write_text("print('outside')\n")
+    repo = FleetRepo(tmp_path / "repo")
+    repo.write("fleet/fleet.yaml", FLEET.format(memory=128))
+    cases = {
+        "plain": "../src/a",
+        "dotted": "./../src//b/../a/",
+        "escape": "../out/x",  # out -> a directory outside the repository
+        "through": "../alt/../src/a",  # alt -> src: ".." after a symlink
+        "linked": "../src/c",  # holds a symlink
+        "missing": "../src/none",
+        "file": "../src/a/app.py",
+    }
+    documents = [
+        WORKLOAD.format(name=name, path=path, replicas=1, level="info", team=0)
+        for name, path in cases.items()
+    ]
+    # An entrypoint that climbs out of its own (symlink-free) directory into another.
+    documents.append(
+        WORKLOAD.format(name="climb", path="../src/a", replicas=1, level="info", team=0).replace(
+            "entrypoint: app.py", "entrypoint: ../b/app.py"
+        )
+    )
+    documents.append(
+        WORKLOAD.format(name="inner", path="../src", replicas=1, level="info", team=0).replace(
+            "entrypoint: app.py", "entrypoint: b/./app.py"
+        )
+    )
+    repo.write("fleet/workloads.yaml", "".join(documents))
+    for leaf in "abc":
+        repo.write(f"src/{leaf}/app.py", f"print({leaf!r})\n")
+    (repo.path / "src" / "c" / "link").symlink_to("app.py")
+    (repo.path / "out").symlink_to(outside)
+    (repo.path / "alt").symlink_to("src")
+    head = repo.commit("paths")
+    source = GitSource(str(repo.path), cache_dir=tmp_path / "state" / "git")
+
+    resolved: list[str] = []
+    realpath = os.path.realpath
+
+    def counted(path: str, *, strict: bool = False) -> str:
+        resolved.append(os.fspath(path))
+        return realpath(path, strict=strict)
+
+    def outcome(loader: RevisionLoader) -> tuple[tuple[object, ...], list[str]]:
+        resolved.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os.path, "realpath", counted)
+            try:
+                return _loaded(loader.load(head)), list(resolved)
+            except ManifestError as exc:
+                return tuple(str(p) for p in exc.problems), list(resolved)
+
+    expected, on_disk = outcome(RevisionLoader(source, "fleet", cache=ParseCache()))
+    listed = RevisionLoader(source, "fleet", compile_cache=tmp_path / "state" / CACHE_FILE)
+    found, lexical = outcome(listed)
+    assert found == expected
+    # plain, dotted and climb: directory and entrypoint resolved from the listing; inner is
+    # not (src/ holds a symlink below it), nor are the paths through symlinks.
+    root = str(source.checkout(head).resolve())
+    for path in ("fleet/../src/a", "fleet/./../src//b/../a/", "src/a/app.py", "src/a/../b/app.py"):
+        assert f"{root}/{path}" in on_disk, path
+        assert f"{root}/{path}" not in lexical, path
+    for path in ("fleet/../src", "src/b/./app.py", "fleet/../out/x", "fleet/../alt/../src/a"):
+        assert f"{root}/{path}" in on_disk, path
+        assert f"{root}/{path}" in lexical, path
+    found = "\n".join(str(e) for e in expected)
+    assert "source path '../out/x' leaves the repository" in found
+    assert "source path '../src/none' is not a directory" in found
+    assert "source path '../src/a/app.py' is not a directory" in found
+    assert "entrypoint '../b/app.py' is not a file in '../src/a'" in found
+    assert "inner" not in found
+    assert "'./../src//b/../a/'" not in found
+
+
 def test_diff_imports_neither_validators_nor_runtimes(tmp_path: Path) -> None:
     """A warm ``diff`` loads what it needs: no jsonschema, jsonschema-rs or Jinja2 (every
     document was validated before, no template), no runtime, builder or daemon code."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from reconciler.build_flags import build_input_problems
 from reconciler.guest_values import deploy_problems, value_problems
-from reconciler.manifests.paths import SourceTrees, relative
+from reconciler.manifests.paths import SourceTrees
 from reconciler.manifests.secrets import FleetSecrets
 from reconciler.model import (
     BuildSpec,
@@ -196,7 +196,7 @@ def compile_workload(
     digest, escapes = trees.digest(resolved)
     for message in escapes:
         report(document, ("spec", "source", "path"), message)
-    entry = os.path.realpath(os.path.join(resolved, source["entrypoint"]))
+    entry = trees.inside(resolved, source["entrypoint"])
     if not entry.startswith(str(resolved) + os.sep) or not os.path.isfile(entry):
         report(
             document,
@@ -217,7 +217,7 @@ def compile_workload(
         name=document.name,
         labels=dict(document.content["metadata"].get("labels") or {}),
         source=SourceSpec(
-            path=relative(resolved, root),
+            path=trees.relative(resolved),
             language=Language(source["language"]),
             entrypoint=source["entrypoint"],
         ),

@@ -51,10 +51,15 @@ from reconciler.manifests.compile_cache import (
 from reconciler.manifests.ignore import IGNORE_FILE, IgnoreRules
 from reconciler.manifests.limits import DEFAULT_LIMITS, Limits
 from reconciler.manifests.notifications import compile_notifications
-from reconciler.manifests.paths import SourceTrees, find_manifests, is_inside, relative
+from reconciler.manifests.paths import (
+    SourceTrees,
+    find_manifests,
+    is_inside,
+    relative,
+    resolved,
+)
 from reconciler.manifests.schema import KIND_FILES, SchemaProblem, json_path, validate
 from reconciler.manifests.secrets import FleetSecrets
-from reconciler.manifests.templates import render_templates
 from reconciler.manifests.yaml_loader import ParsedDocument, YAMLProblem, line_of, parse_documents
 from reconciler.model import (
     API_VERSION,
@@ -369,7 +374,8 @@ def _read_ignore_file(rev: _Revision) -> IgnoreRules:
     rel = relative(path, rev.root)
     if not path.exists() and not path.is_symlink():
         return IgnoreRules()
-    if not is_inside(path.resolve(), rev.root) or not path.resolve().is_file():
+    target = resolved(path)
+    if target is None or not is_inside(target, rev.root) or not target.is_file():
         rev.problems.append(Problem(rel, 0, "", "must be a file inside the repository"))
         return IgnoreRules()
     try:
@@ -449,8 +455,10 @@ def load_fleet(
         if kept is not None:
             return _assemble(revision, kept[0], kept[1], cache.store)
     root = root.resolve()
-    fleet_dir = (root / subpath).resolve()
     shown = subpath or "."
+    fleet_dir = resolved(root / subpath)
+    if fleet_dir is None:
+        raise ManifestError([Problem(shown, 0, "", "the fleet path is a symlink loop")])
     if not is_inside(fleet_dir, root):
         raise ManifestError([Problem(shown, 0, "", "the fleet path leaves the repository")])
     if not fleet_dir.is_dir():
@@ -483,6 +491,10 @@ def load_fleet(
         if f.templated and f.problem is None and (API_GROUP in f.raw or not rev.in_source(f.key))
     ]
     if templates:
+        # Imported here: it brings multiprocessing, which a fleet without templates (every
+        # pull request's diff of one) need not load.
+        from reconciler.manifests.templates import render_templates  # noqa: PLC0415
+
         outcomes = render_templates([(f.rel, f.raw) for f in templates], variables, limits)
         for file in templates:
             outcome = outcomes[file.rel]
@@ -529,7 +541,9 @@ def load_fleet(
     known = {name for kind, name in rev.declared if kind == "Workload"}
     check_dependencies(documents, known, rev.report)
     store = rev.cache.store if tree_index is not None else None
-    trees = SourceTrees(root, tree_ids=tree_index.plain if tree_index else None, known=store)
+    trees = SourceTrees(
+        root, tree_ids=tree_index.plain if tree_index else None, known=store, listed=tree_index
+    )
     fleet_secrets = FleetSecrets(settings.secrets, root=root, fleet_dir=fleet_dir, resolver=secrets)
     notifications = compile_notifications(fleet_doc, fleet_secrets, rev.report)
     settings = replace(settings, notifications=notifications)

@@ -24,6 +24,16 @@ def is_inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def resolved(path: Path) -> Path | None:
+    """``path`` with every symlink resolved; ``None`` for a symlink loop, which resolves to
+    nothing (pathlib raises for one: a commit holding ``a -> a`` must be a problem reported,
+    not a crash)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return None
+
+
 def relative(path: Path, root: Path) -> str:
     try:
         return path.relative_to(root).as_posix()
@@ -48,8 +58,12 @@ def find_manifests(root: Path, fleet_dir: Path, limits: Limits) -> ManifestFiles
             path = here / name
             if not path.is_symlink():
                 continue
-            target = path.resolve()
-            if not is_inside(target, root):
+            target = resolved(path)
+            if target is None:
+                found.problems.append(
+                    Problem(relative(path, root), 0, "", "symlink loop; refusing it")
+                )
+            elif not is_inside(target, root):
                 found.problems.append(
                     Problem(
                         relative(path, root),
@@ -61,10 +75,10 @@ def find_manifests(root: Path, fleet_dir: Path, limits: Limits) -> ManifestFiles
         for name in sorted(filenames):
             if not name.endswith(MANIFEST_SUFFIXES) or name.startswith("."):
                 continue
-            path = (here / name).resolve()
-            if not is_inside(path, root) or not path.is_file():
+            real = resolved(here / name)
+            if real is None or not is_inside(real, root) or not real.is_file():
                 continue  # reported above, or a dangling link
-            size = path.stat().st_size
+            size = real.stat().st_size
             rel = relative(here / name, root)
             if size > limits.max_file_bytes:
                 found.problems.append(
@@ -107,12 +121,23 @@ class KnownDigests(Protocol):
     def remember_digest(self, tree: str, digest: str) -> None: ...
 
 
+class ListedTrees(Protocol):
+    """The directories Git lists in a revision (``compile_cache.TreeIndex``)."""
+
+    def source_tree(self, fleet_rel: str, declared: str) -> tuple[str, str] | None: ...
+
+
 class SourceTrees:
     """Resolves workload source directories and digests their content, once per directory.
 
     With ``tree_ids`` (relative path -> Git tree id of the revision's directories that hold no
     symlink) and ``known``, a directory whose tree was digested before, in any revision, is not
-    read again: equal tree ids mean equal content."""
+    read again: equal tree ids mean equal content.
+
+    With ``listed`` (the same listing), a source path whose every step Git lists as a directory
+    and below which Git lists no symlink is resolved without asking the file system about each
+    step: there is no link on the way to resolve, so the lexical path is the real one (and the
+    same holds for the entrypoint inside it). It must still exist as a directory on disk."""
 
     def __init__(
         self,
@@ -120,24 +145,50 @@ class SourceTrees:
         *,
         tree_ids: Mapping[str, str] | None = None,
         known: KnownDigests | None = None,
+        listed: ListedTrees | None = None,
     ) -> None:
         self.root = root
         self._digests: dict[Path, tuple[str, list[str]]] = {}
         self._tree_ids = tree_ids or {}
         self._known = known
+        self._listed = listed
+        self._fleet_rels: dict[Path, str] = {}
+        self._plain: dict[str, str] = {}  # resolved directory -> its path relative to the root
 
     def resolve(self, fleet_dir: Path, declared: str) -> Path | str:
         """The resolved directory, or a message saying why it is refused."""
         if os.path.isabs(declared):
             return f"source path {declared!r} must be relative to the fleet directory"
+        root = str(self.root)
+        if self._listed is not None:
+            fleet_rel = self._fleet_rels.get(fleet_dir)
+            if fleet_rel is None:
+                fleet_rel = self._fleet_rels[fleet_dir] = relative(fleet_dir, self.root)
+            found = self._listed.source_tree("" if fleet_rel == "." else fleet_rel, declared)
+            if found is not None:
+                lexical = os.path.join(root, found[0])
+                if os.path.isdir(lexical):
+                    self._plain[lexical] = found[0]
+                    return Path(lexical)
         # os.path rather than pathlib: this runs once per workload of fleets of thousands.
         real = os.path.realpath(os.path.join(fleet_dir, declared))
-        root = str(self.root)
         if real != root and not real.startswith(root + os.sep):
             return f"source path {declared!r} leaves the repository; refusing it"
         if not os.path.isdir(real):
             return f"source path {declared!r} is not a directory in this revision"
         return Path(real)
+
+    def inside(self, directory: Path, name: str) -> str:
+        """The real path of ``name`` relative to ``directory`` (a result of ``resolve``)."""
+        joined = os.path.join(directory, name)
+        if str(directory) in self._plain:
+            return os.path.normpath(joined)  # no symlink in or below it (see the class)
+        return os.path.realpath(joined)
+
+    def relative(self, directory: Path) -> str:
+        """``directory`` (a result of ``resolve``) relative to the root."""
+        known = self._plain.get(str(directory))
+        return known if known is not None else relative(directory, self.root)
 
     def digest(self, directory: Path) -> tuple[str, list[str]]:
         """``sha256:`` of the tree (relative paths, kinds, exec bits, contents) and the
@@ -145,7 +196,7 @@ class SourceTrees:
         known = self._digests.get(directory)
         if known is not None:
             return known
-        tree = self._tree_ids.get(relative(directory, self.root)) if self._known else None
+        tree = self._tree_ids.get(self.relative(directory)) if self._known else None
         if tree is not None and self._known is not None:
             digest = self._known.digest(tree)
             if digest is not None:
@@ -153,27 +204,45 @@ class SourceTrees:
                 return digest, []
         hasher = hashlib.sha256()
         escapes: list[str] = []
-        base = str(directory)
-        for current, dirnames, filenames in os.walk(base, followlinks=False):
-            dirnames.sort()
-            for name in sorted([*dirnames, *filenames]):
-                path = os.path.join(current, name)
-                rel = os.path.relpath(path, base).replace(os.sep, "/")
-                info = os.lstat(path)
+        # Depth first, each directory's entries in name order before its subdirectories, in
+        # name order too (what ``os.walk`` top-down gives; one ``scandir`` and one ``lstat``
+        # per entry, since this runs for every source tree of a first load). Symlinks are
+        # hashed as links and never followed.
+        pending: list[tuple[str, str]] = [(str(directory), "")]
+        while pending:
+            current, prefix = pending.pop()
+            try:
+                with os.scandir(current) as listing:
+                    entries = sorted(listing, key=_name)
+            except OSError:
+                continue  # as os.walk: a directory that cannot be listed adds nothing
+            below: list[tuple[str, str]] = []
+            for entry in entries:
+                rel = prefix + entry.name
+                info = entry.stat(follow_symlinks=False)
                 if stat.S_ISLNK(info.st_mode):
-                    link = os.readlink(path)
-                    if not is_inside(Path(path).resolve(), self.root):
+                    link = os.readlink(entry.path)
+                    target = resolved(Path(entry.path))
+                    if target is None:
+                        escapes.append(f"symlink {rel} -> {link} is a loop")
+                    elif not is_inside(target, self.root):
                         escapes.append(f"symlink {rel} -> {link} leaves the repository")
                     hasher.update(f"L {rel}\0{link}\0".encode())
                 elif stat.S_ISREG(info.st_mode):
                     executable = "x" if info.st_mode & 0o111 else "-"
                     hasher.update(f"F {rel} {executable}\0".encode())
-                    with open(path, "rb") as content:
+                    with open(entry.path, "rb") as content:
                         hasher.update(hashlib.sha256(content.read()).digest())
                 elif stat.S_ISDIR(info.st_mode):
                     hasher.update(f"D {rel}\0".encode())
+                    below.append((entry.path, rel + "/"))
+            pending.extend(reversed(below))
         result = ("sha256:" + hasher.hexdigest(), escapes)
         self._digests[directory] = result
         if tree is not None and self._known is not None and not escapes:
             self._known.remember_digest(tree, result[0])
         return result
+
+
+def _name(entry: os.DirEntry[str]) -> str:
+    return entry.name
