@@ -14,7 +14,8 @@ Tree (``T``: terminal, see below)::
     │   └── NotDescendantError     T    a head that does not descend from the applied revision
     ├── ManifestError              T    invalid documents; carries every ``Problem`` at once
     ├── PlanError                       a saved plan that is stale or unreadable
-    │   └── DeletionGuardError     T    (``planning.guard``) a plan that deletes too much
+    │   ├── DeletionGuardError     T    (``planning.guard``) a plan that deletes too much
+    │   └── CapacityError               (``planning.placed``) a plan the hosts cannot hold
     ├── StateError                      the state store cannot be read or written
     ├── BuildError                      a build failed or a tool is missing
     │   └── ToolMissingError            names the tool and how to install it

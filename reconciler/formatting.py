@@ -1,4 +1,4 @@
-"""How a revision and a duration read to a human: one spelling for every command and page.
+"""How a revision, a duration and a table read to a human: one spelling for every command and page.
 
 ``reconciler status``, the daemon's status page, its log lines and events all show a commit as
 ``short_sha`` and an uptime as ``format_duration``, so an operator comparing the terminal with
@@ -6,6 +6,8 @@ the browser reads the same text. Pure; imported from every layer that shows some
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
 
 SHORT_SHA = 12  # long enough to be unique in any real fleet repository, short enough to read
 
@@ -28,3 +30,14 @@ def format_duration(seconds: object) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s"
+
+
+def aligned_columns(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """``header`` and ``rows`` as left-aligned columns two spaces apart, without trailing
+    blanks: the tables of ``reconciler hosts`` and ``reconciler status``."""
+    lines = [list(header), *(list(row) for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )

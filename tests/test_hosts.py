@@ -170,6 +170,33 @@ def test_a_heartbeat_whose_epoch_ended_registers_anew(
         beat.stop()
 
 
+def test_a_heartbeat_held_by_an_agent_waits_for_its_stale_vms_to_stop(
+    store: PostgresStateStore, lease_dsn: str
+) -> None:
+    """With a host agent attached, an epoch the leader ended is handed to the agent (which
+    stops the stale VMs first) and the host registers anew only when the agent says so."""
+    registry = PostgresStateStore(lease_dsn, host="host-a")
+    beat = HostHeartbeat(lambda: registry, facts, interval=60)
+    told: list[str] = []
+    beat.hold_ended = True
+    beat.on_ended = lambda epoch: told.append(f"ended {epoch}")
+    beat.on_alive = lambda epoch, sent_at: told.append(f"alive {epoch}")
+    try:
+        beat.beat()
+        store.claim_term(Fence(1, renew_deadline=60))
+        assert store.end_epoch("host-a", 1)
+        beat.beat()
+        beat.beat()  # still held: no new registration behind the agent's back
+        assert (beat.epoch, beat.ended_epoch) == (1, 1)
+        assert [h.epoch for h in store.hosts()] == [1]
+        beat.register_again()
+        assert (beat.epoch, beat.ended_epoch) == (2, None)
+        assert told == ["alive 1", "ended 1", "alive 2"]
+        assert not store.hosts()[0].ended
+    finally:
+        beat.stop()
+
+
 # -- reconciler hosts -------------------------------------------------------------------------
 
 

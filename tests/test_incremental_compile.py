@@ -23,6 +23,7 @@ import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from support.repo import FleetRepo
 
 from reconciler.errors import ManifestError, PlanError
 from reconciler.manifests import DEFAULT_LIMITS, ParseCache, load_fleet
+from reconciler.manifests import compile_cache as compile_cache_module
+from reconciler.manifests import loader as loader_module
 from reconciler.manifests.compile_cache import (
     CACHE_FILE,
     MAGIC,
@@ -39,6 +42,7 @@ from reconciler.manifests.compile_cache import (
     decode_workload,
     encode_workload,
 )
+from reconciler.manifests.parallel import Pending, in_child
 from reconciler.model import (
     BuildSpec,
     DeploySpec,
@@ -56,6 +60,7 @@ from reconciler.model import (
     VolumeSpec,
     Workload,
     assemble_fleet,
+    canonical_json,
 )
 from reconciler.pipeline import RevisionLoader, plan_between
 from reconciler.planning import check_deletions, diff, observed_from_desired
@@ -656,3 +661,132 @@ def test_per_workload_planning_equals_per_vm_planning(seed: int) -> None:
         head = assemble_fleet("b" * 40, head_settings, head_workloads)
         expected = _outcome(_per_vm(head), _per_vm(base))
         assert _outcome(head, base) == expected
+
+
+def _two_processes(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Every load, however small, parses and compiles half its files and workloads in a
+    child process, and every save writes from one (``manifests.parallel``): the thresholds
+    that keep small fleets in one process set to nothing. Returns whether each fork happened."""
+    monkeypatch.setattr(loader_module, "PARALLEL_PARSE_CHARS", 1)
+    monkeypatch.setattr(loader_module, "PARALLEL_COMPILE_WORKLOADS", 2)
+    monkeypatch.setattr(compile_cache_module, "BACKGROUND_SAVE_WORKLOADS", 1)
+    forks: list[bool] = []
+
+    def counted(work: Callable[[], object]) -> Pending | None:
+        pending = in_child(work)
+        forks.append(pending is not None)
+        return pending
+
+    monkeypatch.setattr(loader_module, "in_child", counted)
+    return forks
+
+
+def _one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loader_module, "in_child", lambda work: None)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_two_processes_plan_what_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    rng = random.Random(seed)
+    repo = FleetRepo(tmp_path / "repo")
+    generated = GeneratedFleet(repo, rng)
+    for _ in range(16):
+        generated.add_workload()
+    generated.write()
+    revisions = [repo.commit("generated")]
+    source = GitSource(str(repo.path), cache_dir=tmp_path / "state" / "git")
+    hits = 0
+    forked: list[bool] = []
+    for step in range(8):
+        what = generated.edit()
+        generated.write()
+        revisions.append(repo.commit(what))
+        base, head = rng.choice(revisions[:-1]), revisions[-1]
+        _one_process(monkeypatch)
+        scratch = RevisionLoader(source, "fleet", cache=ParseCache())
+        expected = render_json(plan_between(scratch, base, head))
+        forks = _two_processes(monkeypatch)
+        cache_file = tmp_path / "state" / f"{CACHE_FILE}-{step}"  # a first load each time
+        first = RevisionLoader(source, "fleet", compile_cache=cache_file)
+        assert render_json(plan_between(first, base, head)) == expected, (step, what)
+        assert _loaded(first.load(head)) == _loaded(scratch.load(head)), (step, what)
+        assert first.cache.store is not None
+        first.cache.store.wait()  # the child that writes the file
+        again = RevisionLoader(source, "fleet", compile_cache=cache_file)
+        assert render_json(plan_between(again, base, head)) == expected, (step, what)
+        assert again.cache.store is not None
+        hits += again.cache.store.hits
+        forked += forks
+    assert any(forked)  # the child processes did run
+    assert hits > 0  # and the files they wrote were read
+
+
+def test_two_processes_report_what_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = FleetRepo(tmp_path / "repo")
+    generated = GeneratedFleet(repo, random.Random(9))
+    for _ in range(12):
+        generated.add_workload()
+    generated.write()
+    # Problems in both halves: a file that does not parse, a document its schema refuses, a
+    # source without its entrypoint, a dependency on nothing.
+    repo.write("fleet/m9.yaml", "apiVersion: reconciler/v1alpha1\nkind: [Workload\n")
+    names = sorted(generated.workloads)
+    for name in (names[1], names[-2]):
+        file = f"fleet/{generated.workloads[name].file}"
+        repo.edit(file, f"name: {name}\n", f"name: {name}\n  bad: 1\n")
+    for name in (names[2], names[-1]):
+        (repo.path / "fleet" / generated.workloads[name].path / "app.py").unlink()
+    head = repo.commit("broken")
+    source = GitSource(str(repo.path), cache_dir=tmp_path / "state" / "git")
+    outcomes = []
+    for step in ("one", "two"):
+        forks = _two_processes(monkeypatch) if step == "two" else []
+        if step == "one":
+            _one_process(monkeypatch)
+        loader = RevisionLoader(source, "fleet", compile_cache=tmp_path / f"cache-{step}")
+        with pytest.raises(ManifestError) as raised:
+            loader.load(head)
+        outcomes.append(raised.value.lines())
+        assert any(forks) == (step == "two")
+    assert outcomes[0] == outcomes[1]
+    assert len(outcomes[0]) > 4
+
+
+def _json_value(rng: random.Random, depth: int = 0) -> object:
+    kind = rng.randrange(8 if depth < 3 else 5)
+    if kind == 0:
+        return rng.choice([0, -1, 7, 2**70, -(2**40)])
+    if kind == 1:
+        return rng.choice([True, False, None])
+    if kind == 2:
+        return rng.choice(["", "plain", 'quo"te', "back\\slash", "\n\t\x00\x1f", "é€😀", "\ud800"])
+    if kind == 3:
+        return rng.choice([0.5, -2.0, 1e300, float("inf")])
+    if kind == 4:
+        return Target.MICROVM  # a str subclass: encoded by its value
+    if kind == 5:
+        return [_json_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if kind == 6:
+        return tuple(_json_value(rng, depth + 1) for _ in range(rng.randrange(3)))
+    keys = ["b", "a", "é", "A", "10", "9"]
+    return {rng.choice(keys): _json_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+def test_canonical_json_spells_values_as_the_json_module_does() -> None:
+    """Every digest (artifacts, settings) is taken of ``canonical_json``: its shortcuts for
+    scalars, lists and mappings must give exactly what ``json.dumps`` gives."""
+    rng = random.Random(11)
+    for _ in range(3000):
+        value = _json_value(rng)
+        expected = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert canonical_json(value) == expected, value
+    circular: list[object] = []
+    circular.append(circular)
+    with pytest.raises(ValueError, match="Circular"):
+        canonical_json(circular)
+    with pytest.raises(TypeError):
+        canonical_json({"a": object()})

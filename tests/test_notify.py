@@ -24,6 +24,7 @@ from reconciler.notify import (
     Notifier,
     RetryPolicy,
     Sender,
+    host_lost,
     leader_change,
     resolve_endpoints,
     revision_failed,
@@ -236,10 +237,47 @@ def test_the_generic_payload_has_the_fields_of_the_event() -> None:
         "fleet": "ops",
         "revision": SHA,
         "vm": None,
+        "host": None,
         "at": body["at"],
         "key": f"revision-failed:{SHA}",
     }
     assert body["at"].endswith("+00:00")
+
+
+def test_host_lost_is_keyed_by_its_epoch_and_names_the_vms_to_move() -> None:
+    notice = host_lost("host-b", 7, ["web-2", "api-0"], "no heartbeat for 41 s")
+    assert notice.event is NotificationEvent.HOST_LOST
+    assert notice.key == "host-lost:host-b:7"  # whichever leader ends that epoch
+    assert host_lost("host-b", 7, [], "").key == notice.key
+    assert host_lost("host-b", 8, [], "").key != notice.key  # lost again after it came back
+    assert notice.title == "host host-b lost"
+    assert notice.message == "no heartbeat for 41 s; its 2 VMs go to other hosts: api-0, web-2"
+    assert host_lost("host-b", 7, [], "").message == "it ran no VM"
+
+
+def test_host_lost_payloads_name_the_host_in_every_format() -> None:
+    notice = host_lost("<!channel>-host", 3, ["web-0"], "no heartbeat for 31 s")
+    generic = json.loads(render("generic", notice, "ops"))
+    assert (generic["event"], generic["host"], generic["vm"]) == (
+        "host-lost",
+        "<!channel>-host",
+        None,
+    )
+    assert generic["key"] == "host-lost:<!channel>-host:3"
+    assert generic["message"] == "no heartbeat for 31 s; its VM web-0 goes to another host"
+    slack = json.loads(render("slack", notice, "ops"))
+    section, context = slack["blocks"]
+    assert section["text"]["text"].startswith("*host &lt;!channel&gt;-host lost*\n")
+    assert "<!channel>" not in json.dumps(slack)
+    assert context["elements"][0]["text"] == (
+        "fleet *ops* · host-lost · host `&lt;!channel&gt;-host`"
+    )
+    teams = json.loads(render("teams", notice, "ops"))
+    title, message, facts = teams["attachments"][0]["content"]["body"]
+    assert title["text"] == "host <!channel>-host lost"
+    assert message["text"].endswith("web-0 goes to another host")
+    shown = {f["title"]: f["value"] for f in facts["facts"]}
+    assert (shown["Event"], shown["Host"]) == ("host-lost", "<!channel>-host")
 
 
 # -- the outbox and its sender -----------------------------------------------------------------

@@ -356,3 +356,66 @@ def test_a_rebound_dns_name_gets_no_page(serve: Any, tmp_path: Path) -> None:
     )
     assert "production" not in html
     assert "--allowed-host" in html
+
+
+def _host(name: str, state: str, vms: int, **labels: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "state": state,
+        "epoch": 2,
+        "vms": vms,
+        "assigned": vms,
+        "vcpus_allocated": 2 * vms,
+        "vcpus": 8,
+        "memory_allocated_mib": 512 * vms,
+        "memory_mib": 4096,
+        "heartbeat_age_seconds": 61.0 if state == "lost" else 1.0,
+        "labels": labels,
+    }
+
+
+def test_a_fleet_across_hosts_shows_its_hosts_in_chromium(serve: Any, tmp_path: Path) -> None:
+    # Host names and labels are each host's own word: untrusted, like a guest's health detail.
+    status = {
+        **FAILING_STATUS,
+        "vms": [
+            _vm("web-0", True, host="host-a"),
+            _vm("web-1", True, host=XSS),
+        ],
+        "hosts": [
+            _host("host-a", "ready", 1, zone="a"),
+            _host("host-b", "lost", 2),
+            _host(XSS, "cordoned", 1, rack=XSS),
+        ],
+    }
+    dom = parse_dom(run_chromium(serve(status, []), tmp_path, "--dump-dom"))
+    rows = {
+        row.attrs["data-host"]: row
+        for row in dom.by_id("hosts").find_all("tr")
+        if "data-host" in row.attrs
+    }
+    assert list(rows) == ["host-a", "host-b", XSS]
+    assert [rows[name].attrs["data-state"] for name in rows] == ["ready", "lost", "cordoned"]
+    assert [cell.text() for cell in rows["host-a"].find_all("td")] == [
+        "host-a",
+        "ready",
+        "1",
+        "1",
+        "2 / 8",
+        "512 / 4096 MiB",
+        "0m01s ago",
+        "zone=a",
+    ]
+    assert "1m01s ago" in rows["host-b"].text()
+    assert dom.by_id("host-counts").attrs["data-lost"] == "1"
+    vms = {
+        row.attrs["data-vm"]: row
+        for row in dom.by_id("vms").find_all("tr")
+        if "data-vm" in row.attrs
+    }
+    assert vms["web-0"].attrs["data-host"] == "host-a"
+    assert [cell.text() for cell in vms["web-0"].find_all("td")][:2] == ["web-0", "host-a"]
+    assert dom.find_all("script") == []
+    assert dom.find_all("img") == []
+    assert XSS in rows[XSS].text()
+    assert vms["web-1"].attrs["data-host"] == XSS

@@ -35,11 +35,16 @@ from reconciler.leadership.fence import Fence
 from reconciler.leadership.postgres_lease import PostgresLease
 from reconciler.model import ObservedVM
 from reconciler.state import LeaseBinding, StoreLocation, open_state_store
+from reconciler.state.hosts import Assignment, HostRegistration
 from reconciler.state.postgres import SCHEMA_VERSION, PostgresStateStore
 
 pytestmark = [pytest.mark.postgres]
 
 VMS = running(fleet(workload("web", replicas=2))).vms
+
+
+def facts(name: str) -> HostRegistration:
+    return HostRegistration(name=name, vcpus=4, memory_mib=4096, disk_mib=10_000)
 
 
 def vm(name: str = "web-0", **changes: object) -> ObservedVM:
@@ -192,15 +197,64 @@ def test_assignments_carry_the_term_that_placed_them(
 ) -> None:
     leader, successor = open_store(stores, lease_dsn), open_store(stores, lease_dsn)
     leader.claim_term(Fence(4, renew_deadline=60))
-    leader.assign("web-0", "host-a")
+    leader.assign("web-0", "host-a", "a" * 40)
     leader.assign("web-1", "host-b")
     successor.claim_term(Fence(5, renew_deadline=60))
     with pytest.raises(StaleTermError):
         leader.assign("web-0", "host-c")
-    successor.assign("web-1", "host-c")
-    assert successor.assignments() == {"web-0": ("host-a", 4), "web-1": ("host-c", 5)}
+    successor.assign("web-1", "host-c", "b" * 40)
+    assert successor.assignments() == {
+        "web-0": Assignment("host-a", "a" * 40, 4),
+        "web-1": Assignment("host-c", "b" * 40, 5),
+    }
+    assert successor.placement_terms() == (5, 0)  # nothing confirmed by term 5 yet
+    # The new leader confirms what it keeps, with its term, in one write.
+    successor.confirm_assignments({"web-0": ("host-a", "a" * 40)})
+    assert successor.assignments()["web-0"] == Assignment("host-a", "a" * 40, 5)
+    assert leader.placement_terms() == (5, 5)
     successor.unassign("web-0")
     assert list(leader.assignments()) == ["web-1"]
+
+
+def test_a_hosts_writes_are_fenced_by_its_registration_epoch(
+    lease_dsn: str, stores: list[PostgresStateStore]
+) -> None:
+    """The agent's handle writes VMs only while its epoch is the host's and not ended: the
+    leader's ``end_epoch`` (fenced by its term) refuses the lost host's next write and its next
+    heartbeat, and a new registration lifts the refusal for the new epoch only."""
+    leader, agent = open_store(stores, lease_dsn, "host-l"), open_store(stores, lease_dsn)
+    epoch = agent.register_host(facts("host-a"))
+    agent.claim_epoch(Fence(epoch, renew_deadline=60))
+    agent.put_vm(vm("web-0"))
+    leader.claim_term(Fence(3, renew_deadline=60))
+    (record,) = [h for h in leader.hosts() if h.name == "host-a"]
+    assert not record.ended
+    assert leader.end_epoch("host-a", epoch)
+    assert not leader.end_epoch("host-a", epoch)  # once
+    (record,) = leader.hosts()
+    assert record.ended
+    assert record.lost(grace=3600)  # ended is lost, however fresh its heartbeat
+    with pytest.raises(StaleTermError, match="was ended by the leader"):
+        agent.put_vm(vm("web-1"))
+    assert not agent.heartbeat("host-a", epoch)
+    assert leader.fleet_observed()["host-a"].vms.keys() == {"web-0"}
+    # Unfenced, the host removes its own stale record; then it registers anew.
+    agent.release_epoch()
+    agent.remove_vm("web-0")
+    again = agent.register_host(facts("host-a"))
+    assert again == epoch + 1
+    assert not leader.hosts()[0].ended
+    agent.claim_epoch(Fence(epoch, renew_deadline=60))  # the old epoch's fence: refused
+    with pytest.raises(StaleTermError, match=f"epoch {again} is on"):
+        agent.put_vm(vm("web-1"))
+    agent.claim_epoch(Fence(again, renew_deadline=60))
+    agent.put_vm(vm("web-1"))
+    assert agent.heartbeat("host-a", again)
+    assert {h: set(f.vms) for h, f in leader.fleet_observed().items()} == {"host-a": {"web-1"}}
+    # The leader's end_epoch is fenced by its term like every placement write.
+    leader.fence = Fence(2, renew_deadline=60)
+    with pytest.raises(StaleTermError):
+        leader.end_epoch("host-a", again)
 
 
 # -- the password -----------------------------------------------------------------------------
@@ -306,8 +360,16 @@ def test_apply_status_and_the_daemon_on_postgresql(
         # Its writes were fenced by the lease row: the term it claimed is the lease's.
         (lease_term,) = sql(lease_dsn, "SELECT term FROM reconciler_leases")[0]
         assert sql(lease_dsn, "SELECT term FROM fleet_term") == [(lease_term,)]
-        applied = sql(lease_dsn, "SELECT term FROM revisions WHERE outcome = 'applied'")
-        assert (lease_term,) in applied
+        # The leader records the revision once the host reported its VMs healthy, which the
+        # host's own status may show a moment before.
+        eventually(
+            lambda: (
+                (lease_term,)
+                in sql(lease_dsn, "SELECT term FROM revisions WHERE outcome = 'applied'")
+            ),
+            30,
+            "the leader records the revision applied, with its term",
+        )
         # The state directory's SQLite store (which holds the host's address leases) was never
         # the fleet's.
         with open_state_store(state) as embedded:

@@ -5,6 +5,10 @@ refuses it when the revision or the observed state moved since it was made; then
 builds, starts, stops and waits for health. Exit 0 when the fleet converged and is healthy.
 With ``--trusted-key`` only a commit signed by a trusted key is read at all, and a revision
 that does not descend from the applied one is refused unless ``--allow-non-descendant``.
+
+``status`` on a store with a host registry (PostgreSQL) adds the host dimension
+(``execution.host_status``): a hosts section, and every live host's VMs with their host rather
+than only this machine's. On SQLite it is as it always was.
 """
 
 from __future__ import annotations
@@ -23,18 +27,27 @@ from reconciler.cli.options import (
     add_state_option,
     revision_loader,
     state_dir,
+    store_location,
 )
 from reconciler.cli.watch import printed, watch
 from reconciler.daemon.leader_file import running_leader
 from reconciler.errors import EXIT_ERROR, EXIT_OK, ConfigError, LeadershipError, PlanError
 from reconciler.execution.events import print_event
-from reconciler.execution.status import describe_pin, describe_rollout, fleet_status
-from reconciler.formatting import format_duration, short_sha
+from reconciler.execution.host_status import Judge, fleet_hosts, registry_of, vm_statuses
+from reconciler.execution.status import (
+    HostStatus,
+    describe_pin,
+    describe_rollout,
+    fleet_status,
+)
+from reconciler.fleet_hosts import placement_hosts
+from reconciler.formatting import aligned_columns, format_duration, short_sha
 from reconciler.model import Plan, RevisionOutcome, short_digest
 from reconciler.pipeline import plan_against_observed
 from reconciler.render import render_text
 from reconciler.source.history import require_descendant
 from reconciler.state import FLEET_WIDE
+from reconciler.state.hosts import HOST_GRACE_SECONDS, grace_problem
 
 
 def register(commands: Any) -> None:
@@ -60,6 +73,14 @@ def register(commands: Any) -> None:
         "--watch", action="store_true", help="refresh until Ctrl-C (in place on a terminal)"
     )
     status.add_argument("--interval", type=float, default=2.0, help="--watch: seconds")
+    status.add_argument(
+        "--host-grace-seconds",
+        type=float,
+        default=HOST_GRACE_SECONDS,
+        metavar="S",
+        help="PostgreSQL store: a host silent for longer than this is shown lost "
+        f"(default {HOST_GRACE_SECONDS:g})",
+    )
     status.set_defaults(handler=run_status)
 
 
@@ -119,7 +140,37 @@ def run_apply(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+def _judge(args: argparse.Namespace) -> Judge:
+    grace: float = getattr(args, "host_grace_seconds", HOST_GRACE_SECONDS)
+    return lambda records: placement_hosts(records, grace)
+
+
+HOST_COLUMNS = ("HOST", "STATE", "VMS", "VCPUS", "MEMORY", "HEARTBEAT")
+
+
+def render_hosts(hosts: list[HostStatus]) -> str:
+    """The hosts section of ``status``: allocation is what the VMs a host reports were given,
+    out of what it registered."""
+    if not hosts:
+        return "hosts:              none registered"
+    cells = [
+        [
+            host["name"],
+            host["state"],
+            str(host["vms"]),
+            f"{host['vcpus_allocated']}/{host['vcpus']}",
+            f"{host['memory_allocated_mib']}/{host['memory_mib']}Mi",
+            format_duration(host["heartbeat_age_seconds"]) + " ago",
+        ]
+        for host in hosts
+    ]
+    return aligned_columns(HOST_COLUMNS, cells)
+
+
 def run_status(args: argparse.Namespace) -> int:
+    problem = grace_problem(getattr(args, "host_grace_seconds", HOST_GRACE_SECONDS))
+    if problem is not None:
+        raise ConfigError(problem)
     if getattr(args, "watch", False):
         if args.interval <= 0:
             raise ConfigError("--interval must be more than 0 seconds")
@@ -137,6 +188,13 @@ def _status_once(args: argparse.Namespace) -> int:
         suspended = host.store.suspensions()
         rollouts = host.store.rollouts()
         pins = host.store.pins()
+        registry = registry_of(host.store)
+        local = store_location(args).host
+        hosts = (
+            None
+            if registry is None
+            else fleet_hosts(registry, _judge(args), local=(local, observed))
+        )
     status = fleet_status(
         observed,
         applied,
@@ -146,6 +204,10 @@ def _status_once(args: argparse.Namespace) -> int:
         rollouts=rollouts,
         pins=pins,
     )
+    if hosts is not None:
+        # A fleet across hosts: every live host's VMs, each with its host, not only this one's.
+        status["vms"] = vm_statuses(hosts, time.time(), local=local, state_dir=state_dir(args))
+        status["hosts"] = hosts.hosts
     vms = status["vms"]
     if args.format == "json":
         shown = {
@@ -179,13 +241,21 @@ def _status_once(args: argparse.Namespace) -> int:
             f"attempted revision: {attempted.revision} ({attempted.outcome} at {when})"
             + (f": {attempted.message}" if attempted.outcome == RevisionOutcome.FAILED else "")
         )
+    if hosts is not None:
+        print(render_hosts(hosts.hosts))
+    # The HOST column only where there are hosts: a single host's table stays as it was.
+    host_column = (lambda vm: f"{vm.get('host', '-'):<14} ") if hosts is not None else None
     print(
-        f"{'NAME':<14} {'STATE':<8} {'HEALTHY':<8} {'ADDRESS':<15} {'PID':<8} "
+        f"{'NAME':<14} "
+        + (f"{'HOST':<14} " if host_column else "")
+        + f"{'STATE':<8} {'HEALTHY':<8} {'ADDRESS':<15} {'PID':<8} "
         f"{'RUNTIME':<8} {'ARTIFACT':<13} {'UPTIME':>8} {'RESTARTS':>8}  LAST HEALTH"
     )
     for vm in vms:
         print(
-            f"{vm['name']:<14} {vm['state']:<8} {'yes' if vm['healthy'] else 'no':<8} "
+            f"{vm['name']:<14} "
+            + (host_column(vm) if host_column else "")
+            + f"{vm['state']:<8} {'yes' if vm['healthy'] else 'no':<8} "
             f"{vm['address'] or '-':<15} {vm['pid'] or '-'!s:<8} {vm['runtime']:<8} "
             f"{short_digest(str(vm['artifact'])):<13} {format_duration(vm['uptime_seconds']):>8} "
             f"{vm['restarts']:>8}  {vm['detail']}"

@@ -52,6 +52,7 @@ from reconciler.leadership import LeaseSettings
 from reconciler.notify import CommitStatusTarget
 from reconciler.redact import redact_url
 from reconciler.state import StoreLocation, open_state_store
+from reconciler.state.hosts import HOST_GRACE_SECONDS
 from reconciler.state.location import SQLITE
 
 
@@ -137,6 +138,14 @@ def register(commands: Any) -> None:
         "its VMs (default: the machine's hostname); needs --store postgresql://...",
     )
     daemon.add_argument(
+        "--host-grace-seconds",
+        type=float,
+        default=HOST_GRACE_SECONDS,
+        metavar="SECONDS",
+        help="how long a host's heartbeat may be silent before the leader declares it lost and "
+        f"places its VMs elsewhere (default: {HOST_GRACE_SECONDS:g})",
+    )
+    daemon.add_argument(
         "--label",
         action="append",
         default=[],
@@ -210,7 +219,7 @@ def host_settings(args: argparse.Namespace, store: StoreLocation) -> HostSetting
             "--store postgresql://... (or $RECONCILER_STORE)"
         )
     name = {"name": args.host} if args.host is not None else {}  # else the hostname
-    return HostSettings(labels=host_labels(args.label), **name)
+    return HostSettings(labels=host_labels(args.label), grace=args.host_grace_seconds, **name)
 
 
 def daemon_settings(args: argparse.Namespace) -> DaemonSettings:

@@ -1,6 +1,11 @@
 """``validate``, ``diff`` and ``plan``: read a fleet at a revision and say what would change.
 
 Exit codes follow Terraform's ``-detailed-exitcode``: 0 no changes, 2 changes, 1 error.
+
+With a PostgreSQL ``--store`` the plan is placed on the live hosts (``plan_review.live_hosts``):
+it shows where each VM goes and the moves between hosts, and a plan that does not fit them is
+refused in one line (``planning.placed.CapacityError``, exit 1) before anything is rendered or
+saved.
 """
 
 from __future__ import annotations
@@ -8,14 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from reconciler.cli.options import add_repo_options, add_state_option, revision_loader
 from reconciler.cli.plan_review import (
+    add_placement_options,
     add_review_options,
     add_worktree_option,
     close_worktree,
+    place_on_live_hosts,
     render_plan,
     with_worktree,
 )
@@ -56,6 +64,7 @@ def register(commands: Any) -> None:
             "(never a workload's preventDestroy)",
         )
         add_review_options(sub, name)
+        add_placement_options(sub)
         if name == "plan":
             sub.add_argument(
                 "-o", "--out", type=Path, required=True, help="write the plan as JSON here"
@@ -82,17 +91,26 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ConfigError("--head needs --base (or use --rev to compare with the live fleet)")
     if args.base is not None and args.rev is not None:
         raise ConfigError("use either --rev (against the live fleet) or --base/--head, not both")
+    # The live hosts first: a store that cannot be read fails before any checkout.
+    hosts, not_placed = place_on_live_hosts(args)
     loader = with_worktree(args, revision_loader(args))
     force = args.force_deletions
     if args.base is not None:
-        return plan_between(loader, args.base, args.head, force_deletions=force)
-    from reconciler.cli.host import open_host  # noqa: PLC0415 (runtimes: the live fleet only)
+        plan = plan_between(loader, args.base, args.head, force_deletions=force, hosts=hosts)
+    else:
+        from reconciler.cli.host import open_host  # noqa: PLC0415 (runtimes: the live fleet only)
 
-    host = open_host(args)
-    try:
-        return plan_against_observed(loader, args.rev, host.observe(), force_deletions=force)[1]
-    finally:
-        host.close()
+        host = open_host(args)
+        try:
+            observed = host.observe()
+            plan = plan_against_observed(
+                loader, args.rev, observed, force_deletions=force, hosts=hosts
+            )[1]
+        finally:
+            host.close()
+    if not_placed is not None:
+        plan = replace(plan, warnings=(*plan.warnings, not_placed))
+    return plan
 
 
 def run_diff(args: argparse.Namespace) -> int:
@@ -109,7 +127,10 @@ def run_diff(args: argparse.Namespace) -> int:
     if out is not None:
         _write_plan(out, plan)
         print(f"plan saved to {out}", file=sys.stderr)
-    return EXIT_CHANGES if plan.has_changes else EXIT_OK
+    # A move between hosts is a change too (a stop there, a start here), even in a plan whose
+    # VMs are otherwise unchanged (a draining host).
+    moves = plan.placement is not None and bool(plan.placement.moves)
+    return EXIT_CHANGES if plan.has_changes or moves else EXIT_OK
 
 
 def _write_plan(path: Path, plan: Plan) -> None:

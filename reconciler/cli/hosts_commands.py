@@ -25,7 +25,7 @@ from typing import Any
 from reconciler.cli.options import add_state_option, store_location
 from reconciler.errors import EXIT_OK, ConfigError
 from reconciler.fleet_hosts import host_facts
-from reconciler.formatting import format_duration
+from reconciler.formatting import aligned_columns, format_duration
 from reconciler.state.hosts import HOST_GRACE_SECONDS, HostRecord, grace_problem
 from reconciler.state.location import open_host_registry
 
@@ -154,8 +154,4 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         ]
         for row in rows
     ]
-    widths = [max(len(line[i]) for line in [list(COLUMNS), *cells]) for i in range(len(COLUMNS))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in [list(COLUMNS), *cells]
-    )
+    return aligned_columns(COLUMNS, cells)

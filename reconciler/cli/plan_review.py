@@ -1,23 +1,32 @@
-"""What ``diff`` adds for a review: the working tree as the head (``--worktree``), and the
-expected disruption in the Markdown plan (``--disruption-budget``).
+"""What ``diff`` adds for a review: the working tree as the head (``--worktree``), the
+expected disruption in the Markdown plan (``--disruption-budget``), and where the VMs go on the
+live hosts of a multi-host store.
 
     diff --worktree ──▶ WorktreeSource (reconciler.source.worktree) around the loader's source
     diff --format markdown ──▶ vm.timeline events (state store) ──▶ planning.disruption
                                                                 ──▶ render_markdown(plan, estimate)
+    diff --store postgresql://... ──▶ hosts() + assignments() ──fleet_hosts──▶ LiveHosts
+                                                                ──▶ pipeline (planning.placed)
 
 The measured start-to-healthy times are read from the command's store (``--store``, else
 ``RECONCILER_STORE``, else SQLite in the state directory); the SQLite one only when its
 directory exists: a CI job reviewing a pull request has none and says "not measured yet", and
 no command creates a state directory just to read it.
+
+Placement needs the host registry, which only the PostgreSQL store keeps: with the SQLite store
+(or none) a plan is not placed, exactly as before. A PostgreSQL store with no host registered
+yet (daemons that share it only to elect a leader) is not placed either, and the plan says so.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
 from reconciler.cli.options import state_dir, store_location
 from reconciler.errors import ConfigError
+from reconciler.fleet_hosts import placement_hosts
 from reconciler.model import Plan
 from reconciler.pipeline import RevisionLoader
 from reconciler.planning.disruption import (
@@ -25,13 +34,19 @@ from reconciler.planning.disruption import (
     estimate_disruption,
     start_to_healthy_samples,
 )
+from reconciler.planning.placed import LiveHosts
 from reconciler.render import RENDERERS, render_markdown
 from reconciler.source.git import GitSource
 from reconciler.source.worktree import WORKTREE, WorktreeSource
 from reconciler.state import open_state_store
-from reconciler.state.location import SQLITE
+from reconciler.state.hosts import HOST_GRACE_SECONDS, grace_problem
+from reconciler.state.location import SQLITE, open_host_registry
 
 TIMELINE_EVENTS_READ = 2000  # the newest events scanned for measurements
+NOT_PLACED = (
+    "placement not shown: no host is registered in the store yet "
+    "(daemons register with --host; `reconciler hosts` lists them)"
+)
 
 
 def add_worktree_option(parser: Any) -> None:
@@ -54,6 +69,56 @@ def add_review_options(parser: Any, command: str) -> None:
         help="Markdown plan: warn when a workload would run below full capacity longer than "
         f"this (default {DEFAULT_BUDGET_SECONDS:g})",
     )
+
+
+def add_placement_options(parser: Any) -> None:
+    parser.add_argument(
+        "--host-grace-seconds",
+        type=float,
+        default=HOST_GRACE_SECONDS,
+        metavar="S",
+        help="with a PostgreSQL --store: a host silent for longer than this counts as lost and "
+        f"gets no VM (default {HOST_GRACE_SECONDS:g}, as `reconciler hosts`)",
+    )
+
+
+def place_on_live_hosts(args: argparse.Namespace) -> tuple[LiveHosts | None, str | None]:
+    """What to place the plan on, or why it is not placed (a warning for the plan)."""
+    live = live_hosts(args)
+    if live is not None and not live.hosts:
+        return None, NOT_PLACED
+    return live, None
+
+
+def live_hosts(args: argparse.Namespace) -> LiveHosts | None:
+    """The live hosts to place the plan on: the registry and the current assignments of a
+    PostgreSQL store (no hosts when none is registered); None with the SQLite store (one host:
+    nothing to place)."""
+    grace: float = args.host_grace_seconds
+    problem = grace_problem(grace)
+    if problem is not None:
+        raise ConfigError(problem)
+    location = store_location(args)
+    if location.kind == SQLITE:
+        return None
+    with open_host_registry(location) as registry:
+        records = registry.hosts()
+        current = assigned_hosts(registry.assignments()) if records else {}
+    return LiveHosts(placement_hosts(records, grace), current)
+
+
+def assigned_hosts(assignments: Mapping[str, object]) -> dict[str, str]:
+    """VM -> host out of the store's assignments (VM -> record), whatever the record: a
+    ``(host, term)`` tuple or a record with a ``host``. The host is all a plan reads of them;
+    the term and the revision that placed a VM are the leader's business."""
+    return {str(vm): _host_of(record) for vm, record in sorted(assignments.items())}
+
+
+def _host_of(record: object) -> str:
+    host = getattr(record, "host", None)
+    if host is None and isinstance(record, tuple):
+        host = record[0]
+    return str(host)
 
 
 def with_worktree(args: argparse.Namespace, loader: RevisionLoader) -> RevisionLoader:

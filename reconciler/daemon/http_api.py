@@ -11,7 +11,7 @@ a runtime, so it can be tested with an in-memory view. State-changing endpoints 
 ``Authorization: Bearer <token>``; without a configured token they are disabled. Webhooks need a
 configured secret and are verified by ``webhooks.verify_delivery``.
 
-    GET  /healthz  /readyz  /metrics  /api/status  /api/events?limit=N  /
+    GET  /healthz  /readyz  /metrics  /api/status  /api/events?limit=N  /api/hosts  /
     GET  /api/vms/NAME  /?vm=NAME   one VM whole (``describe``; its console and build log: token)
     GET  /api/vms/NAME/logs?follow=1&since=10m&tail=N       (bearer token; chunked stream)
     POST /api/reconcile  /api/suspend  /api/resume          (bearer token)
@@ -56,7 +56,7 @@ from reconciler.daemon.http_server import ConnectionServer, Limits
 from reconciler.daemon.metrics import DaemonMetrics
 from reconciler.daemon.redaction import Redactor
 from reconciler.daemon.status_page import EVENTS_SHOWN, render_page
-from reconciler.daemon.view import DaemonView, DescribesVMs
+from reconciler.daemon.view import DaemonView, DescribesVMs, ShowsHosts
 from reconciler.daemon.webhooks import (
     KINDS,
     MAX_BODY_BYTES,
@@ -208,6 +208,7 @@ class OperatorServer:
             "/metrics": {"GET": self._metrics},
             "/api/status": {"GET": self._status},
             "/api/events": {"GET": self._events},
+            "/api/hosts": {"GET": self._hosts},
             "/api/reconcile": {"POST": self._reconcile},
             "/api/suspend": {"POST": self._suspend},
             "/api/resume": {"POST": self._resume},
@@ -315,6 +316,17 @@ class OperatorServer:
                 )
             limit = int(raw)
         return json_response(200, self.redactor.json(self.view.events(limit)))
+
+    def _hosts(self, _request: Request) -> Response:
+        """``GET /api/hosts``: the fleet's hosts, as ``/api/status`` lists them."""
+        answer = self.view.hosts() if isinstance(self.view, ShowsHosts) else None
+        if answer is None:
+            return error_response(
+                404,
+                "no host registry: this daemon's state store is SQLite, one host; hosts "
+                "register in a shared PostgreSQL store (--store postgresql://...)",
+            )
+        return json_response(200, self.redactor.json(answer))
 
     def _describe(self, request: Request, name: str) -> dict[str, Any] | None:
         """The VM's description, scrubbed; its console and build log (guest and build output,

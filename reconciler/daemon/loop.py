@@ -6,11 +6,17 @@
                                                 └─ notices ──▶ Notifier ──▶ the store's outbox
     sender:   notify.Sender ── while leading, fenced ──▶ webhooks, commit statuses
     heartbeat: HostHeartbeat ── leader or not (PostgreSQL store) ──▶ the hosts registry
+    agent:    HostAgent ── leader or not (PostgreSQL store) ──▶ this host's assignments,
+              converged on this machine's runtimes (``daemon.agent``)
 
 ``open_daemon`` opens what a replica holds (the host's state store and runtimes, the repository,
 the lease, the API token) and closes it again; ``Daemon`` only wires what it is given, so
-building one does no I/O. Only the worker (the main thread) writes the state store or touches
-runtimes, and only while its fence is valid; followers never observe or act. The HTTP threads
+building one does no I/O. On the SQLite store only the worker (the main thread) writes the state
+store or touches runtimes, and only while its fence is valid; followers never observe or act.
+On a PostgreSQL store the fleet spans hosts: the leader's worker converges through a
+``FleetHost`` (it places VMs and writes assignments, under its term) and every replica's
+``HostAgent`` converges what is assigned to its host (under its registration epoch); one host
+alone is the same, with everything placed on it. The HTTP threads
 see the ``DaemonView`` (``view_impl.LoopView``), which reads through store connections of its
 own. On SIGTERM the worker finishes the cycle in flight, then the lease is released so a
 follower takes over at once; the VMs keep running throughout.
@@ -28,6 +34,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from types import FrameType
 
+from reconciler.daemon.agent import RENEW_DEADLINE_SECONDS, HostAgent
 from reconciler.daemon.cycle import CommitVerifier, ReconcileCycle
 from reconciler.daemon.heartbeat import HostHeartbeat
 from reconciler.daemon.http_api import OperatorServer
@@ -36,11 +43,18 @@ from reconciler.daemon.metrics import DaemonMetrics
 from reconciler.daemon.redaction import Redactor, env_values
 from reconciler.daemon.settings import DaemonSettings
 from reconciler.daemon.triggers import Poller, RepositoryWatcher, TriggerQueue
-from reconciler.daemon.view_impl import LoopState, LoopView, remember_secrets
-from reconciler.errors import ReconcilerError, StaleTermError
+from reconciler.daemon.view_impl import (
+    LoopState,
+    LoopView,
+    refresh_host_metrics,
+    remember_secrets,
+)
+from reconciler.errors import ConfigError, ReconcilerError, StaleTermError
 from reconciler.execution.console_logs import StateDirConsoleLogs
-from reconciler.execution.host import open_host_at
+from reconciler.execution.fleet_host import FleetHost
+from reconciler.execution.host import LocalHost, open_host_at
 from reconciler.execution.protocol import Host
+from reconciler.fleet_hosts import placement_hosts
 from reconciler.forge import open_forge
 from reconciler.leadership.elector import Elector
 from reconciler.leadership.fence import Fence
@@ -147,6 +161,57 @@ def host_heartbeat(settings: DaemonSettings) -> HostHeartbeat | None:
     )
 
 
+def fleet_host(local: LocalHost, settings: DaemonSettings) -> Host:
+    """The leader's ``Host`` on a PostgreSQL store: the fleet's hosts, through ``local``'s
+    store handle (whose writes carry the leader's term)."""
+    # Imported here: a host on the SQLite store never loads psycopg and libpq.
+    from reconciler.state.postgres import PostgresStateStore  # noqa: PLC0415
+
+    store = local.store
+    if not isinstance(store, PostgresStateStore):
+        raise ConfigError("a fleet of hosts needs the PostgreSQL store (--store postgresql://)")
+    grace = settings.hosts.grace
+    return FleetHost(store, lambda records: placement_hosts(records, grace))
+
+
+def host_agent(
+    settings: DaemonSettings,
+    heartbeat: HostHeartbeat | None,
+    local: LocalHost | None,
+    source: Source | None,
+) -> HostAgent | None:
+    """This host's agent (a PostgreSQL store), which converges its assignments; builds a
+    thread, opens nothing."""
+    if heartbeat is None or local is None or source is None:
+        return None
+    from reconciler.state.postgres import PostgresStateStore  # noqa: PLC0415
+
+    store = local.store
+    if not isinstance(store, PostgresStateStore):
+        return None
+    loader = RevisionLoader(
+        source=source,
+        subpath=settings.source.path,
+        secrets=open_resolver(
+            settings.state_dir,
+            age_key_file=settings.source.age_key_file,
+            create_digest_key=True,
+        ),
+        # In memory: the worker's loader writes the state directory's compile cache file.
+        compile_cache=None,
+    )
+    return HostAgent(
+        settings.hosts.name,
+        local=local,
+        store=store,
+        loader=loader,
+        heartbeat=heartbeat,
+        cache_dir=settings.cache_dir,
+        # Stops acting well before the leader may place this host's VMs elsewhere.
+        renew_deadline=min(RENEW_DEADLINE_SECONDS, settings.hosts.grace / 2),
+    )
+
+
 def open_repository(settings: DaemonSettings) -> Source:
     wanted = settings.source
     source = open_source(
@@ -174,7 +239,14 @@ def open_daemon(
     if tightened:
         log.warning("made private what others could read: %s", ", ".join(tightened))
     with ExitStack() as held:
-        host = held.enter_context(open_host_at(settings.state_dir, settings.store_location()))
+        location = settings.store_location()
+        local = held.enter_context(open_host_at(settings.state_dir, location))
+        host: Host = local
+        agent_host: LocalHost | None = None
+        if location.kind != SQLITE:
+            host = fleet_host(local, settings)
+            # The agent's own handle (its writes are fenced by this host's epoch) and runtimes.
+            agent_host = held.enter_context(open_host_at(settings.state_dir, location))
         source = open_repository(settings)
         verify = commit_verifier(settings, source)
         token = api_token(settings)
@@ -188,6 +260,8 @@ def open_daemon(
             token=token,
             verify=verify,
             redactor=redactor,
+            agent_host=agent_host,
+            agent_source=open_repository(settings) if agent_host is not None else None,
         )
         held.callback(daemon.server.close)
         yield daemon
@@ -207,6 +281,8 @@ class Daemon:
         token: str,
         verify: CommitVerifier | None = None,
         redactor: Redactor | None = None,
+        agent_host: LocalHost | None = None,
+        agent_source: Source | None = None,
     ) -> None:
         self.settings = settings
         self.host = host
@@ -283,7 +359,9 @@ class Daemon:
             console_logs=StateDirConsoleLogs(settings.state_dir),
         )
         self._lost_reason: str | None = None
+        self._hosts_checked_at = 0.0
         self.heartbeat = host_heartbeat(settings)  # builds a thread, opens nothing yet
+        self.agent = host_agent(settings, self.heartbeat, agent_host, agent_source)
 
     def _newer_head_waits(self, revision: str) -> bool:
         """Asked while a rollout of ``revision`` waits for health: has a trigger (a webhook, a
@@ -340,6 +418,8 @@ class Daemon:
             remember_secrets(self.redactor, self.host.store.observed())
             if self.heartbeat is not None:
                 self.heartbeat.start()  # before the election: followers are hosts too
+            if self.agent is not None:
+                self.agent.start()  # it acts once the heartbeat registered this host
             self.server.start()
             log.info(
                 "daemon %s serving on %s, lease %s",
@@ -355,6 +435,8 @@ class Daemon:
             while not self._stopping.is_set():
                 self._work_once()
         finally:
+            if self.agent is not None:
+                self.agent.stop()
             if self.heartbeat is not None:
                 self.heartbeat.stop()
             self.sender.stop()
@@ -402,8 +484,25 @@ class Daemon:
         recheck_at = self.cycle.recheck_at  # a canary's soak ended (cycle.recheck_at)
         if recheck_at and time.time() >= recheck_at and not reasons:
             reasons = ["rollout"]
+        if not reasons and self._host_lost():
+            reasons = ["host-lost"]
         if reasons and not self._stopping.is_set() and fence.valid:
             self._run_cycle(fence, reasons)
+
+    def _host_lost(self) -> bool:
+        """A fleet of hosts: whether a host turned lost with VMs to place elsewhere (looked at
+        once per heartbeat interval, one small read)."""
+        host = self.host
+        if not isinstance(host, FleetHost):
+            return False
+        now = time.monotonic()
+        if now - self._hosts_checked_at < self.settings.hosts.heartbeat:
+            return False
+        self._hosts_checked_at = now
+        try:
+            return host.host_lost()
+        except ReconcilerError:
+            return False  # the cycle reports a store that cannot be read
 
     def _notice_leadership(self) -> Fence | None:
         """Claim the store for a new term, or let go of it after losing the lease; returns the
@@ -497,6 +596,7 @@ class Daemon:
         self.metrics.set_suspended(
             FLEET_WIDE in suspended, (w for w in suspended if w != FLEET_WIDE)
         )
+        refresh_host_metrics(self.metrics, store, self.settings.hosts.grace, self.redactor)
 
     def _event(self, kind: str, subject: str, message: str, term: int | None = None) -> None:
         fence = self.state.claimed

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections import Counter as Tally
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -38,6 +39,19 @@ def _healthy_label(healthy: bool | None) -> str:
     if healthy is None:
         return "unknown"
     return "true" if healthy else "false"
+
+
+class HostGauges(NamedTuple):
+    """One host of the fleet's registry, as its ``reconciler_host_*`` gauges show it."""
+
+    host: str
+    up: bool  # not lost (cordoned and draining hosts are up)
+    vms: int  # VMs it reports it runs
+    heartbeat_age: float  # seconds, by the database clock
+    vcpus_allocated: int
+    vcpus: int
+    memory_allocated_mib: int
+    memory_mib: int
 
 
 class DaemonMetrics:
@@ -125,6 +139,27 @@ class DaemonMetrics:
             ["workload"],
             registry=registry,
         )
+        # Per host of a fleet across hosts (a PostgreSQL store's registry); set by the leader.
+        self._host_gauges = {
+            field: Gauge(f"reconciler_host_{name}", text, ["host"], registry=registry)
+            for field, name, text in (
+                ("up", "up", "1 while the host heartbeats within the grace period, 0 once lost."),
+                ("vms", "vms", "VMs the host reports it runs."),
+                (
+                    "heartbeat_age",
+                    "heartbeat_age_seconds",
+                    "Seconds since the host's last heartbeat, by the database clock.",
+                ),
+                ("vcpus_allocated", "allocated_vcpus", "vCPUs given to the VMs the host runs."),
+                ("vcpus", "capacity_vcpus", "vCPUs the host registered."),
+                (
+                    "memory_allocated_mib",
+                    "allocated_memory_mib",
+                    "MiB of memory given to the VMs the host runs.",
+                ),
+                ("memory_mib", "capacity_memory_mib", "MiB of memory the host registered."),
+            )
+        }
         # Known label values start at 0 so rate() and absent() work before the first event.
         for outcome in OUTCOMES:
             self._duration.labels(outcome=outcome)
@@ -188,6 +223,16 @@ class DaemonMetrics:
                 self._suspended.labels(workload=FLEET_LABEL).set(1)
             for name in names:
                 self._suspended.labels(workload=name).set(1)
+
+    def set_hosts(self, hosts: Iterable[HostGauges]) -> None:
+        """The fleet's hosts now; a host that left the registry leaves every gauge, rather than
+        staying at its last value."""
+        rows = list(hosts)
+        with self._lock:
+            for field, gauge in self._host_gauges.items():
+                gauge.clear()
+                for row in rows:
+                    gauge.labels(host=row.host).set(float(getattr(row, field)))
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

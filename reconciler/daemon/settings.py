@@ -30,7 +30,7 @@ from reconciler.notify import CommitStatusTarget, RetryPolicy
 from reconciler.planning.placement import label_problem
 from reconciler.source.credentials import GitCredential
 from reconciler.state import LeaseBinding, StoreLocation
-from reconciler.state.hosts import HEARTBEAT_SECONDS, HOST_GRACE_SECONDS
+from reconciler.state.hosts import HEARTBEAT_SECONDS, HOST_GRACE_SECONDS, grace_problem
 from reconciler.state.location import default_host_name
 
 _HOST_NAME = re.compile(r"(?i)[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_.])?")
@@ -132,8 +132,13 @@ class HostSettings:
     name: str = field(default_factory=default_host_name)
     labels: Mapping[str, str] = field(default_factory=dict)
     heartbeat: float = HEARTBEAT_SECONDS  # seconds between heartbeats
+    grace: float = HOST_GRACE_SECONDS
+    """How long the leader waits for a silent host's heartbeat before it re-places its VMs."""
 
     def validated(self) -> HostSettings:
+        problem = grace_problem(self.grace)
+        if problem is not None:
+            raise ConfigError(problem)
         if not _HOST_NAME.fullmatch(self.name):
             raise ConfigError(
                 f"--host must be a host name (letters, digits, '-', '_', '.'), not {self.name!r}"

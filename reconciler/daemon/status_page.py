@@ -11,8 +11,10 @@ and loads nothing from elsewhere. jinja2 autoescapes every value: VM details, er
 event text come from guests, git and manifests, so they are untrusted.
 
 Elements carry stable ids and ``data-`` attributes (``id="leader"``, ``id="last-error"``,
-``id="vms"``, ``<tr data-vm="web-0" data-healthy="true">``, ``id="pins"``, ``id="vm-panel"``)
-for tests and scrapers.
+``id="vms"``, ``<tr data-vm="web-0" data-healthy="true">``, ``id="pins"``, ``id="vm-panel"``,
+``id="hosts"``, ``<tr data-host="host-a" data-state="ready">``) for tests and scrapers. The
+hosts table and the VMs' host column appear only for a fleet across hosts (a status with
+``hosts``); host names and labels are the hosts' own word, escaped like everything else.
 """
 
 from __future__ import annotations
@@ -118,6 +120,32 @@ def _vm_panel(vm: Mapping[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def _hosts(hosts: object) -> list[dict[str, Any]] | None:
+    if not isinstance(hosts, list):
+        return None
+
+    def number(value: object) -> str:
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else "?"
+
+    return [
+        {
+            "name": str(host.get("name", "")),
+            "state": str(host.get("state") or "unknown"),
+            "vms": number(host.get("vms")),
+            "assigned": number(host.get("assigned")),
+            "vcpus": f"{number(host.get('vcpus_allocated'))} / {number(host.get('vcpus'))}",
+            "memory": f"{number(host.get('memory_allocated_mib'))} / "
+            f"{number(host.get('memory_mib'))} MiB",
+            "heartbeat": format_duration(host.get("heartbeat_age_seconds")) + " ago",
+            "labels": ", ".join(
+                f"{key}={value}" for key, value in sorted((host.get("labels") or {}).items())
+            ),
+        }
+        for host in hosts
+        if isinstance(host, dict)
+    ]
+
+
 def page_context(
     status: Mapping[str, Any],
     events: list[dict[str, Any]],
@@ -191,9 +219,12 @@ def page_context(
             for r in status.get("rollouts") or []
             if isinstance(r, dict)
         ],
+        # A fleet across hosts (``execution.host_status``); None: one host, no hosts table.
+        "hosts": _hosts(status.get("hosts")),
         "vms": [
             {
                 "name": str(vm.get("name", "")),
+                "host": str(vm.get("host") or "-"),
                 "workload": vm.get("workload") or "",
                 "state": vm.get("state") or "unknown",
                 "healthy": _healthy(vm.get("healthy")),

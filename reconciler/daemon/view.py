@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Protocol, TypedDict, runtime_checkable
 
-from reconciler.execution.status import FleetStatus, VMDescription
+from reconciler.execution.status import FleetStatus, HostStatus, VMDescription
 
 
 class LeaderStatus(TypedDict):
@@ -38,7 +38,9 @@ class DaemonInfo(TypedDict):
 
 
 class DaemonStatus(FleetStatus):
-    """``GET /api/status``: ``reconciler status --format json`` and what the daemon knows."""
+    """``GET /api/status``: ``reconciler status --format json`` and what the daemon knows.
+    With a store that keeps a host registry (PostgreSQL), ``vms`` are every live host's, each
+    with its ``host``, and ``hosts`` lists the hosts, as ``reconciler status --store`` does."""
 
     fleet: str | None  # the fleet's name, from the revision converged last
     leader: LeaderStatus
@@ -86,4 +88,21 @@ class DescribesVMs(Protocol):
 
     def describe_vm(self, name: str) -> VMDescription:
         """``reconciler describe NAME``'s data; ``ConfigError`` for an unknown VM."""
+        ...
+
+
+class HostsAnswer(TypedDict):
+    """``GET /api/hosts``."""
+
+    grace_seconds: float  # silent for longer than this: lost
+    hosts: list[HostStatus]
+
+
+@runtime_checkable
+class ShowsHosts(Protocol):
+    """A view that can list the fleet's hosts (``GET /api/hosts``)."""
+
+    def hosts(self) -> HostsAnswer | None:
+        """Every registered host, by name: state, VMs, allocation, heartbeat age; None when
+        the state store keeps no host registry (SQLite: one host)."""
         ...

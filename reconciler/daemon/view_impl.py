@@ -8,22 +8,42 @@ store connection of its own per request (a store connection is not shared betwee
 reads what the worker last recorded in ``LoopState``, and asks for a cycle through the trigger
 queue. Suspending and resuming write the store directly, as ``reconciler suspend`` does; the
 worker reads suspensions every cycle.
+
+With a store that keeps a host registry, ``status`` and ``hosts`` add the host dimension
+(``execution.host_status``), and the loop refreshes the per-host gauges after each cycle
+(``refresh_host_metrics``) with the same grace period its placement uses.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 
 from reconciler.daemon.cycle import CycleResult, ReconcileCycle
+from reconciler.daemon.metrics import DaemonMetrics, HostGauges
 from reconciler.daemon.redaction import Redactor, env_values
 from reconciler.daemon.settings import DaemonSettings
 from reconciler.daemon.triggers import TriggerQueue
-from reconciler.daemon.view import DaemonInfo, DaemonStatus, EventEntry, LeaderStatus
+from reconciler.daemon.view import (
+    DaemonInfo,
+    DaemonStatus,
+    EventEntry,
+    HostsAnswer,
+    LeaderStatus,
+)
 from reconciler.errors import LeadershipError, ReconcilerError
+from reconciler.execution.host_status import (
+    FleetHosts,
+    Judge,
+    fleet_hosts,
+    registry_of,
+    vm_statuses,
+)
 from reconciler.execution.status import VMDescription, describe_vm, fleet_status
+from reconciler.fleet_hosts import placement_hosts
 from reconciler.leadership.elector import Elector
 from reconciler.leadership.fence import Fence
 from reconciler.model import ObservedFleet
@@ -46,6 +66,51 @@ def remember_secrets(redactor: Redactor, observed: ObservedFleet) -> None:
     """Teach ``redactor`` the env values of what runs, so no answer or log line shows them."""
     for vm in observed.vms.values():
         redactor.remember(env_values(vm.settings))
+
+
+def judge(grace: float) -> Judge:
+    """Registry records as the daemon's placement sees them: lost after ``grace`` seconds."""
+    return lambda records: placement_hosts(records, grace)
+
+
+def read_fleet_hosts(
+    store: StateStore,
+    grace: float,
+    redactor: Redactor,
+    local: tuple[str, ObservedFleet] | None = None,
+) -> FleetHosts | None:
+    """The fleet's hosts and what they run, when ``store`` keeps a host registry; the redactor
+    learns the env values of every host's VMs, not only this one's."""
+    registry = registry_of(store)
+    if registry is None:
+        return None
+    fleet = fleet_hosts(registry, judge(grace), local=local)
+    for _, vm in fleet.vms:
+        redactor.remember(env_values(vm.settings))
+    return fleet
+
+
+def refresh_host_metrics(
+    metrics: DaemonMetrics, store: StateStore, grace: float, redactor: Redactor
+) -> None:
+    """The per-host gauges, from the registry (none for a store without one); hosts that left
+    the registry leave the gauges."""
+    fleet = read_fleet_hosts(store, grace, redactor)
+    if fleet is None:
+        return
+    metrics.set_hosts(
+        HostGauges(
+            host=host["name"],
+            up=host["state"] != "lost",
+            vms=host["vms"],
+            heartbeat_age=host["heartbeat_age_seconds"],
+            vcpus_allocated=host["vcpus_allocated"],
+            vcpus=host["vcpus"],
+            memory_allocated_mib=host["memory_allocated_mib"],
+            memory_mib=host["memory_mib"],
+        )
+        for host in fleet.hosts
+    )
 
 
 @dataclass
@@ -107,12 +172,31 @@ class LoopView:
                 rollouts=store.rollouts(),
                 pins=store.pins(),
             )
+            hosts = read_fleet_hosts(
+                store, self.settings.hosts.grace, self.redactor, (self._host, observed)
+            )
+        if hosts is not None:
+            # A fleet across hosts: every live host's VMs, each with its host.
+            fleet["vms"] = vm_statuses(
+                hosts, time.time(), local=self._host, state_dir=self.settings.state_dir
+            )
+            fleet["hosts"] = hosts.hosts
         return {
             **fleet,
             "fleet": self.cycle.fleet_name,
             "leader": self._leader(),
             "daemon": self._daemon(),
         }
+
+    @property
+    def _host(self) -> str:
+        return self.settings.hosts.name
+
+    def hosts(self) -> HostsAnswer | None:
+        grace = self.settings.hosts.grace
+        with self._reader() as store:
+            hosts = read_fleet_hosts(store, grace, self.redactor)
+        return None if hosts is None else {"grace_seconds": grace, "hosts": hosts.hosts}
 
     def describe_vm(self, name: str) -> VMDescription:
         """One VM whole, read from the store, its console and the artifact cache; its manifest

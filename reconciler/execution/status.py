@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from builders.cache import ArtifactCache
 from reconciler.errors import ConfigError
@@ -24,6 +24,7 @@ from reconciler.formatting import short_sha
 from reconciler.model import (
     DesiredFleet,
     ObservedFleet,
+    ObservedVM,
     RevisionOutcome,
     RolloutPhase,
     RolloutState,
@@ -53,6 +54,7 @@ class VMStatus(TypedDict):
     uptime_seconds: float | None  # None unless running
     restarts: int
     console_tail: list[str]  # the last console lines of a VM that is not healthy
+    host: NotRequired[str]  # the host that reports it (a store with a host registry only)
 
 
 class RolloutStatus(TypedDict):
@@ -78,6 +80,22 @@ class PinStatus(TypedDict):
     at: float
 
 
+class HostStatus(TypedDict):
+    """One host of a fleet that spans hosts (``execution.host_status``)."""
+
+    name: str
+    state: str  # ready | cordoned | draining | lost (``HostFacts.state``)
+    epoch: int  # its registration epoch
+    vms: int  # VMs it reports it runs
+    assigned: int  # VMs the leader's assignments place on it
+    vcpus_allocated: int  # what the VMs it reports (all but stopped ones) were given
+    vcpus: int  # its capacity, as registered
+    memory_allocated_mib: int
+    memory_mib: int
+    heartbeat_age_seconds: float  # by the database clock
+    labels: dict[str, str]
+
+
 class FleetStatus(TypedDict):
     """``reconciler status --format json``; the daemon's ``/api/status`` adds to it."""
 
@@ -90,6 +108,7 @@ class FleetStatus(TypedDict):
     attempted_at: float | None
     last_error: str | None  # the attempted revision's failure, when it failed
     vms: list[VMStatus]
+    hosts: NotRequired[list[HostStatus]]  # a store with a host registry only (PostgreSQL)
 
 
 def fleet_status(
@@ -133,27 +152,29 @@ def fleet_status(
         "last_error": attempted.message
         if attempted and attempted.outcome == RevisionOutcome.FAILED
         else None,
-        "vms": [
-            {
-                "name": vm.name,
-                "workload": vm.workload,
-                "state": vm.state.value,
-                "healthy": bool(vm.healthy),
-                "address": vm.address,
-                "pid": vm.pid,
-                "artifact": vm.artifact_digest,
-                "runtime": vm.runtime.value,
-                "detail": vm.detail,
-                "uptime_seconds": round(now - vm.started_at, 1)
-                if vm.started_at and vm.state is VMState.RUNNING
-                else None,
-                "restarts": vm.restarts,
-                "console_tail": last_lines(state_dir, vm.name)
-                if state_dir is not None and not vm.healthy
-                else [],
-            }
-            for vm in observed.vms.values()
-        ],
+        "vms": [vm_status(vm, now, state_dir) for vm in observed.vms.values()],
+    }
+
+
+def vm_status(vm: ObservedVM, now: float, state_dir: Path | None) -> VMStatus:
+    """One VM's row; with ``state_dir``, the last console lines of one that is not healthy."""
+    return {
+        "name": vm.name,
+        "workload": vm.workload,
+        "state": vm.state.value,
+        "healthy": bool(vm.healthy),
+        "address": vm.address,
+        "pid": vm.pid,
+        "artifact": vm.artifact_digest,
+        "runtime": vm.runtime.value,
+        "detail": vm.detail,
+        "uptime_seconds": round(now - vm.started_at, 1)
+        if vm.started_at and vm.state is VMState.RUNNING
+        else None,
+        "restarts": vm.restarts,
+        "console_tail": last_lines(state_dir, vm.name)
+        if state_dir is not None and not vm.healthy
+        else [],
     }
 
 

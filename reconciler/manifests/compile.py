@@ -83,6 +83,7 @@ def compile_fleet(document: Document | None) -> FleetSettings:
             cidr=network.get("cidr", NetworkPool.cidr),
             bridge=network.get("bridge", NetworkPool.bridge),
             nat=network.get("nat", False),
+            host_prefix_length=network.get("hostPrefixLength"),
         ),
         kernel=spec.get("kernel"),
         variables=spec.get("variables") or {},
@@ -112,6 +113,15 @@ def check_fleet(document: Document, report: Report) -> None:
             f"the pool {network} is not private: use a network inside "
             + ", ".join(str(p) for p in PRIVATE_POOLS)
             + " (the host would route it onto the bridge)",
+        )
+    host_prefix = ((document.content.get("spec") or {}).get("network") or {}).get(
+        "hostPrefixLength"
+    )
+    if host_prefix is not None and host_prefix < network.prefixlen:
+        report(
+            document,
+            ("spec", "network", "hostPrefixLength"),
+            f"a host's subnet (/{host_prefix}) cannot be larger than the pool {network}",
         )
 
 

@@ -31,15 +31,19 @@ pickle). A file that is truncated, altered or from another compiler version is i
 whole, and an entry that does not decode is dropped: either way the workload is compiled again,
 never trusted. The file holds at most ``MAX_ENTRIES`` of each kind, the most recently used.
 Without a writable state directory it is simply not written: the loader works the same.
+A large cache may be written by a forked child while the process goes on (``save(background=
+True)``, what ``pipeline.plan_between`` asks for); the process waits for it before it exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import hashlib
 import logging
 import marshal
+import operator
 import os
 import posixpath
 from collections.abc import Iterable, Mapping
@@ -50,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import model
+from reconciler.manifests.parallel import Pending, in_child
 from reconciler.manifests.schema import KIND_FILES, SCHEMA_DIR
 from reconciler.model import Expansion, Workload
 
@@ -58,6 +63,8 @@ log = logging.getLogger("reconciler.manifests")
 CACHE_FILE = "compile-cache"
 MAGIC = b"reconciler-compile-cache-2\n"
 MAX_ENTRIES = 50_000
+BACKGROUND_SAVE_WORKLOADS = 2_000
+"""Workloads in the cache from which ``save(background=True)`` writes in a child process."""
 """Of each kind (files, trees, workloads): a fleet of tens of thousands of workloads keeps its
 own entries, a repository that churns does not grow the file without bound."""
 _TREE_MODE = "040000"
@@ -173,6 +180,7 @@ class CompileCache:
     content key), ...)) of a whole revision that loaded without problems, symlinks, templates
     or secrets: loading it again decodes these and reads no file."""
     changed: bool = False
+    _saving: list[Pending] = field(default_factory=list, repr=False, compare=False)
     hits: int = 0
     """Workloads served without compiling, since the cache was made (for logs and tests)."""
 
@@ -214,39 +222,65 @@ class CompileCache:
         if isinstance(revisions, dict):
             self.revisions = revisions
 
-    def save(self) -> None:
+    def save(self, *, background: bool = False) -> None:
         """Write the cache (atomically, mode 0600) when it learnt something; a state directory
-        that cannot be written only costs the next run its reuse."""
+        that cannot be written only costs the next run its reuse.
+
+        ``background``: a large cache (a first load of thousands of workloads: encoding and
+        writing them takes most of a second) is written by a forked child (``parallel``) while
+        this process goes on making and rendering its plan; the process waits for the child
+        before it exits, or at ``wait``."""
         for entries in (self.files, self.trees, self.workloads, self.revisions):
             for key in list(entries)[: max(0, len(entries) - MAX_ENTRIES)]:
                 del entries[key]  # the least recently used first
+        self.wait()  # an older write still under way must not land after this one
         if self.path is None or not self.changed:
             return
+        path = self.path
+        if background and len(self.workloads) >= BACKGROUND_SAVE_WORKLOADS:
+            pending = in_child(lambda: self._write(path))
+            if pending is not None:
+                self.changed = False
+                if not self._saving:
+                    atexit.register(self.wait)
+                self._saving.append(pending)
+                return
+        self._write(path)
+
+    def wait(self) -> None:
+        """Wait for the writes ``save(background=True)`` left to a child process."""
+        if self._saving:
+            while self._saving:
+                self._saving.pop().result()
+            atexit.unregister(self.wait)  # nothing left to wait for: let the cache go
+
+    def _write(self, path: Path) -> None:
         workloads = {}
         for key, value in self.workloads.items():
             encoded = value
             if isinstance(value, Workload):
-                encoded = self.encoded.get(key) or encode_workload(value)
+                encoded = self.encoded.get(key)
+                if encoded is None and not (value.deploy.secret_env or value.deploy.secret_files):
+                    encoded = _encode(value)
             if encoded is not None:
                 workloads[key] = encoded
-        payload = marshal.dumps(
-            (
-                compiler_version(),
-                self.files,
-                self.trees,
-                workloads,
-                self.revisions,
-            )
-        )
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        contents = (compiler_version(), self.files, self.trees, workloads, self.revisions)
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            payload = marshal.dumps(contents)
+        except ValueError:
+            # Some workload holds a value that is not plain data: checked one by one only
+            # then (one ``marshal`` of the whole is much cheaper than one per workload).
+            workloads = {k: v for k, v in workloads.items() if _plain(v)}
+            payload = marshal.dumps((*contents[:3], workloads, self.revisions))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as stream:
                 stream.write(MAGIC + hashlib.sha256(payload).digest() + payload)
-            os.replace(tmp, self.path)
+            os.replace(tmp, path)
         except OSError as exc:
-            log.debug("compile cache %s not written: %s", self.path, exc)
+            log.debug("compile cache %s not written: %s", path, exc)
             with contextlib.suppress(OSError):
                 tmp.unlink()
             return
@@ -271,6 +305,13 @@ class CompileCache:
         self.files[key] = entry
         self.changed = True
 
+    def keep_documents(self, key: str, entry: tuple[Any, ...]) -> None:
+        """Keep ``entry`` as ``documents`` returned it, or as a child process made it
+        (``loader.ParseCache.prefetch``): plain data already."""
+        if self.files.get(key) is not entry:
+            self.files[key] = entry
+            self.changed = True
+
     def digest(self, tree: str) -> str | None:
         return self.trees.get(tree)
 
@@ -294,11 +335,17 @@ class CompileCache:
         self.hits += 1
         return found
 
-    def remember_workload(self, key: str, workload: Workload) -> None:
+    def remember_workload(self, key: str, workload: Workload, *, encoded: Any = None) -> None:
+        """Keep ``workload`` under ``key``; ``encoded``: its plain data, when known already
+        (``encode_workload``; a workload compiled in a child process), so ``save`` need not
+        encode it again."""
         if workload.deploy.secret_env or workload.deploy.secret_files:
             return
         self.workloads[key] = workload
-        self.encoded.pop(key, None)
+        if encoded is None:
+            self.encoded.pop(key, None)
+        else:
+            self.encoded[key] = encoded
         self.changed = True
 
     def revision(self, key: str) -> tuple[model.FleetSettings, dict[str, Workload]] | None:
@@ -380,25 +427,37 @@ _FIELDS: dict[type, tuple[str, ...]] = {
     for cls in _MODEL_TYPES.values()
     if dataclasses.is_dataclass(cls)
 }
-_PLAIN = (str, int, float, bool, type(None))
-# Dispatch on the exact type: a thousand workloads are some fifty thousand values each way.
+_GETTERS: dict[type, Any] = {
+    cls: (lambda value, get=operator.attrgetter(*names): get(value))
+    if len(names) > 1
+    else (lambda value, name=names[0]: (getattr(value, name),))
+    for cls, names in _FIELDS.items()
+    if names
+}
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+_CONTAINERS = frozenset({tuple, dict, list})
+# Dispatch on the exact type, and leaves (most values) without a call: ten thousand workloads
+# are some half a million values each way.
 
 
 def _encode(value: Any) -> Any:
     kind = type(value)
     if kind in _PLAIN:
         return value
-    names = _FIELDS.get(kind)
-    if names is not None:
-        return (_DATACLASS, kind.__name__, tuple([_encode(getattr(value, n)) for n in names]))
+    get = _GETTERS.get(kind)
+    if get is not None:
+        fields = [v if type(v) in _PLAIN else _encode(v) for v in get(value)]
+        return (_DATACLASS, kind.__name__, tuple(fields))
+    if kind in _FIELDS:
+        return (_DATACLASS, kind.__name__, ())
     if isinstance(value, Enum):
         return (_ENUM, kind.__name__, value.value)
     if kind is tuple:
-        return (_TUPLE, tuple([_encode(v) for v in value]))
+        return (_TUPLE, tuple([v if type(v) in _PLAIN else _encode(v) for v in value]))
     if isinstance(value, Mapping):
-        return {k: _encode(v) for k, v in value.items()}
+        return {k: v if type(v) in _PLAIN else _encode(v) for k, v in value.items()}
     if kind is list:
-        return [_encode(v) for v in value]
+        return [v if type(v) in _PLAIN else _encode(v) for v in value]
     return value  # not plain data: ``marshal`` refuses it and the workload is not saved
 
 
@@ -407,18 +466,26 @@ def _decode(value: Any) -> Any:
     if kind is tuple:
         tag = value[0]
         if tag == _TUPLE:
-            return tuple([_decode(v) for v in value[1]])
+            return tuple([_decode(v) if type(v) in _CONTAINERS else v for v in value[1]])
         cls = _MODEL_TYPES[value[1]]  # KeyError: not ours, the entry is dropped
         if tag == _DATACLASS and cls in _FIELDS:
-            return cls(*[_decode(v) for v in value[2]])
+            return cls(*[_decode(v) if type(v) in _CONTAINERS else v for v in value[2]])
         if tag == _ENUM and issubclass(cls, Enum):
             return cls(value[2])
         raise ValueError(f"unknown tag {tag!r}")
     if kind is dict:
-        return {k: _decode(v) for k, v in value.items()}
+        return {k: _decode(v) if type(v) in _CONTAINERS else v for k, v in value.items()}
     if kind is list:
-        return [_decode(v) for v in value]
+        return [_decode(v) if type(v) in _CONTAINERS else v for v in value]
     return value
+
+
+def _plain(encoded: Any) -> bool:
+    try:
+        marshal.dumps(encoded)
+    except ValueError:
+        return False
+    return True
 
 
 def encode_workload(workload: Workload) -> Any | None:
@@ -426,11 +493,7 @@ def encode_workload(workload: Workload) -> Any | None:
     if workload.deploy.secret_env or workload.deploy.secret_files:
         return None
     encoded = _encode(workload)
-    try:
-        marshal.dumps(encoded)
-    except ValueError:
-        return None
-    return encoded
+    return encoded if _plain(encoded) else None
 
 
 def decode_workload(encoded: Any) -> Workload | None:

@@ -21,14 +21,21 @@ and validates each distinct file content once, so comparing two revisions costs 
 than loading one. With a ``CompileCache`` (``compile_cache.py``) and the revision's Git tree
 ids, that reuse reaches compiled workloads and lasts across processes: a workload whose
 document and source tree did not change is not compiled again.
+
+A first load of a large revision (thousands of files, or of workloads, that nothing parsed or
+compiled before) parses and compiles half of them in a forked child process (``parallel``),
+whose results reach the loader as cache entries: the outcome, problems included, is the one of
+a serial load.
 """
 
 from __future__ import annotations
 
 import difflib
+import marshal
 import posixpath
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +51,8 @@ from reconciler.manifests.compile import (
 from reconciler.manifests.compile_cache import (
     CompileCache,
     TreeIndex,
+    decode_workload,
+    encode_workload,
     revision_key,
     text_key,
     workload_key,
@@ -51,6 +60,7 @@ from reconciler.manifests.compile_cache import (
 from reconciler.manifests.ignore import IGNORE_FILE, IgnoreRules
 from reconciler.manifests.limits import DEFAULT_LIMITS, Limits
 from reconciler.manifests.notifications import compile_notifications
+from reconciler.manifests.parallel import Pending, in_child
 from reconciler.manifests.paths import (
     SourceTrees,
     find_manifests,
@@ -86,6 +96,8 @@ class _Parsed:
     error: YAMLProblem | None = None
     schema: dict[int, list[SchemaProblem]] = field(default_factory=dict)
     lines: dict[tuple[int, tuple[Hashable, ...]], int] = field(default_factory=dict)
+    saved: Any = None
+    """The ``CompileCache.files`` entry these documents were decoded from, if they were."""
 
     def line(self, index: int, path: Sequence[Hashable]) -> int:
         key = (index, tuple(path))
@@ -101,6 +113,37 @@ class ParseCache:
     def __init__(self, store: CompileCache | None = None) -> None:
         self._entries: dict[str, _Parsed] = {}
         self.store = store
+        self._prefetched: dict[str, Any] = {}
+        """Stored key -> what a child process parsed (``prefetch``), in the store's form."""
+
+    def prefetch(self, texts: Sequence[str], limits: Limits) -> None:
+        """Parse and schema-check the ``texts`` not known yet, half of them in a child process
+        (``parallel``), when there are enough of them to be worth a fork: the first load of a
+        large revision. ``parse`` then finds them; the outcome is the serial one."""
+        unknown: dict[str, str] = {}
+        for text in texts:
+            key = text_key(text)
+            stored = f"{key}:{limits.max_nodes_per_document}"
+            if key in self._entries or stored in self._prefetched:
+                continue
+            if self.store is not None and stored in self.store.files:
+                continue
+            unknown.setdefault(stored, text)
+        if sum(len(text) for text in unknown.values()) < PARALLEL_PARSE_CHARS:
+            return
+        items = list(unknown.items())
+        middle = len(items) // 2
+        pending = in_child(lambda: _parse_for_store(items[middle:], limits))
+        if pending is None:
+            return
+        try:
+            for _, text in items[:middle]:
+                _check_schemas(self.parse(text, limits))
+            learnt = pending.result()
+        finally:
+            pending.close()
+        for stored, entry in learnt or ():
+            self._prefetched[stored] = entry
 
     def parse(self, text: str, limits: Limits) -> _Parsed:
         key = text_key(text)
@@ -109,7 +152,10 @@ class ParseCache:
             # A file parsed under a larger node limit must be parsed again under a smaller one.
             entry = _Parsed(text, key, f"{key}:{limits.max_nodes_per_document}")
             saved = self.store.documents(entry.stored) if self.store is not None else None
+            if saved is None:
+                saved = self._prefetched.pop(entry.stored, None)
             if saved is not None:
+                entry.saved = saved
                 documents, validated = saved
                 entry.documents = [ParsedDocument(*d) for d in documents]
                 entry.schema = {index: [] for index in validated}
@@ -127,8 +173,61 @@ class ParseCache:
             return
         for entry in entries:
             if entry.error is None:
-                validated = [i for i, problems in entry.schema.items() if not problems]
-                self.store.remember_documents(entry.stored, entry.documents, validated)
+                validated = sorted(i for i, problems in entry.schema.items() if not problems)
+                if entry.saved is not None and tuple(validated) == entry.saved[1]:
+                    # Kept as decoded: no need to rebuild and compare it, nor check it is plain.
+                    self.store.keep_documents(entry.stored, entry.saved)
+                else:
+                    self.store.remember_documents(entry.stored, entry.documents, validated)
+
+
+PARALLEL_PARSE_CHARS = 1_500_000
+"""Manifest text never parsed before (some 2,000 workloads' documents) above which a load
+parses in two processes. Below it a fork costs more than it saves."""
+PARALLEL_COMPILE_WORKLOADS = 2_000
+"""Workloads to compile (none reusable) above which a load compiles in two processes."""
+
+
+def _ours(content: Any) -> str | None:
+    """The kind of a document ``_add_document`` would check against its schema, if it is one."""
+    if isinstance(content, dict) and content.get("apiVersion") == API_VERSION:
+        kind = content.get("kind")
+        if isinstance(kind, str) and kind in KIND_FILES:
+            return kind
+    return None
+
+
+def _check_schemas(parsed: _Parsed) -> None:
+    """Validate ``parsed``'s documents ahead of ``_add_document``, which then finds it done
+    (the schemas are pure: the same document gives the same problems, whenever checked)."""
+    for parsed_doc in parsed.documents:
+        kind = _ours(parsed_doc.content)
+        if kind is not None and parsed_doc.index not in parsed.schema:
+            parsed.schema[parsed_doc.index] = validate(kind, parsed_doc.content)
+
+
+def _parse_for_store(items: Sequence[tuple[str, str]], limits: Limits) -> list[Any]:
+    """In a child process: ``(stored key, entry)`` for each text that parses into plain data,
+    the entry in ``CompileCache.files``' form (the documents, the indexes that passed their
+    schema). A text that does not parse is left out: the parent parses it and reports it."""
+    learnt = []
+    for stored, text in items:
+        try:
+            documents = parse_documents(text, max_nodes=limits.max_nodes_per_document)
+        except YAMLProblem:
+            continue
+        validated = []
+        for parsed_doc in documents:
+            kind = _ours(parsed_doc.content)
+            if kind is not None and not validate(kind, parsed_doc.content):
+                validated.append(parsed_doc.index)
+        entry = (tuple((d.index, d.line, d.content) for d in documents), tuple(validated))
+        try:
+            marshal.dumps(entry)  # plain data only, as the store keeps
+        except ValueError:
+            continue
+        learnt.append((stored, entry))
+    return learnt
 
 
 @dataclass
@@ -471,9 +570,10 @@ def load_fleet(
     ignored = _read_ignore_file(rev)
     files = [_read(rev, p) for p in found.files if not ignored.ignores(relative(p, fleet_dir))]
 
-    for file in files:
-        if not file.templated and file.problem is None:
-            file.parsed = rev.cache.parse(file.raw, limits)
+    plain = [file for file in files if not file.templated and file.problem is None]
+    rev.cache.prefetch([file.raw for file in plain], limits)
+    for file in plain:
+        file.parsed = rev.cache.parse(file.raw, limits)
     fleet_file, fleet_ignored = _fleet_ignore(files)
     if fleet_ignored:
         files = [f for f in files if f is fleet_file or not fleet_ignored.ignores(f.key)]
@@ -550,25 +650,35 @@ def load_fleet(
     reuse = _Reuse(rev, store, tree_index, defaults) if store and tree_index else None
     workloads: dict[str, Workload] = {}
     keys: dict[str, str] = {}
-    for name, document in sorted(documents.items()):
-        key = reuse.key(document) if reuse is not None else None
-        if key:
-            keys[name] = key
-        workload = reuse.workload(key, name) if reuse is not None and key else None
-        if workload is None:
-            workload = compile_workload(
-                document,
-                defaults=defaults,
-                root=root,
-                fleet_dir=fleet_dir,
-                trees=trees,
-                report=rev.report,
-                secrets=fleet_secrets,
-            )
-            if workload is not None and store is not None and key:
-                store.remember_workload(key, workload)
-        if workload is not None:
-            workloads[name] = workload
+    ordered = [
+        (name, document, reuse.key(document) if reuse is not None else None)
+        for name, document in sorted(documents.items())
+    ]
+    compile_one = partial(
+        compile_workload,
+        defaults=defaults,
+        root=root,
+        fleet_dir=fleet_dir,
+        trees=trees,
+        secrets=fleet_secrets,
+    )
+    helper = _CompileHalf.start(ordered, store, compile_one) if store is not None else None
+    try:
+        for name, document, key in ordered:
+            if key:
+                keys[name] = key
+            workload = reuse.workload(key, name) if reuse is not None and key else None
+            if workload is None and helper is not None and key:
+                workload = helper.take(name, key)
+            if workload is None:
+                workload = compile_one(document, report=rev.report)
+                if workload is not None and store is not None and key:
+                    store.remember_workload(key, workload)
+            if workload is not None:
+                workloads[name] = workload
+    finally:
+        if helper is not None:
+            helper.close()
 
     if rev.problems:
         raise ManifestError(rev.problems)
@@ -590,6 +700,78 @@ def load_fleet(
             rev.cache.store.remember_revision(memo, settings, keys)
         fleet = _assemble(revision, settings, workloads, rev.cache.store)
     return replace(fleet, sensitive=SensitiveValues(fleet_secrets.sensitive))
+
+
+class _CompileHalf:
+    """The second half of a large first load's workloads, compiled in a child process
+    (``parallel``) while the loader compiles the first half; ``take`` waits for it on the
+    first workload of its half. A workload the child could not compile without a problem is
+    not among its results: the loader compiles it, and reports the problem, itself."""
+
+    def __init__(self, pending: Pending, names: set[str], store: CompileCache) -> None:
+        self.pending = pending
+        self.names = names
+        self.store = store
+        self.learnt: dict[str, tuple[str, Any]] | None = None
+
+    @classmethod
+    def start(
+        cls,
+        ordered: Sequence[tuple[str, Document, str | None]],
+        store: CompileCache,
+        compile_one: Callable[..., Workload | None],
+    ) -> _CompileHalf | None:
+        # Only workloads the cache can keep (keyed: no secret, no symlink) and does not hold.
+        missing = [item for item in ordered if item[2] and item[2] not in store.workloads]
+        if len(missing) < PARALLEL_COMPILE_WORKLOADS:
+            return None
+        # The child's share is a little less than half: it also encodes what it compiled.
+        half = missing[len(missing) - len(missing) * 9 // 20 :]
+        pending = in_child(lambda: _compile_for_store(half, store, compile_one))
+        return None if pending is None else cls(pending, {item[0] for item in half}, store)
+
+    def take(self, name: str, key: str) -> Workload | None:
+        """Workload ``name`` as the child compiled it under ``key``, or None (compile it)."""
+        if name not in self.names:
+            return None
+        if self.learnt is None:
+            self.learnt = {}
+            result = self.pending.result()
+            if result is not None:
+                compiled, digests = result
+                self.learnt = {name: (key, encoded) for name, key, encoded in compiled}
+                for tree, digest in digests:
+                    self.store.remember_digest(tree, digest)
+        found = self.learnt.pop(name, None)
+        if found is None or found[0] != key:
+            return None
+        workload = decode_workload(found[1])
+        if workload is None or workload.name != name:
+            return None
+        self.store.remember_workload(key, workload, encoded=found[1])
+        return workload
+
+    def close(self) -> None:
+        self.pending.close()
+
+
+def _compile_for_store(
+    items: Sequence[tuple[str, Document, str | None]],
+    store: CompileCache,
+    compile_one: Callable[..., Workload | None],
+) -> tuple[list[tuple[str, str, Any]], list[tuple[str, str]]]:
+    """In a child process: ``(name, key, encoded workload)`` of each workload of ``items``
+    that compiles without a problem, and the source digests learnt on the way."""
+    known = set(store.trees)
+    compiled = []
+    for name, document, key in items:
+        problems: list[str] = []
+        workload = compile_one(document, report=lambda *_, seen=problems: seen.append(""))
+        encoded = encode_workload(workload) if workload is not None and not problems else None
+        if encoded is not None and key:
+            compiled.append((name, key, encoded))
+    digests = [(tree, digest) for tree, digest in store.trees.items() if tree not in known]
+    return compiled, digests
 
 
 def _assemble(

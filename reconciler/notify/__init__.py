@@ -18,6 +18,7 @@ from reconciler.notify.endpoints import Endpoints, resolve_endpoints
 from reconciler.notify.notices import (
     COMMIT_STATUS,
     Notice,
+    host_lost,
     leader_change,
     revision_applied,
     revision_attempted,
@@ -39,6 +40,7 @@ __all__ = [
     "Notifier",
     "RetryPolicy",
     "Sender",
+    "host_lost",
     "leader_change",
     "resolve_endpoints",
     "revision_applied",

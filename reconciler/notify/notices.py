@@ -4,13 +4,15 @@ it happen once.
 The key is derived from what happened, never from when or by whom: a revision's failure is
 ``revision-failed:<sha>`` whichever leader refuses it and however often, a VM's ill health is
 keyed by its incarnation (the artifact and start time the store records), a leader change by its
-term. So a new leader that re-evaluates the same failing revision produces the same key, and the
-outbox (which holds one message per key) sends nothing twice.
+term, a host's loss by its registration epoch. So a new leader that re-evaluates the same failing
+revision produces the same key, and the outbox (which holds one message per key) sends nothing
+twice.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,6 +37,7 @@ class Notice:
     revision: str | None = None
     vm: str | None = None
     status: StatusState | None = None
+    host: str | None = None  # the host it is about (multi-host mode)
     at: float = field(default_factory=time.time)
 
 
@@ -124,4 +127,24 @@ def leader_change(holder: str, term: int) -> Notice:
         f"leader-change:{term}",
         f"{holder} leads",
         f"term {term}",
+    )
+
+
+def host_lost(host: str, epoch: int, vms: Iterable[str], detail: str) -> Notice:
+    """The leader declared ``host`` lost and ended its registration ``epoch``: the ``vms`` it
+    ran are placed on the other hosts. Keyed by host and epoch, so a new leader ending the same
+    epoch sends nothing twice, and the host lost again after it came back is news again."""
+    names = sorted(set(vms))
+    if not names:
+        moved = "it ran no VM"
+    elif len(names) == 1:
+        moved = f"its VM {names[0]} goes to another host"
+    else:
+        moved = f"its {len(names)} VMs go to other hosts: {', '.join(names)}"
+    return Notice(
+        NotificationEvent.HOST_LOST,
+        f"host-lost:{host}:{epoch}",
+        f"host {host} lost",
+        f"{detail}; {moved}" if detail else moved,
+        host=host,
     )

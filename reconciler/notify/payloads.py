@@ -56,6 +56,7 @@ def generic(notice: Notice, fleet: str) -> dict[str, Any]:
         "fleet": fleet,
         "revision": notice.revision,
         "vm": notice.vm,
+        "host": notice.host,
         "at": _when(notice),
         "key": notice.key,
     }
@@ -71,6 +72,8 @@ def slack(notice: Notice, fleet: str) -> dict[str, Any]:
     context = [f"fleet *{slack_escape(fleet)}*", _event(notice)]
     if notice.revision:
         context.append(f"revision `{short_sha(notice.revision)}`")
+    if notice.host:
+        context.append(f"host `{slack_escape(notice.host)}`")
     section = f"*{title}*" + (f"\n{message}" if message else "")
     return {
         "text": f"{title}: {message}" if message else title,
@@ -87,6 +90,8 @@ def teams(notice: Notice, fleet: str) -> dict[str, Any]:
         facts.append({"title": "Revision", "value": short_sha(notice.revision)})
     if notice.vm:
         facts.append({"title": "VM", "value": notice.vm})
+    if notice.host:
+        facts.append({"title": "Host", "value": notice.host})
     facts.append({"title": "At", "value": _when(notice)})
     body: list[dict[str, Any]] = [
         {

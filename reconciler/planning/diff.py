@@ -242,18 +242,12 @@ def diff(
             count = group.count if group is not None else 0
             start = 0
             if group is not None and suspended:
-                noops.extend(
-                    _noop(vm_name(workload_name, o), workload_name, "workload is suspended")
-                    for o in range(count)
-                )
+                noops.extend(_noops(workload_name, "workload is suspended", range(count)))
                 start = count
             elif group is not None and before is not None and _same(group, before):
                 # Unchanged replicas, running: up to date, without comparing them one by one.
                 start = min(count, before.count)
-                noops.extend(
-                    _noop(vm_name(workload_name, o), workload_name, "up to date")
-                    for o in range(start)
-                )
+                noops.extend(_noops(workload_name, "up to date", range(start)))
             desired_vms = (group.vm(o) for o in range(start, count)) if group is not None else ()
             extra = (
                 (owned[vm_name(workload_name, o)] for o in range(count, before.count))
@@ -486,6 +480,23 @@ def _noop(vm: str, workload: str, reason: str) -> VMAction:
     return VMAction(
         action=ActionType.NOOP, vm=vm, workload=workload, disruption=Disruption.NONE, reason=reason
     )
+
+
+def _noops(workload: str, reason: str, ordinals: range) -> Iterator[VMAction]:
+    """``_noop`` for each replica of ``workload`` in ``ordinals``, alike but for the VM.
+
+    A comparison of two revisions of 10,000 workloads makes some 100,000 of these. They are
+    copies of one record with the VM's name filled in: the frozen dataclass's ``__init__``
+    (a guarded ``__setattr__`` per field) costs five times as much, for the same values.
+    """
+    fields = vars(_noop(vm_name(workload, 0), workload, reason))
+    new = object.__new__
+    for ordinal in ordinals:
+        action = new(VMAction)
+        slots = action.__dict__
+        slots.update(fields)
+        slots["vm"] = vm_name(workload, ordinal)
+        yield action
 
 
 def _ordinal_key(vm_name: str) -> tuple[str, int]:

@@ -1,14 +1,25 @@
 """The Markdown rendering of a plan: a pull-request comment with a summary table, the actions
-table, the expected disruption per workload (when an estimate is given: ``diff`` gives one),
-the artifacts to build, then the per-VM changes folded in ``<details>``."""
+table, the placement on the live hosts (a placed plan only: VMs placed for the first time, moves
+between hosts, hosts freed, the room each keeps), the expected disruption per workload (when an
+estimate is given: ``diff`` gives one), the artifacts to build, then the per-VM changes folded
+in ``<details>``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Protocol
 
-from reconciler.model import Plan, short_digest
-from reconciler.render.common import SYMBOL, grouped_noops, revision_line, summary_line
+from reconciler.model import Plan, PlanPlacement, short_digest
+from reconciler.render.common import (
+    MOVE_SYMBOL,
+    SYMBOL,
+    grouped_noops,
+    placement_heading,
+    revision_line,
+    room_line,
+    staying,
+    summary_line,
+)
 
 
 class WorkloadDisruption(Protocol):
@@ -59,7 +70,9 @@ def render_markdown(plan: Plan, disruption: DisruptionEstimate | None = None) ->
         f"{counts['replace']} | {counts['delete']} |",
         "",
     ]
-    if not plan.actions:
+    if not plan.actions and plan.placement is not None and plan.placement.moves:
+        out += ["**No VM changes;** VMs move between hosts (below).", ""]
+    elif not plan.actions:
         out += ["**No changes.** The fleet matches the revision.", ""]
     else:
         out += [
@@ -72,6 +85,8 @@ def render_markdown(plan: Plan, disruption: DisruptionEstimate | None = None) ->
                 f"{a.disruption.label} | {a.wave} | {_cell(a.reason)} |"
             )
         out.append("")
+    if plan.placement is not None:
+        out += _placement_section(plan.placement)
     if disruption is not None and disruption.workloads:
         out += _disruption_section(disruption)
     if plan.builds:
@@ -105,6 +120,25 @@ def render_markdown(plan: Plan, disruption: DisruptionEstimate | None = None) ->
         out += ["", "</details>", ""]
     out.append(f"_{summary_line(plan)}_")
     return "\n".join(out) + "\n"
+
+
+def _placement_section(placement: PlanPlacement) -> list[str]:
+    out = [f"#### {_cell(placement_heading(placement))}", ""]
+    new = set(placement.new)
+    rows = [f"| `+` | `{vm}` | {host} | new |" for vm, host in placement.assignments if vm in new]
+    rows += [
+        f"| `{MOVE_SYMBOL}` | `{m.vm}` | {m.destination} | moves from {m.source}: "
+        f"{_cell(m.reason)} |"
+        for m in placement.moves
+    ]
+    rows += [f"| `-` | `{vm}` | {host} | leaves it |" for vm, host in placement.released]
+    if rows:
+        out += ["| | VM | host | |", "|---|---|---|---|", *rows, ""]
+    stay = staying(placement)
+    if stay is not None:
+        out += [f"{_cell(stay)}.", ""]
+    out += [f"_{_cell(room_line(placement))}_", ""]
+    return out
 
 
 def _disruption_section(estimate: DisruptionEstimate) -> list[str]:

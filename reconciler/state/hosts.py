@@ -19,6 +19,7 @@ that the fleet has stopped counting on what it was running.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ class HostRegistration:
     labels: Mapping[str, str] = field(default_factory=dict)
     runtimes: frozenset[RuntimeKind] = frozenset()
     kvm: bool = False
+    underlay_address: str | None = None
+    """The IPv4 address other hosts reach this one at (``--underlay-address``, or the source
+    address towards the database): they route this host's VM subnet via it."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -80,6 +84,14 @@ class HostRegistration:
         ):
             if value < 0:
                 raise ConfigError(f"host {self.name}: {what} must not be negative, not {value}")
+        if self.underlay_address is not None:
+            try:
+                ipaddress.IPv4Address(self.underlay_address)
+            except ValueError:
+                raise ConfigError(
+                    f"host {self.name}: the underlay address must be an IPv4 address, not "
+                    f"{self.underlay_address!r}"
+                ) from None
 
     def labels_json(self) -> str:
         return json.dumps(dict(self.labels), sort_keys=True)
@@ -102,26 +114,51 @@ class HostRecord:
     """Seconds since the last heartbeat, by the database clock."""
     vms: int
     """VMs the fleet's assignments place on this host."""
+    ended: bool = False
+    """The leader ended this epoch (``end_epoch``): the host was declared lost, and its next
+    heartbeat is refused until it registers anew."""
+    subnet_slot: int | None = None
+    """Which subnet of the fleet's pool is this host's (``runtime.network.carving``): the
+    lowest free slot at its first registration, kept for the host's life. None: registered
+    before hosts had subnets."""
 
     @property
     def name(self) -> str:
         return self.registration.name
 
+    @property
+    def underlay_address(self) -> str | None:
+        return self.registration.underlay_address
+
     def lost(self, grace: float = HOST_GRACE_SECONDS) -> bool:
-        """Silent for longer than ``grace``: its VMs are to be placed elsewhere."""
-        return self.heartbeat_age > grace
+        """Silent for longer than ``grace``, or its epoch ended: its VMs are to be placed
+        elsewhere."""
+        return self.ended or self.heartbeat_age > grace
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Where the leader placed one VM: the host that runs it, the revision whose definition of
+    the VM it runs (rollouts and pins make the VMs of one workload run different revisions;
+    empty when the VM was adopted as it ran) and the term that wrote it."""
+
+    host: str
+    revision: str
+    term: int
 
 
 HOST_COLUMNS = (
     "h.name, h.vcpus, h.memory_mib, h.disk_mib, h.labels, h.runtimes, h.kvm, h.epoch,"
-    " h.cordoned, h.draining, h.registered_at, h.heartbeat_at"
+    " h.cordoned, h.draining, h.registered_at, h.heartbeat_at, h.ended,"
+    " h.subnet_slot, h.underlay_address"
 )
 """The columns ``host_from_row`` decodes, in its order (then the age and the VM count)."""
 
 
 def host_from_row(row: Sequence[object]) -> HostRecord:
     (name, vcpus, memory, disk, labels, runtimes, kvm, epoch) = row[:8]
-    cordoned, draining, registered_at, heartbeat_at, age, vms = row[8:]
+    cordoned, draining, registered_at, heartbeat_at, ended, slot, underlay = row[8:15]
+    age, vms = row[15:]
     return HostRecord(
         registration=HostRegistration(
             name=str(name),
@@ -131,6 +168,7 @@ def host_from_row(row: Sequence[object]) -> HostRecord:
             labels={str(k): str(v) for k, v in json.loads(str(labels)).items()},
             runtimes=frozenset(RuntimeKind(str(r)) for r in json.loads(str(runtimes))),
             kvm=bool(kvm),
+            underlay_address=None if underlay is None else str(underlay),
         ),
         epoch=int(str(epoch)),
         cordoned=bool(cordoned),
@@ -139,6 +177,8 @@ def host_from_row(row: Sequence[object]) -> HostRecord:
         heartbeat_at=float(str(heartbeat_at)),
         heartbeat_age=max(0.0, float(str(age))),
         vms=int(str(vms or 0)),
+        ended=bool(ended),
+        subnet_slot=None if slot is None else int(str(slot)),
     )
 
 
@@ -146,6 +186,7 @@ __all__ = [
     "HEARTBEAT_SECONDS",
     "HOST_COLUMNS",
     "HOST_GRACE_SECONDS",
+    "Assignment",
     "HostRecord",
     "HostRegistration",
     "grace_problem",

@@ -68,7 +68,13 @@ from reconciler.model import (
     RolloutSwitch,
 )
 from reconciler.redact import redact_text
-from reconciler.state.hosts import HOST_COLUMNS, HostRecord, HostRegistration, host_from_row
+from reconciler.state.hosts import (
+    HOST_COLUMNS,
+    Assignment,
+    HostRecord,
+    HostRegistration,
+    host_from_row,
+)
 from reconciler.state.location import LeaseBinding
 from reconciler.state.protocol import (
     VM_HISTORY_KEPT,
@@ -266,6 +272,23 @@ CREATE TABLE hosts (
 );
 """,
     ),
+    Migration(
+        5,
+        "each host converges its own assignments",
+        """
+ALTER TABLE assignments ADD COLUMN revision text NOT NULL DEFAULT '';
+ALTER TABLE hosts ADD COLUMN ended boolean NOT NULL DEFAULT false;
+ALTER TABLE fleet_term ADD COLUMN placed_term bigint NOT NULL DEFAULT 0;
+""",
+    ),
+    Migration(
+        6,
+        "each host's subnet slot and underlay address",
+        """
+ALTER TABLE hosts ADD COLUMN subnet_slot integer UNIQUE;
+ALTER TABLE hosts ADD COLUMN underlay_address text;
+""",
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].number
 
@@ -332,17 +355,48 @@ ORDER BY id DESC LIMIT 1
 """
 
 
+_ASSIGN: LiteralString = f"""
+INSERT INTO assignments AS a (vm, host, term, assigned_at, revision)
+VALUES (%s, %s, %s, {_NOW}, %s)
+ON CONFLICT (vm) DO UPDATE SET host = EXCLUDED.host, term = EXCLUDED.term,
+    assigned_at = EXCLUDED.assigned_at, revision = EXCLUDED.revision
+"""
+
+# Every host's VMs with its version, in one snapshot; a host with a version and no VM is listed
+# with NULLs.
+_FLEET_OBSERVED: LiteralString = """
+SELECT v.host, v.version,
+       (SELECT revision FROM revisions WHERE outcome = 'applied' ORDER BY id DESC LIMIT 1),
+       vm.name, vm.fleet, vm.workload, vm.runtime, vm.target, vm.artifact_digest,
+       vm.artifact_inputs, vm.settings, vm.state, vm.healthy, vm.pid, vm.address, vm.detail,
+       vm.started_at, vm.restarts
+FROM host_versions AS v LEFT JOIN vms AS vm ON vm.host = v.host
+ORDER BY v.host, vm.name
+"""
+
+# A host's subnet of the fleet's pool (runtime.network.carving): the lowest slot no host holds,
+# taken at its first registration and kept for its life. One more candidate than there are
+# hosts, so there is always a free one; registrations are serialised (_SLOT_LOCK_KEY) so two
+# new hosts never take the same.
+_FREE_SLOT: LiteralString = """
+SELECT min(s) FROM generate_series(0, (SELECT count(*) FROM hosts)) AS s
+WHERE NOT EXISTS (SELECT 1 FROM hosts WHERE subnet_slot = s)
+"""
+_SLOT_LOCK_KEY = 0x7263736C6F740000  # spells "rcslot"
+
 # A new registration keeps the operator's flags: a restarted host stays cordoned.
 _REGISTER_HOST: LiteralString = f"""
 INSERT INTO hosts AS h (name, epoch, vcpus, memory_mib, disk_mib, labels, runtimes, kvm,
-    registered_at, heartbeat_at)
+    registered_at, heartbeat_at, underlay_address, subnet_slot)
 VALUES (%(name)s, 1, %(vcpus)s, %(memory)s, %(disk)s, %(labels)s, %(runtimes)s, %(kvm)s,
-    {_NOW}, {_NOW})
+    {_NOW}, {_NOW}, %(underlay)s, ({_FREE_SLOT}))
 ON CONFLICT (name) DO UPDATE SET
     epoch = h.epoch + 1, vcpus = EXCLUDED.vcpus, memory_mib = EXCLUDED.memory_mib,
     disk_mib = EXCLUDED.disk_mib, labels = EXCLUDED.labels, runtimes = EXCLUDED.runtimes,
     kvm = EXCLUDED.kvm, registered_at = EXCLUDED.registered_at,
-    heartbeat_at = EXCLUDED.heartbeat_at
+    heartbeat_at = EXCLUDED.heartbeat_at, ended = false,
+    underlay_address = EXCLUDED.underlay_address,
+    subnet_slot = coalesce(h.subnet_slot, EXCLUDED.subnet_slot)
 RETURNING h.epoch
 """
 
@@ -379,6 +433,7 @@ class PostgresStateStore(ClosedOnExit):
         self.where = describe_database(params)
         self.host = host
         self.fence: Fence | None = None
+        self.epoch_fence: Fence | None = None  # a host agent's handle: its registration epoch
         self._lease_name = _lease_in_same_database(params, lease)
         self._lease_holder = lease.holder if lease is not None else ""
         defaults: dict[str, str | int] = {
@@ -443,11 +498,15 @@ class PostgresStateStore(ClosedOnExit):
     @contextmanager
     def _write(self, *, fenced: bool = True, bump: bool = True) -> Iterator[Connection]:
         fence = self.fence if fenced else None
-        if fence is not None:
-            fence.check("a state write")
+        epoch = self.epoch_fence if fenced else None
+        for check in (fence, epoch):
+            if check is not None:
+                check.check("a state write")
         with self._session("write") as conn, conn.transaction():
             if fence is not None:
                 self._check_term(conn, fence, "a state write")
+            if epoch is not None:
+                self._check_epoch(conn, epoch, "a state write")
             yield conn
             if bump:
                 conn.execute(_BUMP, {"host": self.host})
@@ -859,26 +918,97 @@ class PostgresStateStore(ClosedOnExit):
 
     # -- placement (filled by the leader of a fleet of hosts) --------------------------------
 
-    def assign(self, vm: str, host: str) -> None:
-        """Place ``vm`` on ``host`` under the leader's term (fenced; the term is recorded)."""
+    def assign(self, vm: str, host: str, revision: str = "") -> None:
+        """Place ``vm`` on ``host``, running ``revision``'s definition of it, under the leader's
+        term (fenced; the term is recorded)."""
         with self._write() as conn:
-            conn.execute(
-                "INSERT INTO assignments AS a (vm, host, term, assigned_at)"
-                f" VALUES (%s, %s, %s, {_NOW})"
-                " ON CONFLICT (vm) DO UPDATE SET host = EXCLUDED.host, term = EXCLUDED.term,"
-                " assigned_at = EXCLUDED.assigned_at",
-                (vm, host, self._term()),
-            )
+            conn.execute(_ASSIGN, (vm, host, self._term(), revision))
+
+    def confirm_assignments(self, kept: Mapping[str, tuple[str, str]]) -> None:
+        """Rewrite every assignment of ``kept`` (VM -> (host, revision)) with the leader's term
+        and mark the term's placement confirmed, in one transaction: until then a host's agent
+        leaves what it runs as it runs (``placement_terms``)."""
+        with self._write() as conn:
+            term = self._term()
+            for vm, (host, revision) in sorted(kept.items()):
+                conn.execute(_ASSIGN, (vm, host, term, revision))
+            conn.execute("UPDATE fleet_term SET placed_term = %s", (term or 0,))
 
     def unassign(self, vm: str) -> None:
         with self._write() as conn:
             conn.execute("DELETE FROM assignments WHERE vm = %s", (vm,))
 
-    def assignments(self) -> dict[str, tuple[str, int]]:
-        """Every placed VM: its host and the term that placed it."""
+    def assignments(self) -> dict[str, Assignment]:
+        """Every placed VM: its host, the revision it runs and the term that placed it."""
         with self._session("read") as conn:
-            rows = conn.execute("SELECT vm, host, term FROM assignments ORDER BY vm").fetchall()
-        return {str(r[0]): (str(r[1]), int(r[2])) for r in rows}
+            rows = conn.execute(
+                "SELECT vm, host, revision, term FROM assignments ORDER BY vm"
+            ).fetchall()
+        return {str(r[0]): Assignment(str(r[1]), str(r[2]), int(r[3])) for r in rows}
+
+    def placement_terms(self) -> tuple[int, int]:
+        """The fleet's newest term, and the newest term whose leader confirmed the assignments
+        (``confirm_assignments``); an agent acts on assignments only when both agree."""
+        with self._session("read") as conn:
+            row = conn.execute("SELECT term, placed_term FROM fleet_term").fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def fleet_observed(self) -> dict[str, ObservedFleet]:
+        """What every host reports it runs, by host (each with its own version), in one
+        snapshot; the leader's view of a fleet of hosts."""
+        with self._session("read") as conn:
+            rows = conn.execute(_FLEET_OBSERVED).fetchall()
+        heads: dict[str, tuple[int, str | None]] = {}
+        vms: dict[str, dict[str, ObservedVM]] = {}
+        for row in rows:
+            host = str(row[0])
+            heads[host] = (int(row[1]), None if row[2] is None else str(row[2]))
+            found = vms.setdefault(host, {})
+            if row[3] is not None:
+                found[str(row[3])] = vm_from_row(row[3:])
+        return {
+            host: ObservedFleet(version=version, vms=vms[host], applied_revision=applied)
+            for host, (version, applied) in heads.items()
+        }
+
+    def end_epoch(self, host: str, epoch: int) -> bool:
+        """End ``host``'s registration ``epoch`` (the leader declared it lost; fenced by the
+        leader's term): its next heartbeat is refused, which tells its agent to stop what it
+        runs before it registers anew. False when that epoch had already ended or passed."""
+        with self._write(bump=False) as conn:
+            cursor = conn.execute(
+                "UPDATE hosts SET ended = true WHERE name = %s AND epoch = %s AND NOT ended",
+                (host, epoch),
+            )
+            ended = cursor.rowcount == 1
+            if ended:
+                self._insert_event(conn, "host-lost", host, f"epoch {epoch} ended by the leader")
+        return ended
+
+    def claim_epoch(self, fence: Fence) -> None:
+        """Fence this handle's writes of VMs and intents by its host's registration epoch
+        (``fence.term``): each is refused, inside its transaction, unless that epoch is still
+        the host's and not ended, with the hosts row locked ``FOR SHARE`` so that an
+        ``end_epoch`` waits for the write in flight and every later write sees it. The agent
+        of a host's daemon writes through such a handle (``daemon.agent``)."""
+        fence.check("claiming the host's epoch")
+        self.epoch_fence = fence
+
+    def release_epoch(self) -> None:
+        self.epoch_fence = None
+
+    def _check_epoch(self, conn: Connection, fence: Fence, what: str) -> None:
+        row = conn.execute(
+            "SELECT epoch, ended FROM hosts WHERE name = %s FOR SHARE", (self.host,)
+        ).fetchone()
+        if row is None:
+            fence.refuse(what, f"host {self.host} is not registered")
+            return
+        epoch, ended = int(row[0]), bool(row[1])
+        if epoch != fence.term:
+            fence.refuse(what, f"epoch {fence.term} of host {self.host} ended, epoch {epoch} is on")
+        if ended:
+            fence.refuse(what, f"epoch {epoch} of host {self.host} was ended by the leader")
 
     # -- the host registry (each host's own rows, and the operator's flags: never fenced) ---
 
@@ -886,6 +1016,7 @@ class PostgresStateStore(ClosedOnExit):
         """Register ``host`` anew with its facts, keeping the operator's cordon and drain
         flags; returns its new epoch, one above its last (1 for a new host)."""
         with self._write(fenced=False, bump=False) as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SLOT_LOCK_KEY,))
             row = conn.execute(
                 _REGISTER_HOST,
                 {
@@ -896,6 +1027,7 @@ class PostgresStateStore(ClosedOnExit):
                     "labels": host.labels_json(),
                     "runtimes": host.runtimes_json(),
                     "kvm": host.kvm,
+                    "underlay": host.underlay_address,
                 },
             ).fetchone()
             epoch = _first(row)
@@ -904,10 +1036,12 @@ class PostgresStateStore(ClosedOnExit):
 
     def heartbeat(self, host: str, epoch: int) -> bool:
         """Say ``host`` is alive in ``epoch``; False when that is no longer its epoch (it
-        registered again since, elsewhere or in another process): its registration ended."""
+        registered again since, elsewhere or in another process, or the leader declared it
+        lost with ``end_epoch``): its registration ended."""
         with self._write(fenced=False, bump=False) as conn:
             cursor = conn.execute(
-                f"UPDATE hosts SET heartbeat_at = {_NOW} WHERE name = %s AND epoch = %s",
+                f"UPDATE hosts SET heartbeat_at = {_NOW}"
+                " WHERE name = %s AND epoch = %s AND NOT ended",
                 (host, epoch),
             )
             return cursor.rowcount == 1

@@ -12,13 +12,20 @@ namespace and returns the address; ``cleanup_orphans`` removes the ports and nam
 known VM owns (left by a crash between creating them and recording the VM); ``sync_firewall``
 loads the nftables rules that keep workloads apart unless declared (``firewall``), for TAPs and
 veths alike.
+
+In a fleet of hosts each host's bridge and VMs take the host's own subnet of the pool
+(``Network(subnet=...)``, from ``carving.host_subnet``), hosts route each other's subnets
+(``routes.sync_host_routes``), and ``sync_firewall`` is given every host's VMs, so the rules
+judge routed traffic between hosts as they judge bridged traffic on one.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from reconciler.errors import NetworkError
 from reconciler.lifetimes import ClosedOnExit
 from reconciler.model import NetworkPool
 from runtime.network.allocator import AddressAllocator, Lease
@@ -43,13 +50,30 @@ __all__ = [
 ]
 
 
+def _inside(subnet: str, cidr: str) -> bool:
+    try:
+        return ipaddress.IPv4Network(subnet).subnet_of(ipaddress.IPv4Network(cidr))
+    except ValueError:
+        return False
+
+
 class Network(ClosedOnExit):
     def __init__(
-        self, pool: NetworkPool, db_path: Path, *, netns: str | None = None, scope: str = ""
+        self,
+        pool: NetworkPool,
+        db_path: Path,
+        *,
+        netns: str | None = None,
+        scope: str = "",
+        subnet: str | None = None,
     ) -> None:
+        """``subnet``: this host's part of the pool in a fleet of hosts (``carving``); None
+        for one host, which uses the whole pool."""
+        if subnet is not None and not _inside(subnet, pool.cidr):
+            raise NetworkError(f"the host's subnet {subnet} is not inside the pool {pool.cidr}")
         self.pool = pool
         self.scope = scope
-        self.allocator = AddressAllocator(db_path, pool.cidr)
+        self.allocator = AddressAllocator(db_path, subnet or pool.cidr)
         self.links = Links(netns)
 
     def attach(self, vm: str, workload: str, *, namespace: bool = False) -> NetworkAttachment:

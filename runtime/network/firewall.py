@@ -10,6 +10,12 @@ Rules are generated as text (pure, golden-tested) and loaded atomically with ``n
   conntrack needs ``nf_conntrack_bridge``, which hosts may lack), so a declared dependency opens
   both directions. Traffic between the host and its VMs does not cross the bridge's forward hook
   and is not affected.
+* ``ip <table>-routed``: the same rule for traffic the host *routes* between the pool's
+  addresses, which never crosses a bridge's forward hook: in a fleet of hosts (host-gateway
+  model, ``routes``), a VM reaches a VM of another host through both hosts' IP forwarding.
+  ``addresses`` are then the whole fleet's, every host's VMs, so each host judges both ends
+  of a packet whichever host they run on, and a packet is judged on the host it leaves and
+  on the host it enters. Stateless too, for the same answer as on the bridge.
 * ``ip <table>-nat`` (when the fleet sets ``nat: true``): VM traffic leaving the pool is
   masqueraded.
 
@@ -39,8 +45,10 @@ def firewall_rules(
     nat: bool,
     table: str = "reconciler",
 ) -> str:
-    """``addresses``: workload -> its VMs' addresses; ``depends_on``: workload -> workloads it
-    may reach (and, the rules being stateless, be reached from)."""
+    """``addresses``: workload -> its VMs' addresses (in a fleet of hosts, on every host);
+    ``depends_on``: workload -> workloads it may reach (and, the rules being stateless, be
+    reached from)."""
+    allowed = _allowed(addresses, depends_on)
     lines = [
         f"table bridge {table}",
         f"delete table bridge {table}",
@@ -51,19 +59,22 @@ def firewall_rules(
         f'        iifname != "{tap_prefix}*" accept',
         "        ether type != { ip, arp } drop",
     ]
-    for workload in sorted(addresses):
-        own = addresses[workload]
-        if not own:
-            continue
-        lines.append(f"        ip saddr {_set(own)} ip daddr {_set(own)} accept")
-        reachable = [
-            a for dep in sorted(depends_on.get(workload, ())) for a in addresses.get(dep, ())
-        ]
-        if reachable:
-            lines.append(f"        ip saddr {_set(own)} ip daddr {_set(reachable)} accept")
-            lines.append(f"        ip saddr {_set(reachable)} ip daddr {_set(own)} accept")
+    lines += allowed
     lines += [
         f"        ip saddr {cidr} ip daddr {cidr} drop",
+        "    }",
+        "}",
+        f"table ip {table}-routed",
+        f"delete table ip {table}-routed",
+        f"table ip {table}-routed {{",
+        "    chain forward {",
+        "        type filter hook forward priority 0; policy accept;",
+        # Only traffic from the pool to the pool is judged: the host's own, the underlay's
+        # and NATed traffic to the outside pass as before.
+        f"        ip saddr != {cidr} accept",
+        f"        ip daddr != {cidr} accept",
+        *allowed,
+        "        drop",
         "    }",
         "}",
         f"table ip {table}-nat",
@@ -79,6 +90,26 @@ def firewall_rules(
             "}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _allowed(
+    addresses: Mapping[str, Sequence[str]], depends_on: Mapping[str, Sequence[str]]
+) -> list[str]:
+    """The accept rules, the same for bridged and routed traffic: a workload's own VMs, and
+    each declared dependency in both directions."""
+    lines = []
+    for workload in sorted(addresses):
+        own = addresses[workload]
+        if not own:
+            continue
+        lines.append(f"        ip saddr {_set(own)} ip daddr {_set(own)} accept")
+        reachable = [
+            a for dep in sorted(depends_on.get(workload, ())) for a in addresses.get(dep, ())
+        ]
+        if reachable:
+            lines.append(f"        ip saddr {_set(own)} ip daddr {_set(reachable)} accept")
+            lines.append(f"        ip saddr {_set(reachable)} ip daddr {_set(own)} accept")
+    return lines
 
 
 def load_rules(rules: str, *, netns: str | None = None) -> None:
