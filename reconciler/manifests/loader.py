@@ -120,6 +120,8 @@ class ParseCache:
         """Parse and schema-check the ``texts`` not known yet, half of them in a child process
         (``parallel``), when there are enough of them to be worth a fork: the first load of a
         large revision. ``parse`` then finds them; the outcome is the serial one."""
+        if sum(len(text) for text in texts) < PARALLEL_PARSE_CHARS:
+            return  # too little to be worth a fork, known or not: not even hashed here
         unknown: dict[str, str] = {}
         for text in texts:
             key = text_key(text)
