@@ -492,7 +492,7 @@ class NotificationEvent(StrEnum):
     VM_UNHEALTHY = "vm-unhealthy"
     ROLLBACK = "rollback"
     LEADER_CHANGE = "leader-change"
-    HOST_LOST = "host-lost"  # multi-host mode's; nothing emits it yet
+    HOST_LOST = "host-lost"  # multi-host mode: the leader ended a lost host's epoch
 
 
 @dataclass(frozen=True)

@@ -235,10 +235,10 @@ def test_hosts_lists_cordons_and_drains(
         "",
     )
     code, out, err = cli(capsys, "hosts", "drain", "beta", "--store", lease_dsn)
-    assert (code, out) == (0, "")
-    assert err.strip() == (
-        "beta marked draining; the leader does not move VMs between hosts yet, so its VMs "
-        "keep running there"
+    assert (code, err) == (0, "")
+    assert out.strip() == (
+        "beta marked draining: it takes no new VM, and the leader moves its VMs to other "
+        "hosts, wave by wave as each workload's rollout policy allows"
     )
     # A longer grace: beta is no longer lost, and its draining shows.
     code, out, _ = cli(

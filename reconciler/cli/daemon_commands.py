@@ -154,6 +154,14 @@ def register(commands: Any) -> None:
         "for (repeatable; Kubernetes label syntax); needs --store postgresql://...",
     )
     daemon.add_argument(
+        "--underlay-address",
+        default=None,
+        metavar="ADDR",
+        help="the IPv4 address the other hosts reach this one at, via which they route its "
+        "VMs' subnet (default: this host's source address towards the database; none for a "
+        "database on a UNIX socket); needs --store postgresql://...",
+    )
+    daemon.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
         default=LOG_FORMATS[0],
@@ -211,15 +219,25 @@ def host_labels(values: list[str]) -> dict[str, str]:
 
 
 def host_settings(args: argparse.Namespace, store: StoreLocation) -> HostSettings:
-    """``--host`` and ``--label``: they name this host in a shared store's registry, which
-    the SQLite store (one host) does not have, so they are refused there, not ignored."""
+    """``--host``, ``--label``, ``--underlay-address``: this host in a shared store's registry,
+    which the SQLite store (one host) does not have, so they are refused there, not ignored."""
     if store.kind == SQLITE and (args.host is not None or args.label):
         raise ConfigError(
             "--host and --label register this host in the fleet's shared store: they need "
             "--store postgresql://... (or $RECONCILER_STORE)"
         )
+    if store.kind == SQLITE and args.underlay_address is not None:
+        raise ConfigError(
+            "--underlay-address is where the other hosts of a shared store route this host's "
+            "VMs: it needs --store postgresql://... (or $RECONCILER_STORE)"
+        )
     name = {"name": args.host} if args.host is not None else {}  # else the hostname
-    return HostSettings(labels=host_labels(args.label), grace=args.host_grace_seconds, **name)
+    return HostSettings(
+        labels=host_labels(args.label),
+        grace=args.host_grace_seconds,
+        underlay_address=args.underlay_address,
+        **name,
+    )
 
 
 def daemon_settings(args: argparse.Namespace) -> DaemonSettings:

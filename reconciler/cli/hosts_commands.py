@@ -8,8 +8,10 @@ Cordon and drain are the operator's switches, like suspensions and pins: they ar
 whichever replica leads, or when none does (a host is often cordoned *because* something is
 wrong), and are never fenced. Fencing keeps a deposed leader's decisions out of the store; a
 switch is not a leader's decision, and the leader reads it at every placement. ``uncordon``
-clears both switches: the host takes VMs again. Moving a draining host's VMs is the leader's
-placement across hosts, which is not built yet: ``drain`` sets the switch and says so.
+clears both switches: the host takes VMs again. ``drain`` only sets the switch: the leader's
+next cycle moves the draining host's VMs to other hosts, wave by wave as each workload's rollout
+policy allows (``execution.fleet_host``, ``planning.placement.move_plan``), so the command
+returns at once and ``hosts`` shows the host's VM count fall to 0.
 
 The SQLite store is one host and has no registry: every ``hosts`` command refuses it in one
 line.
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from reconciler.cli.options import add_state_option, store_location
@@ -34,12 +35,13 @@ LIST = "list"
 SWITCHES: dict[str, tuple[bool | None, bool | None, str]] = {
     "cordon": (True, None, "cordoned: it takes no new VM; the VMs it runs stay"),
     "uncordon": (False, False, "uncordoned: it takes VMs again"),
-    "drain": (None, True, "marked draining"),
+    "drain": (
+        None,
+        True,
+        "marked draining: it takes no new VM, and the leader moves its VMs to other hosts, "
+        "wave by wave as each workload's rollout policy allows",
+    ),
 }
-DRAIN_NOT_BUILT = (
-    "{name} marked draining; the leader does not move VMs between hosts yet, so its VMs keep "
-    "running there"
-)
 
 
 def register(commands: Any) -> None:
@@ -48,7 +50,8 @@ def register(commands: Any) -> None:
         help="the fleet's hosts (PostgreSQL store): capacity, health, VMs; "
         "cordon, uncordon or drain one",
         description="Without an action: list the hosts. `hosts cordon NAME`: no new VM there; "
-        "`hosts uncordon NAME`: takes VMs again; `hosts drain NAME`: mark it draining.",
+        "`hosts uncordon NAME`: takes VMs again; "
+        "`hosts drain NAME`: its VMs move to other hosts, wave by wave.",
     )
     add_state_option(hosts)
     hosts.add_argument(
@@ -76,10 +79,7 @@ def run_hosts(args: argparse.Namespace) -> int:
     cordoned, draining, said = SWITCHES[args.action]
     with open_host_registry(store_location(args)) as registry:
         registry.set_host_flag(args.name, cordoned=cordoned, draining=draining)
-    if args.action == "drain":
-        print(DRAIN_NOT_BUILT.format(name=args.name), file=sys.stderr)
-    else:
-        print(f"{args.name} {said}")
+    print(f"{args.name} {said}")
     return EXIT_OK
 
 

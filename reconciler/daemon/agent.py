@@ -4,6 +4,8 @@
     heartbeat thread ──on_alive(epoch) / on_ended(epoch)──▶ agent fence    │
     agent thread, every second (and when woken):                            ▼
         epoch ended? ──▶ stop and remove every VM this host runs, then register anew
+        the network across hosts: routes to every live peer's subnet (``sync_host_routes``),
+        the firewall over every host's VMs when they changed
         placement confirmed by the current term? ──▶ load each assigned revision ──▶ diff
         (only the VMs assigned here; prune the rest) ──▶ LocalHost.converge ──▶ this host's
         runtimes, and its VMs reported in the store for the leader; settle their health
@@ -26,6 +28,15 @@ A host whose epoch ended (the leader declared it lost while it was paused or par
 and removes every VM it runs *before anything else*, records it, and only then lets the
 heartbeat register it anew: its VMs were already placed on other hosts.
 
+Each host's bridge and VMs take the host's own subnet of the fleet's pool (its registry slot,
+``carving.host_subnet``, set on ``LocalHost.subnet_for``), and every pass routes each live
+peer's subnet via the peer's underlay address, dropping the routes of lost hosts: a VM reaches
+a VM of another host through both hosts' forwarding (the host-gateway model,
+``runtime.network.routes``). The firewall's addresses are every host's VMs
+(``executor.firewall_addresses``), reloaded whenever they change, since a packet routed between
+hosts is judged on both; its dependencies are those of every revision the fleet runs. The pool
+is the one of the newest assigned revision.
+
 Assignments are read only once the fleet's current term confirmed them
 (``placement_terms``): between a leader's election and its first refresh, what runs is left as
 it runs. A VM assigned here without a revision (adopted as it ran) is left as it runs too.
@@ -42,8 +53,9 @@ from pathlib import Path
 from typing import Protocol
 
 from reconciler.daemon.heartbeat import HostHeartbeat
-from reconciler.errors import LeadershipError, ReconcilerError, SourceError
+from reconciler.errors import LeadershipError, NetworkError, ReconcilerError, SourceError
 from reconciler.execution.events import ExecutionEvent
+from reconciler.execution.executor import firewall_addresses, firewall_dependencies
 from reconciler.execution.host import LocalHost
 from reconciler.leadership.fence import Fence
 from reconciler.model import (
@@ -57,7 +69,9 @@ from reconciler.model import (
 from reconciler.pipeline import RevisionLoader
 from reconciler.planning import diff
 from reconciler.planning.rollout import stands_in_for
-from reconciler.state.hosts import Assignment
+from reconciler.state.hosts import HOST_GRACE_SECONDS, Assignment, HostRecord
+from runtime.network.carving import host_peers, host_subnet
+from runtime.network.routes import host_routes, sync_host_routes
 
 log = logging.getLogger("reconciler.daemon")
 
@@ -87,6 +101,8 @@ class AgentStore(Protocol):
 
     def assignments(self) -> dict[str, Assignment]: ...
 
+    def hosts(self) -> list[HostRecord]: ...
+
     def record_event(
         self, kind: str, subject: str, message: str, *, term: int | None = None
     ) -> None: ...
@@ -106,6 +122,7 @@ class HostAgent:
         cache_dir: Path,
         interval: float = INTERVAL_SECONDS,
         renew_deadline: float = RENEW_DEADLINE_SECONDS,
+        grace: float = HOST_GRACE_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
@@ -116,12 +133,18 @@ class HostAgent:
         self.cache_dir = cache_dir
         self.interval = interval
         self.renew_deadline = renew_deadline
+        self.grace = grace  # a peer silent for longer is lost: its route goes
         self._monotonic = monotonic
         self.fence: Fence | None = None
         self._ended: int | None = None
         self._pool: NetworkPool | None = None  # the fleet network of the last converge
         self._loaded: dict[str, DesiredFleet] = {}
-        self._said: str | None = None  # the last problem logged, so a stuck one logs once
+        # The last problem logged, by what it is about, so a stuck one logs once.
+        self._said: dict[str, str] = {}
+        self._slot: int | None = None  # this host's subnet slot in the registry
+        self._conflicts: tuple[str, ...] = ()  # peer subnets held by routes not ours
+        self._firewall: object = None  # what the rules were last loaded from, by this agent
+        local.subnet_for = self._subnet
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -177,8 +200,13 @@ class HostAgent:
             fence = self.fence
             if fence is None or not fence.valid:
                 return  # not registered yet, or cut off from the database: hands off
+            try:
+                self.sync_network()
+                self._said.pop("network", None)
+            except ReconcilerError as err:  # converging this host's VMs goes on regardless
+                self._say(logging.WARNING, f"host agent: network across hosts: {err}", "network")
             self._converge(fence)
-            self._said = None
+            self._said.pop("converge", None)
         except LeadershipError as err:
             self._say(logging.WARNING, f"host agent stopped acting: {err}")
         except ReconcilerError as err:
@@ -187,12 +215,86 @@ class HostAgent:
             if self._say(logging.ERROR, f"host agent failed: {exc!r}"):
                 log.exception("host agent failed")
 
-    def _say(self, level: int, message: str) -> bool:
-        if message == self._said:
+    def _say(self, level: int, message: str, about: str = "converge") -> bool:
+        if self._said.get(about) == message:
             return False
-        self._said = message
+        self._said[about] = message
         log.log(level, "%s", message)
         return True
+
+    # -- the network across hosts ---------------------------------------------------------------
+
+    def _learn_slot(self, records: list[HostRecord] | None = None) -> None:
+        records = self.store.hosts() if records is None else records
+        own = next((r for r in records if r.name == self.name), None)
+        if own is not None:
+            self._slot = own.subnet_slot
+
+    def _subnet(self, pool: NetworkPool) -> str:
+        """This host's subnet of ``pool`` (``LocalHost.subnet_for``): its bridge and VMs'."""
+        if self._slot is None:
+            raise NetworkError(
+                f"host {self.name} has no subnet slot in the registry yet, so it runs no VMs"
+            )
+        return str(host_subnet(pool, self._slot, self.name))
+
+    def sync_network(self) -> None:
+        """Routes to every live peer's subnet, and the firewall over every host's VMs."""
+        records = self.store.hosts()
+        self._learn_slot(records)
+        assignments = self.store.assignments()
+        fleets = self._fleet_revisions(assignments)
+        pool = fleets[-1].fleet.network if fleets else self._pool
+        if pool is None:
+            return  # nothing assigned anywhere yet: no pool to route
+        live = [r for r in records if not r.lost(self.grace)]
+        peers = host_peers(pool, live, own=self.name)
+        # A lone host (or one whose peers registered no underlay address) leaves the host's
+        # routing and forwarding as they are, unless routes of ours are left to remove.
+        if peers or host_routes(pool.cidr):
+            changes = sync_host_routes(peers, fleet_cidr=pool.cidr)
+            if changes.changed:
+                log.info(
+                    "host %s routes to its peers: added %s, removed %s",
+                    self.name,
+                    ", ".join(changes.added) or "none",
+                    ", ".join(changes.removed) or "none",
+                    extra={"event": "host-routes"},
+                )
+            if changes.conflicts and changes.conflicts != self._conflicts:
+                log.warning(
+                    "host %s does not route %s to its peer(s): a route that is not "
+                    "reconciler's holds it; remove it to let the hosts' VMs reach each other",
+                    self.name,
+                    ", ".join(changes.conflicts),
+                    extra={"event": "host-route-conflict"},
+                )
+            self._conflicts = changes.conflicts
+        if not any(a.host == self.name for a in assignments.values()):
+            return  # no VM here: no rules to keep
+        addresses = firewall_addresses(self.local.store)
+        depends_on = firewall_dependencies(*fleets)
+        wanted = (pool, addresses, depends_on)
+        if wanted != self._firewall:
+            self.local.sync_firewall(pool, addresses, depends_on)
+            self._firewall = wanted
+
+    def _fleet_revisions(self, assignments: dict[str, Assignment]) -> list[DesiredFleet]:
+        """The desired fleets of the revisions the fleet's VMs are assigned, oldest term first
+        (at most those the loader keeps); one that cannot be loaded is left out (the
+        converge says why)."""
+        newest: dict[str, int] = {}
+        for a in assignments.values():
+            if a.revision:
+                newest[a.revision] = max(a.term, newest.get(a.revision, 0))
+        ordered = sorted(newest, key=lambda revision: (newest[revision], revision))
+        fleets = []
+        for revision in ordered[-(_LOADED_KEPT - 1) :]:
+            try:
+                fleets.append(self._load(revision))
+            except ReconcilerError:
+                continue
+        return fleets
 
     # -- an ended epoch -----------------------------------------------------------------------
 
@@ -200,6 +302,8 @@ class HostAgent:
         """Stop and remove every VM this host runs, then let the heartbeat register anew. The
         writes are this host's own records and only remove them, so they need no epoch."""
         self.store.release_epoch()
+        if self._slot is None:
+            self._learn_slot()  # a restart: the VMs' addresses are of this host's subnet
         observed = self.local.observe()
         count = len(observed.vms)
         for fleet_name in sorted({vm.fleet for vm in observed.vms.values()}):
@@ -289,6 +393,7 @@ class HostAgent:
         summary = ", ".join(f"{n} {kind}" for kind, n in plan.summary().items() if n)
         at = f" at {revision[:12]}" if revision else ""
         log.info("host %s %s%s: %s", self.name, what, at, summary)
+        self._firewall = None  # the executor loads rules of its own: load ours again after
         checkout = self._checkout(revision) if revision else self.local.state_dir
         report = self.local.converge(
             plan,

@@ -3,7 +3,8 @@ that keep a fleet running when a revision is bad. Shaped like Flux's controllers
 list of steps, a typed result, and one place that records it.
 
     fetch ─▶ resolve ─▶ gate (back-off, signature, descent) ─▶ load ─▶ plan (diff, suspend,
-          deletion guards) ─▶ converge (build, waves, health) ─▶ settle (health nobody judged)
+          deletion guards, moves off draining hosts) ─▶ converge (build, waves, health) ─▶
+          settle (health nobody judged)
                 │ a step refuses the head (``ReconcilerError``, or anything else that went wrong
                 │ with it, bugs included)
                 └─▶ recorded as attempted and failed; load ─▶ plan ─▶ converge ─▶ settle run on
@@ -57,6 +58,7 @@ from reconciler.errors import (
     VMRuntimeError,
 )
 from reconciler.execution.events import EventKind, ExecutionEvent
+from reconciler.execution.fleet_host import FleetHost
 from reconciler.execution.health import describe_problems
 from reconciler.execution.protocol import Host
 from reconciler.execution.status import describe_rollout, rollout_status
@@ -71,6 +73,7 @@ from reconciler.model import (
 )
 from reconciler.notify import (
     Notice,
+    host_lost,
     revision_applied,
     revision_attempted,
     revision_failed,
@@ -280,6 +283,13 @@ class ReconcileCycle:
     recheck_at: float | None = None
     """When a rollout wants another cycle (wall clock): a canary's soak ends, or its health
     is to be noted; the daemon runs one then instead of waiting for the next poll."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.host, FleetHost):
+            # A lost host is told of as the cycle's own notices are (once per epoch).
+            self.host.on_host_lost = lambda host, epoch, vms, detail: self.notify(
+                host_lost(host, epoch, vms, detail)
+            )
 
     # -- the cycle ----------------------------------------------------------------------------
 
@@ -551,7 +561,11 @@ class ReconcileCycle:
                 track=track,
             )
             desired = run.gated.desired
-            plan = suspend_plan(diff(desired, observed), self.host.store.suspensions())
+            plan = diff(desired, observed)
+            if isinstance(self.host, FleetHost):
+                # A fleet of hosts: VMs leave a draining host even when nothing else changes.
+                plan = self.host.with_moves(plan, desired, observed)
+            plan = suspend_plan(plan, self.host.store.suspensions())
             plan = check_deletions(plan, desired, observed, force_deletions=self.force_deletions)
         return observed, plan
 

@@ -28,10 +28,12 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from types import FrameType
 
 from reconciler.daemon.agent import RENEW_DEADLINE_SECONDS, HostAgent
@@ -49,7 +51,7 @@ from reconciler.daemon.view_impl import (
     refresh_host_metrics,
     remember_secrets,
 )
-from reconciler.errors import ConfigError, ReconcilerError, StaleTermError
+from reconciler.errors import ConfigError, NetworkError, ReconcilerError, StaleTermError
 from reconciler.execution.console_logs import StateDirConsoleLogs
 from reconciler.execution.fleet_host import FleetHost
 from reconciler.execution.host import LocalHost, open_host_at
@@ -73,7 +75,7 @@ from reconciler.notify import (
 )
 from reconciler.notify.sender import StatusForge
 from reconciler.pipeline import RevisionLoader
-from reconciler.secrets import open_resolver
+from reconciler.secrets import fleet_digest_keys, open_resolver
 from reconciler.source import Source, open_source
 from reconciler.source.signatures import SignatureVerifier, TrustedKeys
 from reconciler.state import FLEET_WIDE, StateStore, open_state_store
@@ -81,6 +83,7 @@ from reconciler.state.hosts import HostRegistration
 from reconciler.state.location import SQLITE, open_host_registry
 from reconciler.state.paths import private_state_dir
 from runtime.capacity import probe_machine
+from runtime.network.routes import underlay_address_towards
 
 log = logging.getLogger("reconciler.daemon")
 
@@ -146,7 +149,60 @@ def host_registration(settings: DaemonSettings) -> HostRegistration:
         labels=dict(settings.hosts.labels),
         runtimes=machine.runtimes,
         kvm=machine.kvm,
+        underlay_address=settings.hosts.underlay_address,
     )
+
+
+def database_address(url: str) -> str | None:
+    """The IPv4 address of the PostgreSQL server ``url`` names (its first host), resolved;
+    None when it is reached over a UNIX socket. ``NetworkError`` for a name that does not
+    resolve to IPv4."""
+    from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415  (PostgreSQL only)
+
+    try:
+        params = conninfo_to_dict(url)
+    except Exception as exc:  # psycopg's ProgrammingError; the store names a bad URL first
+        raise NetworkError(f"cannot read the database address of the store URL: {exc}") from exc
+    # libpq's precedence: hostaddr over host, then the environment; no host is its socket.
+    for key, env in (("hostaddr", "PGHOSTADDR"), ("host", "PGHOST")):
+        value = str(params.get(key) or os.environ.get(env) or "").split(",")[0].strip()
+        if not value:
+            continue
+        if value.startswith(("/", "@")):
+            return None  # a UNIX socket's directory (or an abstract one)
+        try:
+            found = socket.getaddrinfo(value, None, socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise NetworkError(f"cannot resolve the database host {value!r}: {exc}") from exc
+        return str(found[0][4][0])
+    return None
+
+
+def with_underlay_address(settings: DaemonSettings) -> DaemonSettings:
+    """``settings`` with this host's underlay address found, on a PostgreSQL store without
+    ``--underlay-address``: the source address towards the database, which hosts sharing a
+    database usually share a network with. Not found (a UNIX socket, the database on this
+    host): said in one line, and the host registers none, so no peer routes to its VMs."""
+    if settings.hosts.underlay_address is not None or settings.store is None:
+        return settings
+    if settings.store_location().kind == SQLITE:
+        return settings
+    try:
+        database = database_address(settings.store)
+        if database is None:
+            raise NetworkError("the database is reached over a UNIX socket")
+        address = underlay_address_towards(database)
+    except NetworkError as err:
+        log.warning(
+            "host %s registers no underlay address, so the other hosts cannot route to its "
+            "VMs: %s; give one with --underlay-address",
+            settings.hosts.name,
+            str(err).split(";")[0],
+            extra={"event": "no-underlay-address"},
+        )
+        return settings
+    log.info("host %s: underlay address %s (towards the database)", settings.hosts.name, address)
+    return replace(settings, hosts=replace(settings.hosts, underlay_address=address))
 
 
 def host_heartbeat(settings: DaemonSettings) -> HostHeartbeat | None:
@@ -196,6 +252,7 @@ def host_agent(
             settings.state_dir,
             age_key_file=settings.source.age_key_file,
             create_digest_key=True,
+            fleet=fleet_digest_keys(store),  # every host digests under the fleet's key
         ),
         # In memory: the worker's loader writes the state directory's compile cache file.
         compile_cache=None,
@@ -209,6 +266,7 @@ def host_agent(
         cache_dir=settings.cache_dir,
         # Stops acting well before the leader may place this host's VMs elsewhere.
         renew_deadline=min(RENEW_DEADLINE_SECONDS, settings.hosts.grace / 2),
+        grace=settings.hosts.grace,
     )
 
 
@@ -232,7 +290,7 @@ def open_daemon(
 ) -> Iterator[Daemon]:
     """A daemon replica with what it holds opened, closed again when the block ends (the HTTP
     server, then the lease, then the host's state store)."""
-    settings = settings.validated()
+    settings = with_underlay_address(settings.validated())
     # The daemon keeps its token, repository cache and VMs there whichever store it uses; on
     # PostgreSQL no SQLite store creates it first.
     tightened = private_state_dir(settings.state_dir)
@@ -322,6 +380,7 @@ class Daemon:
                     settings.state_dir,
                     age_key_file=settings.source.age_key_file,
                     create_digest_key=True,
+                    fleet=fleet_digest_keys(host.store),  # PostgreSQL: the fleet's key
                 ),
                 compile_cache=settings.state_dir / CACHE_FILE,
             ),

@@ -8,7 +8,8 @@ value is a ``ConfigError``).
         lease    which lease backend elects the leader, its timing, this replica's name
         store    SQLite in the state directory, or a PostgreSQL database the hosts share
         notify   the RECONCILER_NOTIFY_* URLs, where commit statuses go, delivery retries
-        hosts    this host's name and labels in the fleet's registry, how often it heartbeats
+        hosts    this host's name, labels and underlay address in the fleet's registry, how
+                 often it heartbeats
 
 Each default is written here once: the command-line options take theirs from these classes.
 Secrets (the token, the webhook secret, a credential, a PostgreSQL URL with a password) stay out
@@ -17,6 +18,7 @@ of ``repr()``: settings end up in log lines and tracebacks.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -134,11 +136,21 @@ class HostSettings:
     heartbeat: float = HEARTBEAT_SECONDS  # seconds between heartbeats
     grace: float = HOST_GRACE_SECONDS
     """How long the leader waits for a silent host's heartbeat before it re-places its VMs."""
+    underlay_address: str | None = None
+    """The IPv4 address the other hosts route this host's VM subnet via; None: the source
+    address towards the database (``daemon.loop.underlay_address``)."""
 
     def validated(self) -> HostSettings:
         problem = grace_problem(self.grace)
         if problem is not None:
             raise ConfigError(problem)
+        if self.underlay_address is not None:
+            try:
+                ipaddress.IPv4Address(self.underlay_address)
+            except ValueError:
+                raise ConfigError(
+                    f"--underlay-address must be an IPv4 address, not {self.underlay_address!r}"
+                ) from None
         if not _HOST_NAME.fullmatch(self.name):
             raise ConfigError(
                 f"--host must be a host name (letters, digits, '-', '_', '.'), not {self.name!r}"

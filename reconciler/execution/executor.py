@@ -9,6 +9,10 @@ starts, and forgotten only *after* it was stopped and its TAP and address were r
 reconciler killed at any point finds every VM it may have started and adopts or removes it on
 the next run, never starting a duplicate.
 
+Firewall: after each wave the rules are loaded for every VM the store knows (workload ->
+addresses, ``firewall_addresses``); on a store shared by a fleet of hosts that is every host's
+VMs, so ``dependsOn`` isolation holds for traffic routed between hosts too.
+
 Fencing: under the daemon, ``fence`` is the leader's term. It is checked before every runtime
 action (and the state store checks it on every write), so a leader that lost its lease stops
 between two actions instead of racing its successor.
@@ -22,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from builders.matrix import MatrixBuilder
 from reconciler.errors import (
@@ -44,6 +49,7 @@ from reconciler.model import (
     BuildStatus,
     DesiredFleet,
     DesiredVM,
+    ObservedFleet,
     ObservedVM,
     Plan,
     RevisionOutcome,
@@ -55,6 +61,37 @@ from reconciler.model import (
 from reconciler.state import StateStore
 from runtime.network import Network
 from runtime.protocol import Runtime, VMSpec
+
+
+@runtime_checkable
+class FleetObservations(Protocol):
+    """A store that holds what every host of a fleet runs (``PostgresStateStore``)."""
+
+    def fleet_observed(self) -> dict[str, ObservedFleet]: ...
+
+
+def firewall_addresses(store: StateStore) -> dict[str, list[str]]:
+    """Workload -> the addresses of its VMs, sorted, for the firewall: every host's when the
+    store holds a fleet of hosts (a packet routed between hosts is judged by both its ends, on
+    both hosts), else this host's."""
+    vms = list(store.observed().vms.values())
+    if isinstance(store, FleetObservations):
+        vms += [vm for fleet in store.fleet_observed().values() for vm in fleet.vms.values()]
+    addresses: dict[str, set[str]] = {}
+    for vm in vms:
+        if vm.address:
+            addresses.setdefault(vm.workload, set()).add(vm.address)
+    return {workload: sorted(found) for workload, found in sorted(addresses.items())}
+
+
+def firewall_dependencies(*fleets: DesiredFleet) -> dict[str, list[str]]:
+    """Workload -> the workloads it may reach, over ``fleets`` (the revisions the fleet's VMs
+    run: during a rollout a dependency declared by either revision is allowed)."""
+    depends_on: dict[str, set[str]] = {}
+    for fleet in fleets:
+        for name, workload in fleet.workloads.items():
+            depends_on.setdefault(name, set()).update(workload.deploy.depends_on)
+    return {name: sorted(deps) for name, deps in sorted(depends_on.items())}
 
 
 @dataclass
@@ -349,12 +386,7 @@ class Executor:
         """Rules for every VM on the fleet network: same workload or declared dependency."""
         if self.network is None:
             return
-        addresses: dict[str, list[str]] = {}
-        for vm in self.store.observed().vms.values():
-            if vm.address:
-                addresses.setdefault(vm.workload, []).append(vm.address)
-        depends_on = {name: list(w.deploy.depends_on) for name, w in desired.workloads.items()}
-        self.network.sync_firewall(addresses, depends_on)
+        self.network.sync_firewall(firewall_addresses(self.store), firewall_dependencies(desired))
 
     def _phase(self, phase: str, vm: str | None, seconds: float, detail: str = "") -> None:
         """Report how long a phase of bringing VMs up took (the daemon's timeline)."""

@@ -22,9 +22,23 @@ term (``confirm_assignments``) when it first refreshes; until then agents leave 
 as it runs. VMs that run but were never assigned (a fleet converged before hosts existed) are
 adopted where they run, so an upgrade moves nothing.
 
-Not done here (yet): a failed wave is reported unhealthy and not rolled back to the previous
-version (the rollouts' abort puts a workload back on its previous version on the next cycle),
-and the VMs of a draining host move only when a plan changes something.
+VMs that must leave the host they run on (it is draining, or they no longer fit or match it)
+move even when the revision changes nothing: ``with_moves`` adds each move to the cycle's plan
+as a restart on its new host, in the workload's rollout waves (``placement.move_plan``), so
+``maxSurge`` starts a stand-in there, healthy, before the VM leaves, and ``maxUnavailable``
+bounds how many are down at once.
+
+Which revision defines a VM is read from the store, never from this leader's memory alone: a
+replica a rollout holds back on the previous version is assigned the revision that its
+workload's replicas running that version were assigned (``_revision_for``), so a new leader
+elected mid-rollout puts it where the old one would have.
+
+Ending a lost host's epoch is told once (``on_host_lost``: the daemon's cycle sends the
+``notify.host_lost`` notice, keyed by the epoch).
+
+A wave whose VMs do not get healthy is rolled back as ``LocalHost`` rolls one back: each of its
+VMs that ran healthy before goes back to its previous assignment (host and revision), and later
+waves do not run; the rollouts' abort then holds the workload on its previous version.
 """
 
 from __future__ import annotations
@@ -51,8 +65,8 @@ from reconciler.model import (
     VMAction,
     VMState,
 )
-from reconciler.planning.placement import HostFacts, Placement, demands_of, place
-from reconciler.planning.rollout import stands_in_for
+from reconciler.planning.placement import HostFacts, Placement, demands_of, move_plan, place
+from reconciler.planning.rollout import observed_version, stands_in_for, version_of
 from reconciler.state import Pin, StateStore
 from reconciler.state.hosts import Assignment, HostRecord
 
@@ -106,9 +120,12 @@ class FleetHost(ClosedOnExit):
     _seen: dict[str, ObservedVM] = field(default_factory=dict)
     """The VMs as last observed: a wave waits for a fresh report of a VM it restarts."""
     _confirmed_term: int | None = None
+    on_host_lost: Callable[[str, int, Sequence[str], str], None] = lambda *lost: None
+    """Told once per ended epoch: (host, epoch, the VMs it held, why); the daemon's cycle turns
+    it into a ``notify.host_lost`` notice."""
     _revision_of: dict[tuple[str, str], str] = field(default_factory=dict)
-    """(VM, artifact digest) -> the revision that defined it, as assigned by this leader: a
-    VM put back on an earlier version is assigned the revision it came from."""
+    """(VM, artifact digest) -> the revision that defined it, as assigned by this leader: the
+    last resort of ``_revision_for``, after what the store says."""
 
     # -- observing --------------------------------------------------------------------------
 
@@ -191,18 +208,7 @@ class FleetHost(ClosedOnExit):
         current = {vm: a.host for vm, a in assignments.items()}
         # A plan that does not fit is refused before anything changes.
         placement = place(demands_of(desired), facts, current).require_fit()
-        lost = {h.name for h in facts if h.lost}
-        for record in records:
-            holds = any(a.host == record.name for a in assignments.values())
-            if record.name in lost and holds and not record.ended:
-                _check(fence, f"ending the epoch of lost host {record.name}")
-                if self.store.end_epoch(record.name, record.epoch):
-                    log.warning(
-                        "host %s is lost (epoch %d ended); its VMs are placed elsewhere",
-                        record.name,
-                        record.epoch,
-                        extra={"event": "host-lost"},
-                    )
+        self._end_lost_epochs(records, facts, assignments, fence)
         pins = self.store.pins()
         report = ApplyReport()
         for wave in sorted({a.wave for a in plan.actions}):
@@ -210,6 +216,7 @@ class FleetHost(ClosedOnExit):
                 report.superseded = "a newer revision waits"
                 break
             actions = [a for a in plan.actions if a.wave == wave]
+            prior = self.store.assignments()
             waiting = self._hand_out(
                 actions, desired, placement, pins=pins, fence=fence, on_event=on_event
             )
@@ -220,7 +227,10 @@ class FleetHost(ClosedOnExit):
                 break
             report.unhealthy.update(unhealthy)
             if unhealthy:
-                break  # later waves would spread a change that does not work
+                # Later waves would spread a change that does not work; the VMs of this wave
+                # go back to what they ran, where they ran, and the untouched ones keep serving.
+                report.rolled_back = self._roll_back(sorted(unhealthy), prior, fence, on_event)
+                break
         if report.ok and report.superseded is None:
             self._forget_undesired(desired, fence)
         if record_revision and plan.head is not None and report.superseded is None:
@@ -229,6 +239,46 @@ class FleetHost(ClosedOnExit):
             else:
                 self.store.record_revision(plan.head, outcome="failed", message=report.problems())
         return report
+
+    def _end_lost_epochs(
+        self,
+        records: Sequence[HostRecord],
+        facts: Sequence[HostFacts],
+        assignments: Mapping[str, Assignment],
+        fence: Fence | None,
+    ) -> None:
+        """End the epoch of every lost host that still holds assignments, and tell of it: the
+        store ends an epoch once, so the notice is sent once per epoch (and its key makes a
+        second leader's attempt a no-op too)."""
+        lost = {h.name for h in facts if h.lost}
+        for record in records:
+            held = sorted(vm for vm, a in assignments.items() if a.host == record.name)
+            if record.name not in lost or not held or record.ended:
+                continue
+            _check(fence, f"ending the epoch of lost host {record.name}")
+            if self.store.end_epoch(record.name, record.epoch):
+                log.warning(
+                    "host %s is lost (epoch %d ended); its VMs are placed elsewhere",
+                    record.name,
+                    record.epoch,
+                    extra={"event": "host-lost"},
+                )
+                detail = f"no heartbeat for {record.heartbeat_age:.0f} s"
+                self.on_host_lost(record.name, record.epoch, held, detail)
+
+    def with_moves(self, plan: Plan, desired: DesiredFleet, observed: ObservedFleet) -> Plan:
+        """``plan`` with the moves of VMs running on a host they must leave (draining, or
+        they no longer fit or match it), as ``placement.move_plan`` waves them; ``observed``
+        is this cycle's ``refresh``. A plan that does not fit is left as it is: ``converge``
+        refuses it with its one line."""
+        _, facts = self._live()
+        current = {vm: a.host for vm, a in self.store.assignments().items()}
+        placement = place(demands_of(desired), facts, current)
+        if placement.refusal() is not None:
+            return plan
+        # Only a VM seen running on the host it leaves moves; a lost host's are re-created.
+        moves = [m for m in placement.moves if self.where.get(m.vm) == m.source]
+        return move_plan(plan, moves, desired, observed.vms)
 
     def _forget_undesired(self, desired: DesiredFleet, fence: Fence | None) -> None:
         """Drop the assignments of VMs no longer desired that no live host runs (they ran on
@@ -252,6 +302,7 @@ class FleetHost(ClosedOnExit):
     ) -> dict[str, _Waiting]:
         """Write the assignments of one wave; returns what each of its VMs waits for."""
         waiting: dict[str, _Waiting] = {}
+        assignments = self.store.assignments()
         for action in actions:
             _check(fence, f"assigning {action.vm}")
             on_event(
@@ -261,14 +312,18 @@ class FleetHost(ClosedOnExit):
             )
             if action.action is ActionType.DELETE:
                 self.store.unassign(action.vm)
-                waiting[action.vm] = _Waiting(self.where.get(action.vm, ""), None, None)
+                # Where it runs: as observed, or (started by an earlier wave of this plan,
+                # a surge stand-in) where it was assigned.
+                assigned = assignments.get(action.vm)
+                runs_on = self.where.get(action.vm) or (assigned.host if assigned else "")
+                waiting[action.vm] = _Waiting(runs_on, None, None)
                 continue
             slot = action.stands_in_for or action.vm
             wanted = desired.vms[slot]
             if action.stands_in_for is not None:
                 wanted = replace(wanted, name=action.vm)  # a surge stand-in runs its slot's
             host = placement.assignments.get(slot) or self.where.get(action.vm, "")
-            revision = self._revision_for(wanted, desired, pins)
+            revision = self._revision_for(wanted, desired, pins, assignments)
             self.store.assign(action.vm, host, revision)
             self._revision_of[(action.vm, wanted.artifact.input_digest)] = revision
             waiting[action.vm] = _Waiting(host, wanted, self._seen.get(action.vm))
@@ -276,18 +331,51 @@ class FleetHost(ClosedOnExit):
         return waiting
 
     def _revision_for(
-        self, wanted: DesiredVM, desired: DesiredFleet, pins: Mapping[str, Pin]
+        self,
+        wanted: DesiredVM,
+        desired: DesiredFleet,
+        pins: Mapping[str, Pin],
+        assignments: Mapping[str, Assignment],
     ) -> str:
-        """Which revision defines ``wanted``: a pinned workload's pin, a VM put back on the
-        version this leader assigned it before, else the revision being converged."""
+        """Which revision defines ``wanted``: a pinned workload's pin; the revision being
+        converged when it is that revision's version; else (a replica a rollout holds back,
+        or puts back, on the previous version) the revision assigned to a VM that runs that
+        version, read from the store so that a new leader knows it too; else the revision this
+        leader assigned it before, the applied one, or the revision being converged."""
         pin = pins.get(wanted.workload)
         if pin is not None:
             return pin.revision
+        if not self._held_back(wanted, desired):
+            return desired.revision or ""
+        version = version_of(wanted)
+        for name, vm in sorted(self._seen.items()):
+            assigned = assignments.get(name)
+            if (
+                vm.workload == wanted.workload
+                and observed_version(vm) == version
+                and assigned is not None
+                and assigned.revision
+            ):
+                return assigned.revision
         known = self._revision_of.get((wanted.name, wanted.artifact.input_digest))
-        own = desired.artifacts.get((wanted.workload, wanted.target))
-        if known is not None and (own is None or own.input_digest != wanted.artifact.input_digest):
+        if known is not None:
             return known
-        return desired.revision or ""
+        applied = self.store.applied_revision()
+        return applied.revision if applied is not None else desired.revision or ""
+
+    def _held_back(self, wanted: DesiredVM, desired: DesiredFleet) -> bool:
+        """Whether ``wanted`` is not the converged revision's own version of the VM: its
+        artifact is not the revision's, or the workload's rollout (stored, so any leader
+        reads it) rolls out another version than this one."""
+        own = desired.artifacts.get((wanted.workload, wanted.target))
+        if own is not None and own.input_digest != wanted.artifact.input_digest:
+            return True
+        rollout = self.store.rollouts().get(wanted.workload)
+        return (
+            rollout is not None
+            and rollout.revision == desired.revision
+            and rollout.version != version_of(wanted)
+        )
 
     def _wait(
         self,
@@ -334,6 +422,53 @@ class FleetHost(ClosedOnExit):
                 break
             self.sleep(self.poll_interval)
         return unhealthy
+
+    def _roll_back(
+        self,
+        names: Sequence[str],
+        prior: Mapping[str, Assignment],
+        fence: Fence | None,
+        on_event: Reporter,
+    ) -> list[str]:
+        """Put the unhealthy VMs of a failed wave back on what they ran, healthy, before it:
+        their previous assignment (host and revision) again, as ``Executor._roll_back`` does
+        on one host; returns the VMs reported healthy on it again. A VM that is new, was not
+        healthy, or ran unassigned has nothing to go back to and stays failed."""
+        back: dict[str, tuple[str, ObservedVM]] = {}
+        for name in names:
+            was, before = prior.get(name), self._seen.get(name)
+            if was is None or not was.revision or before is None:
+                continue
+            if before.state is not VMState.RUNNING or not before.healthy:
+                continue
+            _check(fence, f"rolling back {name}")
+            on_event(ExecutionEvent(EventKind.ROLLBACK, name, artifact=before.artifact_digest))
+            self.store.assign(name, was.host, was.revision)
+            self._revision_of[(name, before.artifact_digest)] = was.revision
+            back[name] = (was.host, before)
+        deadline = self.clock() + self.boot_allowance + DEFAULT_START_SECONDS
+        done: list[str] = []
+        while back:
+            _check(fence, "waiting for the hosts to roll back")
+            reported = self.store.fleet_observed()
+            for name, (host, before) in list(back.items()):
+                fleet = reported.get(host)
+                vm = fleet.vms.get(name) if fleet is not None else None
+                if (
+                    vm is not None
+                    and vm.artifact_digest == before.artifact_digest
+                    and dict(vm.settings) == dict(before.settings)
+                    and vm.state is VMState.RUNNING
+                    and vm.healthy
+                ):
+                    done.append(name)
+                    del back[name]
+            if not back or self.clock() >= deadline:
+                break
+            self.sleep(self.poll_interval)
+        for name in back:
+            log.warning("%s was not reported healthy on its previous version", name)
+        return sorted(done)
 
     # -- health -----------------------------------------------------------------------------
 

@@ -4,12 +4,17 @@ implements the ``Host`` Protocol (``execution.protocol``).
 
     Plan + DesiredFleet ──converge──▶ MatrixBuilder (builds) ──▶ Executor (waves, health)
                                        Network (bridge, TAPs, firewall) ──┘
+
+One host uses the fleet's whole pool. In a fleet of hosts the daemon's agent sets
+``subnet_for``: the host's bridge and VMs then take its own subnet of the pool
+(``runtime.network.carving``), and it reloads the firewall when another host's VMs change
+(``sync_firewall``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from builders.cache import ArtifactCache
@@ -22,7 +27,14 @@ from reconciler.execution.health import judge_health
 from reconciler.execution.observer import observe, record_observation
 from reconciler.leadership.fence import Fence
 from reconciler.lifetimes import ClosedOnExit
-from reconciler.model import DesiredFleet, ObservedFleet, Plan, RuntimeKind, VMState
+from reconciler.model import (
+    DesiredFleet,
+    NetworkPool,
+    ObservedFleet,
+    Plan,
+    RuntimeKind,
+    VMState,
+)
 from reconciler.state import StateStore, StoreLocation, open_state_store
 from runtime.firecracker.driver import FirecrackerRuntime
 from runtime.network import Network, scope_for
@@ -38,6 +50,17 @@ class LocalHost(ClosedOnExit):
     state_dir: Path
     store: StateStore
     runtimes: dict[RuntimeKind, Runtime]
+    subnet_for: Callable[[NetworkPool], str | None] = field(default=lambda pool: None)
+    """This host's subnet of a fleet's pool; None: the whole pool (one host)."""
+
+    def network(self, pool: NetworkPool) -> Network:
+        """The fleet network of this host (a context manager): its bridge, ports, firewall."""
+        return Network(
+            pool,
+            self.state_dir / "state.db",
+            scope=scope_for(str(self.state_dir.resolve())),
+            subnet=self.subnet_for(pool),
+        )
 
     def observe(self) -> ObservedFleet:
         """What runs now, read from the store and the runtimes; writes nothing."""
@@ -60,11 +83,7 @@ class LocalHost(ClosedOnExit):
         superseded: Callable[[], bool] = lambda: False,
     ) -> ApplyReport:
         """Build what ``plan`` starts and execute it, wave by wave, on this host."""
-        with Network(
-            desired.fleet.network,
-            self.state_dir / "state.db",
-            scope=scope_for(str(self.state_dir.resolve())),
-        ) as network:
+        with self.network(desired.fleet.network) as network:
             builder = MatrixBuilder(
                 checkout, ArtifactCache(cache_dir), KernelRegistry(self.state_dir / "kernels")
             )
@@ -80,6 +99,16 @@ class LocalHost(ClosedOnExit):
                 superseded=superseded,
             )
             return executor.apply(plan, desired)
+
+    def sync_firewall(
+        self,
+        pool: NetworkPool,
+        addresses: Mapping[str, Sequence[str]],
+        depends_on: Mapping[str, Sequence[str]],
+    ) -> None:
+        """Reload the fleet's rules outside a converge (another host's VMs changed)."""
+        with self.network(pool) as network:
+            network.sync_firewall(addresses, depends_on)
 
     def settle_health(
         self,

@@ -4,6 +4,8 @@
     hosts (the registry's HostFacts) ───────┼──place──▶ Placement (assignments, moves,
     current assignments (VM -> host) ───────┘              unplaceable VMs)
                                                      └──drain_waves──▶ moves, wave by wave
+    Plan (diff) + Placement.moves of VMs running where they must leave ──move_plan──▶ Plan
+        with each move as a restart on its new host, in the workload's rollout waves
 
 The leader calls ``place`` after ``diff`` with what the hosts registry says (capacity, labels,
 runtimes, cordoned, draining, lost) and the assignments of the previous term; it stores the new
@@ -29,7 +31,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from reconciler.errors import ConfigError, PlanError
-from reconciler.model import DesiredFleet, PlacementSpec, RolloutPolicy, RuntimeKind
+from reconciler.model import (
+    ActionType,
+    DesiredFleet,
+    Disruption,
+    ObservedVM,
+    PlacementSpec,
+    Plan,
+    RolloutPolicy,
+    RuntimeKind,
+    VMAction,
+)
+from reconciler.planning.rollout import policy_of, surge_waves
 
 # Kubernetes label syntax, the same patterns as ``schemas/workload.schema.json``'s ``labelKey``
 # and ``hostSelector`` values (a test keeps them equal): host labels (``--label k=v``) are
@@ -603,3 +616,56 @@ def drain_waves(
         for i in range(count)
     )
     return Drain(placement, waves)
+
+
+def move_plan(
+    plan: Plan,
+    moves: Iterable[Move],
+    desired: DesiredFleet,
+    observed: Mapping[str, ObservedVM],
+) -> Plan:
+    """``plan`` with the ``moves`` of VMs that must leave the host they run on (a draining
+    host's, or one they no longer fit or match) even though nothing else about them changed:
+    each is a restart of the VM on its new host, cut into the workload's rollout waves after
+    the plan's own (``rollout.surge_waves``: ``maxSurge`` stand-ins started on the new host
+    and healthy before the VM leaves the old one, else ``maxUnavailable`` VMs at a time), so a
+    drain disturbs a service no more than a rollout does.
+
+    A VM the plan already acts on (or whose surge stand-in it removes) is left to the plan:
+    it is placed anew as it is acted on, or moves next cycle. A move of a VM that does not run
+    (its host is lost) is the plan's create, not a move."""
+    acted = {a.vm for a in plan.actions} | {
+        a.stands_in_for for a in plan.actions if a.stands_in_for is not None
+    }
+    by_workload: dict[str, list[VMAction]] = {}
+    for move in sorted(moves, key=lambda m: (m.workload, m.vm)):
+        running = observed.get(move.vm)
+        wanted = desired.vms.get(move.vm)
+        if move.vm in acted or running is None or wanted is None:
+            continue
+        by_workload.setdefault(move.workload, []).append(
+            VMAction(
+                action=ActionType.RESTART,
+                vm=move.vm,
+                workload=move.workload,
+                disruption=Disruption.RESTART,
+                reason=f"moves {move.source} -> {move.destination} ({move.reason})",
+                artifact_before=running.artifact_digest,
+                artifact_after=wanted.artifact.input_digest,
+            )
+        )
+    if not by_workload:
+        return plan
+    wave = max((a.wave for a in plan.actions), default=0)
+    added: list[VMAction] = []
+    for workload, group in sorted(by_workload.items()):
+        waved, wave = surge_waves(
+            group,
+            policy=policy_of(desired, workload),
+            observed=observed,
+            stand_ins={},
+            workload=workload,
+            first_wave=wave,
+        )
+        added += waved
+    return replace(plan, actions=(*plan.actions, *added))

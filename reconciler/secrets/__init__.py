@@ -12,8 +12,11 @@ from reconciler.defaults import AGE_KEY_ENV, AGE_KEY_FILE
 from reconciler.secrets.errors import SecretError, SecretIntegrityError, SecretKeyMissingError
 from reconciler.secrets.keys import (
     DIGEST_KEY_FILE,
+    FleetDigestKeys,
     age_key_path,
     digest_key,
+    fleet_digest_key,
+    fleet_digest_keys,
     load_identities,
 )
 from reconciler.secrets.resolver import DIGEST_PREFIX, SecretResolver, open_resolver
@@ -25,6 +28,7 @@ __all__ = [
     "DIGEST_KEY_FILE",
     "DIGEST_PREFIX",
     "FORMATS",
+    "FleetDigestKeys",
     "SecretError",
     "SecretIntegrityError",
     "SecretKeyMissingError",
@@ -32,6 +36,8 @@ __all__ = [
     "age_key_path",
     "decrypt_file",
     "digest_key",
+    "fleet_digest_key",
+    "fleet_digest_keys",
     "format_of",
     "load_identities",
     "names_in",

@@ -11,6 +11,14 @@ when they load a revision. Both live on the host, never in the fleet repository:
   hash of a short password could be reversed by guessing; an HMAC under a key that never
   leaves the host cannot. Commands that must not write (``diff``) use the key if it exists and
   otherwise an ephemeral one, which is enough to compare two revisions with each other.
+
+  On a PostgreSQL store the hosts share the fleet, so they must share this key too: with keys
+  of their own, two hosts would digest one secret differently and the leader would see drift
+  forever. There the key is the fleet's, stored once in the store (``FleetDigestKeys``): the
+  first host to need it offers its state directory's key (a fleet that grows from one host
+  keeps its digests) or a fresh one, and every host, that one included, uses what was stored.
+  The key then leaves the host for the store, which holds the digests too: guessing a secret
+  from its digest needs the database's contents, not only the plans and status that show it.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from reconciler.defaults import AGE_KEY_ENV, AGE_KEY_FILE
 from reconciler.secrets.errors import SecretKeyMissingError
@@ -102,3 +111,31 @@ def digest_key(state_dir: Path, *, create: bool) -> bytes:
     finally:
         temporary.unlink(missing_ok=True)
     return digest_key(state_dir, create=False)
+
+
+@runtime_checkable
+class FleetDigestKeys(Protocol):
+    """A state store that holds the fleet's digest key (the PostgreSQL store)."""
+
+    def fleet_digest_key(self, candidate: bytes) -> bytes:
+        """The stored key; ``candidate`` is stored first when there is none."""
+        ...
+
+
+def fleet_digest_keys(store: object) -> FleetDigestKeys | None:
+    """``store`` when it holds the fleet's digest key, else None (SQLite: one host, whose state
+    directory holds the key)."""
+    return store if isinstance(store, FleetDigestKeys) else None
+
+
+def fleet_digest_key(store: FleetDigestKeys, state_dir: Path) -> bytes:
+    """The fleet's digest key from ``store``, stored there first if no host did yet (with this
+    host's own key when it has one, see the module docstring)."""
+    key = store.fleet_digest_key(digest_key(state_dir, create=False))
+    if len(key) != _DIGEST_KEY_BYTES:
+        # Never the key itself: only its length says what is wrong.
+        raise SecretKeyMissingError(
+            f"the state store holds a {len(key)}-byte secret digest key, not "
+            f"{_DIGEST_KEY_BYTES}; remove its fleet_digest_key row"
+        )
+    return key

@@ -20,7 +20,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
-from reconciler.secrets.keys import age_key_path, digest_key, load_identities
+from reconciler.secrets.keys import (
+    FleetDigestKeys,
+    age_key_path,
+    digest_key,
+    fleet_digest_key,
+    load_identities,
+)
 from reconciler.secrets.sops import Identity, decrypt_file
 
 DIGEST_PREFIX = "hmac-sha256:"
@@ -68,12 +74,22 @@ class SecretResolver:
 
 
 def open_resolver(
-    state_dir: Path, *, age_key_file: Path | None, create_digest_key: bool
+    state_dir: Path,
+    *,
+    age_key_file: Path | None,
+    create_digest_key: bool,
+    fleet: FleetDigestKeys | None = None,
 ) -> SecretResolver:
     """The resolver of a command or the daemon: the age key where ``keys.age_key_path`` finds
     it (``age_key_file``: the option, else ``$SOPS_AGE_KEY_FILE``, both already chosen by the
-    caller), the fleet's digest key from ``state_dir`` (created only by commands that apply)."""
+    caller), the fleet's digest key from ``state_dir`` (created only by commands that apply),
+    or from ``fleet``, the store shared by the fleet's hosts, when given (``keys``)."""
+
+    def key() -> bytes:
+        if fleet is not None:
+            return fleet_digest_key(fleet, state_dir)
+        return digest_key(state_dir, create=create_digest_key)
+
     return SecretResolver(
-        age_key=lambda: age_key_path(age_key_file, None, state_dir),
-        digest_key=lambda: digest_key(state_dir, create=create_digest_key),
+        age_key=lambda: age_key_path(age_key_file, None, state_dir), digest_key=key
     )

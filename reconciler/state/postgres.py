@@ -7,6 +7,7 @@
                                                 assignments (vm)   VM -> host, with its term
                                                 intents (host), revisions, events, suspensions
                                                 hosts (name)       the registry: epochs, heartbeats
+                                                fleet_digest_key   the secret digest key (one row)
 
 Selected with ``--store postgresql://...`` (``reconciler.state.location``). The schema is made
 for several hosts sharing the fleet: observed VMs, intents and versions are keyed by host (a
@@ -287,6 +288,16 @@ ALTER TABLE fleet_term ADD COLUMN placed_term bigint NOT NULL DEFAULT 0;
         """
 ALTER TABLE hosts ADD COLUMN subnet_slot integer UNIQUE;
 ALTER TABLE hosts ADD COLUMN underlay_address text;
+""",
+    ),
+    Migration(
+        7,
+        "the fleet's secret digest key",
+        """
+CREATE TABLE fleet_digest_key (
+    id boolean PRIMARY KEY DEFAULT true CHECK (id),
+    key bytea NOT NULL
+);
 """,
     ),
 )
@@ -970,6 +981,19 @@ class PostgresStateStore(ClosedOnExit):
             host: ObservedFleet(version=version, vms=vms[host], applied_revision=applied)
             for host, (version, applied) in heads.items()
         }
+
+    def fleet_digest_key(self, candidate: bytes) -> bytes:
+        """The fleet's secret digest key (``reconciler.secrets.keys``): ``candidate`` when no
+        host stored one yet, else the one stored first; every host digests under the same key.
+        Two statements, not one: the read must see a row a concurrent first writer committed
+        while the insert waited on it. Not fenced: any host may be the first to load a secret."""
+        with self._session("read the digest key from") as conn:
+            conn.execute(
+                "INSERT INTO fleet_digest_key (key) VALUES (%s) ON CONFLICT (id) DO NOTHING",
+                (candidate,),
+            )
+            row = conn.execute("SELECT key FROM fleet_digest_key").fetchone()
+        return bytes(row[0]) if row else b""
 
     def end_epoch(self, host: str, epoch: int) -> bool:
         """End ``host``'s registration ``epoch`` (the leader declared it lost; fenced by the
