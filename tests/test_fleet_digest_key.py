@@ -17,6 +17,7 @@ from reconciler.secrets import (
     DIGEST_KEY_FILE,
     SecretKeyMissingError,
     digest_key,
+    fleet_digest_key,
     fleet_digest_keys,
     open_resolver,
 )
@@ -175,3 +176,43 @@ def test_daemons_on_one_store_digest_alike(lease_dsn: str, tmp_path: Path) -> No
         assert not (tmp_path / host / "state" / DIGEST_KEY_FILE).exists()
     assert len(digests) == 4
     assert len(set(digests)) == 1
+
+
+def test_commands_with_a_postgres_store_digest_under_the_fleets_key(
+    lease_dsn: str, tmp_path: Path
+) -> None:
+    """``diff``/``apply --store postgresql://...`` digest secrets as the hosts do: under the
+    store's key, not the state directory's, or every secret would show as a change."""
+    import argparse
+
+    from reconciler.cli.options import revision_loader
+
+    with open_state_store(StoreLocation(tmp_path / "leader", url=lease_dsn, host="a")) as store:
+        keys = fleet_digest_keys(store)
+        assert keys is not None
+        fleet_key = fleet_digest_key(keys, tmp_path / "leader")
+    args = argparse.Namespace(
+        repo=str(tmp_path / "repo"),
+        ref="main",
+        path=".",
+        state_dir=tmp_path / "cli",
+        store=lease_dsn,
+        age_key_file=None,
+        repo_credential_file=None,
+        trusted_keys=None,
+    )
+    loader = revision_loader(args, create_digest_key=True)
+    assert loader.secrets is not None
+    expected = open_resolver(
+        tmp_path / "other", age_key_file=None, create_digest_key=False, fleet=_Fixed(fleet_key)
+    )
+    assert loader.secrets.digest("pw") == expected.digest("pw")
+    assert not (tmp_path / "cli" / DIGEST_KEY_FILE).exists()
+
+
+class _Fixed:
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def fleet_digest_key(self, candidate: bytes) -> bytes:
+        return self.key

@@ -123,6 +123,32 @@ def store_location(args: argparse.Namespace) -> StoreLocation:
     return StoreLocation(state_dir(args), url=url).validated()
 
 
+class _StoreDigestKeys:
+    """The fleet's digest key in a PostgreSQL store, asked for only when a secret is digested:
+    a command against a multi-host fleet (``diff --store``, ``apply --store``) must digest
+    secrets under the key the hosts use, or every secret would show as a change."""
+
+    def __init__(self, location: StoreLocation) -> None:
+        self.location = location
+
+    def fleet_digest_key(self, candidate: bytes) -> bytes:
+        from reconciler.state.location import open_host_registry  # noqa: PLC0415 (as above)
+
+        with open_host_registry(self.location) as store:
+            return store.fleet_digest_key(candidate)
+
+
+def _store_digest_keys(args: argparse.Namespace) -> _StoreDigestKeys | None:
+    """The store's digest key source when the command's store is PostgreSQL, else None."""
+    chosen: str | None = getattr(args, "store", None)
+    url = chosen if chosen is not None else read_environment().store
+    from reconciler.state.location import is_postgres_url  # noqa: PLC0415 (as above)
+
+    if url is None or not is_postgres_url(url):
+        return None
+    return _StoreDigestKeys(store_location(args))
+
+
 def repo_credential(args: argparse.Namespace) -> GitCredential | None:
     """The repository credential from ``--repo-credential-file``, else the environment."""
     path: Path | None = getattr(args, "repo_credential_file", None)
@@ -166,7 +192,10 @@ def revision_loader(
     )
     secrets = (
         open_resolver(
-            state_dir(args), age_key_file=age_key_file(args), create_digest_key=create_digest_key
+            state_dir(args),
+            age_key_file=age_key_file(args),
+            create_digest_key=create_digest_key,
+            fleet=_store_digest_keys(args),
         )
         if decrypt
         else None
