@@ -27,7 +27,7 @@ import gc
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from reconciler.errors import PlanError
 from reconciler.formatting import short_sha
@@ -35,9 +35,11 @@ from reconciler.manifests import ParseCache, load_fleet
 from reconciler.manifests.compile_cache import CompileCache, TreeIndex
 from reconciler.model import DesiredFleet, ObservedFleet, Plan, Workload, assemble_fleet
 from reconciler.planning import check_deletions, diff, observed_from_desired
-from reconciler.planning.placed import LiveHosts, place_plan
 from reconciler.secrets import SecretResolver
 from reconciler.source import Source
+
+if TYPE_CHECKING:
+    from reconciler.planning.placed import LiveHosts
 
 
 @runtime_checkable
@@ -112,7 +114,11 @@ def plan_against_observed(
     desired = loader.load(rev)
     plan = diff(desired, observed)
     plan = check_deletions(plan, desired, observed, force_deletions=force_deletions)
-    return desired, (plan if hosts is None else place_plan(plan, desired, hosts))
+    if hosts is None:
+        return desired, plan
+    from reconciler.planning.placed import place_plan  # noqa: PLC0415 (a multi-host store's)
+
+    return desired, place_plan(plan, desired, hosts)
 
 
 def plan_between(
@@ -136,7 +142,11 @@ def plan_between(
     observed = observed_from_desired(base_fleet)
     plan = diff(head_fleet, observed, base=base_fleet)
     plan = check_deletions(plan, head_fleet, observed, force_deletions=force_deletions)
-    return plan if hosts is None else place_plan(plan, head_fleet, hosts)
+    if hosts is None:
+        return plan
+    from reconciler.planning.placed import place_plan  # noqa: PLC0415 (a multi-host store's)
+
+    return place_plan(plan, head_fleet, hosts)
 
 
 COLLECTION_THRESHOLD = 100_000

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler.cli.options import state_dir, store_location
 from reconciler.errors import ConfigError
-from reconciler.fleet_hosts import placement_hosts
 from reconciler.model import Plan
 from reconciler.pipeline import RevisionLoader
 from reconciler.planning.disruption import (
@@ -34,10 +33,12 @@ from reconciler.planning.disruption import (
     estimate_disruption,
     start_to_healthy_samples,
 )
-from reconciler.planning.placed import LiveHosts
 from reconciler.render import RENDERERS, render_markdown
 from reconciler.source.git import GitSource
 from reconciler.source.worktree import WORKTREE, WorktreeSource
+
+if TYPE_CHECKING:
+    from reconciler.planning.placed import LiveHosts
 from reconciler.state import open_state_store
 from reconciler.state.hosts import HOST_GRACE_SECONDS, grace_problem
 from reconciler.state.location import SQLITE, open_host_registry
@@ -104,6 +105,10 @@ def live_hosts(args: argparse.Namespace) -> LiveHosts | None:
     with open_host_registry(location) as registry:
         records = registry.hosts()
         current = assigned_hosts(registry.assignments()) if records else {}
+    # Imported here: placement is only a multi-host store's, and ``diff`` starts in every PR.
+    from reconciler.fleet_hosts import placement_hosts  # noqa: PLC0415
+    from reconciler.planning.placed import LiveHosts  # noqa: PLC0415
+
     return LiveHosts(placement_hosts(records, grace), current)
 
 
