@@ -4,15 +4,17 @@ daemon tests (``test_multihost.py``, ``test_multihost_ops.py``).
 Three real daemons (``--host host-a|b|c``), each with its own state directory and its own
 network namespace holding its bridge (the fleet's one bridge name and pool, as three machines
 would have it; routing between hosts is not needed here), sharing one PostgreSQL store and
-lease over its UNIX socket. VMs are process-runtime echo servers. What each host runs is read
-from the store and from the host's processes, and each VM is asked for an echo from inside its
-host's namespace.
+lease over its UNIX socket. VMs are process-runtime echo servers, or QEMU microVMs of the same
+server (``web(..., qemu=True)``, with the kernels given to ``three_hosts``). What each host runs
+is read from the store and from the host's processes, and each VM is asked for an echo from
+inside its host's namespace.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,11 +41,21 @@ FLEET = fleet_document("multihost", network_yaml(BRIDGE, CIDR)[:-1] + f", {NOTIF
 WEB_VMS = frozenset({"web-0", "web-1", "web-2"})
 
 
-def web(replicas: int, *, extra_deploy: str = "", extra_env: str = "") -> str:
+def web(replicas: int, *, extra_deploy: str = "", extra_env: str = "", qemu: bool = False) -> str:
     """The fleet with ``web`` (the echo server) at ``replicas``; ``extra_deploy`` adds lines
-    under ``deploy`` (a rollout policy), ``extra_env`` continues its env map."""
-    workload = echo_workload("web", PORT, extra_deploy=extra_deploy, extra_env=extra_env)
-    return FLEET + workload.replace("replicas: 1", f"replicas: {replicas}")
+    under ``deploy`` (a rollout policy), ``extra_env`` continues its env map. ``qemu``: each
+    replica is a microvm image of the server booted by QEMU, not a process."""
+    # A QEMU guest may boot slowly (TCG on a busy CI host): a long start period, so that a slow
+    # boot is waited for rather than taken for a broken VM.
+    health = f"{{type: tcp, port: {PORT}, startPeriodSeconds: 150}}" if qemu else None
+    workload = echo_workload(
+        "web", PORT, extra_deploy=extra_deploy, extra_env=extra_env, health=health
+    ).replace("replicas: 1", f"replicas: {replicas}")
+    if qemu:
+        workload = workload.replace("targets: [executable]", "targets: [microvm]").replace(
+            "runtime: process", "target: microvm\n    runtime: qemu\n    memoryMiB: 128"
+        )
+    return FLEET + workload
 
 
 class HostDaemon:
@@ -126,11 +138,41 @@ class HostDaemon:
         return done.stdout
 
 
+def qemu_counts(state: Path) -> dict[str, int]:
+    """How many QEMUs run each VM of a host's state directory (found by the VM directory on
+    their command line, as the runtime finds them): more than one is a duplicate."""
+    counts: dict[str, int] = {}
+    for _, name in _qemus(state):
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _qemus(state: Path) -> Iterator[tuple[int, str]]:
+    prefix = str(state / "vms") + "/"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if not Path(argv[0]).name.startswith("qemu-system"):
+            continue
+        mention = next((arg for arg in argv if prefix in arg), None)
+        if mention is not None:
+            yield int(proc.name), mention.split(prefix, 1)[1].split("/")[0]
+
+
 def kill_vms(state: Path) -> None:
-    """Kill every process VM of a host's state directory (they outlive their daemon)."""
-    for pidfile in (state / "vms").glob("*/process.pid"):
+    """Kill every VM of a host's state directory, process or QEMU (they outlive their daemon);
+    a QEMU is also found by its command line, in case it never wrote its pid file."""
+    pids = [*(state / "vms").glob("*/process.pid"), *(state / "vms").glob("*/qemu.pid")]
+    for pidfile in pids:
         with contextlib.suppress(OSError, ValueError):
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    for pid, _ in _qemus(state):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def rows(dsn: str, query: str) -> list[tuple[object, ...]]:
@@ -190,7 +232,10 @@ class Cluster:
         reported = running_on(self.dsn)
         where: dict[str, str] = {}
         for host in live:
-            processes = supervisor_counts(self.daemons[host].state)
+            state = self.daemons[host].state
+            processes = supervisor_counts(state)
+            for name, count in qemu_counts(state).items():
+                processes[name] = processes.get(name, 0) + count
             for name in reported.get(host, {}):
                 if name in where or processes.get(name) != 1:
                     return None
@@ -204,9 +249,10 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def three_hosts(tmp_path: Path, dsn: str) -> Iterator[Cluster]:
+def three_hosts(tmp_path: Path, dsn: str, *, kernels: Path | None = None) -> Iterator[Cluster]:
     """The three hosts, registered, on a fleet that has no VM yet; everything they started
-    (daemons, process VMs, namespaces) is gone afterwards."""
+    (daemons, process and QEMU VMs, namespaces) is gone afterwards. ``kernels``: a kernel
+    registry copied into every host's state directory, for the fleets that build images."""
     tag = uuid.uuid4().hex[:4]
     namespaces = {name: f"rcmh{tag}-{name[-1]}" for name in HOSTS}
     states = {name: tmp_path / f"state-{name}" for name in HOSTS}
@@ -218,6 +264,8 @@ def three_hosts(tmp_path: Path, dsn: str) -> Iterator[Cluster]:
         for name, netns in namespaces.items():
             subprocess.run(["ip", "netns", "add", netns], check=True)
             subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+            if kernels is not None:
+                shutil.copytree(kernels, states[name] / "kernels")
             started[name] = HostDaemon(name, netns, repo.path, states[name], dsn, tmp_path)
         eventually(lambda: registered(dsn) == 3, 60, "the three hosts register")
         yield cluster
