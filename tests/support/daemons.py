@@ -116,22 +116,33 @@ class Daemon:
         return None
 
     def signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, sig)
+        signal_daemon(self.process, sig)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_daemon(self.process, timeout=30)
         self._log.close()
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+
+def signal_daemon(process: subprocess.Popen[bytes], sig: int) -> None:
+    """``sig`` to a daemon's process, which may have ended already."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, sig)
+
+
+def stop_daemon(process: subprocess.Popen[bytes], *, timeout: float) -> None:
+    """Stop a daemon as its supervisor would: woken if paused, SIGTERM, SIGKILL after
+    ``timeout`` seconds."""
+    if process.poll() is None:
+        signal_daemon(process, signal.SIGCONT)
+        signal_daemon(process, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def vms_by_name(status: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import psycopg
 
 from runtime.network import scope_for
-from support.daemons import supervisor_counts
+from support.daemons import signal_daemon, stop_daemon, supervisor_counts
 from support.process_fleet import ECHO, echo_workload, fleet_document, network_yaml, new_pool
 from support.repo import FleetRepo
 from support.waiting import eventually
@@ -105,18 +105,10 @@ class HostDaemon:
         return HostDaemon(self.name, self.netns, self.repo, self.state, self.dsn, self.logs)
 
     def signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, sig)
+        signal_daemon(self.process, sig)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_daemon(self.process, timeout=60)
         self._log.close()
 
     def log(self) -> str:
