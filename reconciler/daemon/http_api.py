@@ -53,7 +53,7 @@ from typing import Any
 
 from reconciler.daemon.console_view import ConsoleLogs, parse_duration, parse_tail
 from reconciler.daemon.http_server import ConnectionServer, Limits
-from reconciler.daemon.metrics import DaemonMetrics
+from reconciler.daemon.metrics import DaemonMetrics, host_gauges
 from reconciler.daemon.redaction import Redactor
 from reconciler.daemon.status_page import EVENTS_SHOWN, render_page
 from reconciler.daemon.view import DaemonView, DescribesVMs, ShowsHosts
@@ -299,6 +299,16 @@ class OperatorServer:
         return text_response(200 if ready else 503, reason)
 
     def _metrics(self, _request: Request) -> Response:
+        # The hosts' gauges are read at each scrape, on a follower too: after the leader's
+        # cycles only, a scrape between two polls would show a host that joined as missing.
+        if isinstance(self.view, ShowsHosts):
+            try:
+                answer = self.view.hosts()
+            except ReconcilerError as exc:  # the store is down: the last gauges stay
+                log.warning("metrics: cannot read the hosts: %s", self.redactor.text(str(exc)))
+            else:
+                if answer is not None:
+                    self.metrics.set_hosts(host_gauges(answer["hosts"]))
         body, content_type = self.metrics.render()
         return Response(200, body, content_type)
 

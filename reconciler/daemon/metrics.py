@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter as Tally
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -52,6 +52,24 @@ class HostGauges(NamedTuple):
     vcpus: int
     memory_allocated_mib: int
     memory_mib: int
+
+
+def host_gauges(hosts: Iterable[Mapping[str, Any]]) -> list[HostGauges]:
+    """The registry's hosts, as the view reads them (``execution.status.HostStatus``), as
+    their gauges."""
+    return [
+        HostGauges(
+            host=host["name"],
+            up=host["state"] != "lost",
+            vms=host["vms"],
+            heartbeat_age=host["heartbeat_age_seconds"],
+            vcpus_allocated=host["vcpus_allocated"],
+            vcpus=host["vcpus"],
+            memory_allocated_mib=host["memory_allocated_mib"],
+            memory_mib=host["memory_mib"],
+        )
+        for host in hosts
+    ]
 
 
 class DaemonMetrics:

@@ -23,7 +23,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 
 from reconciler.daemon.cycle import CycleResult, ReconcileCycle
-from reconciler.daemon.metrics import DaemonMetrics, HostGauges
+from reconciler.daemon.metrics import DaemonMetrics, host_gauges
 from reconciler.daemon.redaction import Redactor, env_values
 from reconciler.daemon.settings import DaemonSettings
 from reconciler.daemon.triggers import TriggerQueue
@@ -98,19 +98,7 @@ def refresh_host_metrics(
     fleet = read_fleet_hosts(store, grace, redactor)
     if fleet is None:
         return
-    metrics.set_hosts(
-        HostGauges(
-            host=host["name"],
-            up=host["state"] != "lost",
-            vms=host["vms"],
-            heartbeat_age=host["heartbeat_age_seconds"],
-            vcpus_allocated=host["vcpus_allocated"],
-            vcpus=host["vcpus"],
-            memory_allocated_mib=host["memory_allocated_mib"],
-            memory_mib=host["memory_mib"],
-        )
-        for host in fleet.hosts
-    )
+    metrics.set_hosts(host_gauges(fleet.hosts))
 
 
 @dataclass
