@@ -75,7 +75,7 @@ from reconciler.notify import (
 )
 from reconciler.notify.sender import StatusForge
 from reconciler.pipeline import RevisionLoader
-from reconciler.secrets import fleet_digest_keys, open_resolver
+from reconciler.secrets import SecretResolver, fleet_digest_keys, open_resolver
 from reconciler.source import Source, open_source
 from reconciler.source.signatures import SignatureVerifier, TrustedKeys
 from reconciler.state import FLEET_WIDE, StateStore, open_state_store
@@ -230,6 +230,17 @@ def fleet_host(local: LocalHost, settings: DaemonSettings) -> Host:
     return FleetHost(store, lambda records: placement_hosts(records, grace))
 
 
+def fleet_resolver(settings: DaemonSettings, store: StateStore) -> SecretResolver:
+    """The daemon's secret resolver: the fleet's digest key comes from ``store`` when it is
+    shared by hosts (PostgreSQL), so every host digests alike; else the state directory's."""
+    return open_resolver(
+        settings.state_dir,
+        age_key_file=settings.source.age_key_file,
+        create_digest_key=True,
+        fleet=fleet_digest_keys(store),
+    )
+
+
 def host_agent(
     settings: DaemonSettings,
     heartbeat: HostHeartbeat | None,
@@ -248,12 +259,7 @@ def host_agent(
     loader = RevisionLoader(
         source=source,
         subpath=settings.source.path,
-        secrets=open_resolver(
-            settings.state_dir,
-            age_key_file=settings.source.age_key_file,
-            create_digest_key=True,
-            fleet=fleet_digest_keys(store),  # every host digests under the fleet's key
-        ),
+        secrets=fleet_resolver(settings, store),
         # In memory: the worker's loader writes the state directory's compile cache file.
         compile_cache=None,
     )
@@ -376,12 +382,7 @@ class Daemon:
             RevisionLoader(
                 source=source,
                 subpath=settings.source.path,
-                secrets=open_resolver(
-                    settings.state_dir,
-                    age_key_file=settings.source.age_key_file,
-                    create_digest_key=True,
-                    fleet=fleet_digest_keys(host.store),  # PostgreSQL: the fleet's key
-                ),
+                secrets=fleet_resolver(settings, host.store),
                 compile_cache=settings.state_dir / CACHE_FILE,
             ),
             host,

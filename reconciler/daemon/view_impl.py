@@ -49,6 +49,7 @@ from reconciler.leadership.fence import Fence
 from reconciler.model import ObservedFleet
 from reconciler.source import Source
 from reconciler.state import StateStore, open_state_store
+from reconciler.state.location import SQLITE
 
 
 @dataclass
@@ -181,6 +182,8 @@ class LoopView:
         return self.settings.hosts.name
 
     def hosts(self) -> HostsAnswer | None:
+        if self.settings.store_location().kind == SQLITE:
+            return None  # one host, no registry: asked at every scrape, so no store is opened
         grace = self.settings.hosts.grace
         with self._reader() as store:
             hosts = read_fleet_hosts(store, grace, self.redactor)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from pyroute2 import IPRoute, NetlinkError, NetNS
@@ -39,19 +39,26 @@ def tap_name(vm: str, scope: str = "") -> str:
     return f"{prefix}{vm[: IFNAMSIZ - len(prefix) - 5]}-{digest}"
 
 
+@contextmanager
+def netlink(netns: str | None, *, create: bool = True) -> Iterator[Any]:
+    """A netlink socket in ``netns`` (the host's own namespace when None), closed on exit; a
+    kernel refusal becomes one ``NetworkError`` line. ``create``: a missing namespace is made
+    (pyroute2's default), else it is an error."""
+    ipr: Any = (NetNS(netns) if create else NetNS(netns, flags=0)) if netns else IPRoute()
+    try:
+        yield ipr
+    except NetlinkError as exc:
+        raise NetworkError(f"netlink: {exc.args[-1] if exc.args else exc}") from exc
+    finally:
+        ipr.close()
+
+
 class Links:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
 
-    @contextmanager
-    def _ipr(self) -> Iterator[Any]:
-        ipr: Any = NetNS(self.netns) if self.netns else IPRoute()
-        try:
-            yield ipr
-        except NetlinkError as exc:
-            raise NetworkError(f"netlink: {exc.args[-1] if exc.args else exc}") from exc
-        finally:
-            ipr.close()
+    def _ipr(self) -> AbstractContextManager[Any]:
+        return netlink(self.netns)
 
     @staticmethod
     def _index(ipr: Any, name: str) -> int | None:

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute, NetlinkError, NetNS
-
 from reconciler.errors import NetworkError
 from runtime.network.carving import HostPeer
+from runtime.network.links import netlink
 
 ROUTE_PROTOCOL = 114
 """``ip route ... proto 114`` marks reconciler's host routes (ASCII "r"). The kernel keeps the
@@ -58,15 +57,8 @@ class RouteChanges:
         return bool(self.added or self.removed)
 
 
-@contextmanager
-def _ipr(netns: str | None) -> Iterator[Any]:
-    ipr: Any = NetNS(netns, flags=0) if netns else IPRoute()
-    try:
-        yield ipr
-    except NetlinkError as exc:
-        raise NetworkError(f"netlink: {exc.args[-1] if exc.args else exc}") from exc
-    finally:
-        ipr.close()
+def _ipr(netns: str | None) -> AbstractContextManager[Any]:
+    return netlink(netns, create=False)  # a host's namespace is never made here
 
 
 def _main_routes(ipr: Any) -> list[tuple[str, str | None, int]]:
