@@ -59,6 +59,7 @@ import bench_store  # noqa: E402
 import psycopg  # noqa: E402
 from support.daemons import kill_vms, supervisor_counts  # noqa: E402
 from support.fakes import fleet, running, workload  # noqa: E402
+from support.multihost_cluster import remove_host_namespaces  # noqa: E402
 from support.process_fleet import (  # noqa: E402
     ECHO,
     echo_workload,
@@ -79,7 +80,6 @@ from reconciler.planning.rollout import gate  # noqa: E402
 from reconciler.state import StoreLocation, open_state_store  # noqa: E402
 from reconciler.state.hosts import HOST_GRACE_SECONDS, HostRegistration  # noqa: E402
 from reconciler.state.postgres import PostgresStateStore  # noqa: E402
-from runtime.network import scope_for  # noqa: E402
 
 
 def summary(values: list[float]) -> str:
@@ -375,12 +375,7 @@ def three_hosts(
             daemon.stop()
         for state in states.values():
             kill_vms(state)
-        scopes = tuple(f"rc{scope_for(str(state.resolve()))}-" for state in states.values())
-        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-        for line in listed.stdout.splitlines():
-            name = line.split()[0] if line.strip() else ""
-            if name.startswith(scopes) or name in namespaces.values():
-                subprocess.run(["ip", "netns", "del", name], check=False)
+        remove_host_namespaces(states.values(), namespaces.values())
 
 
 def part_hostloss(scratch: Path, trials: int, rounds: int) -> list[str]:

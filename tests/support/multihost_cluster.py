@@ -266,10 +266,15 @@ def three_hosts(tmp_path: Path, dsn: str, *, kernels: Path | None = None) -> Ite
             daemon.stop()
         for state in states.values():
             kill_vms(state)
-        # The hosts' namespaces, and each VM's own (named by its host's scope).
-        scopes = tuple(f"rc{scope_for(str(state.resolve()))}-" for state in states.values())
-        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-        for line in listed.stdout.splitlines():
-            name = line.split()[0] if line.strip() else ""
-            if name.startswith(scopes) or name in namespaces.values():
-                subprocess.run(["ip", "netns", "del", name], check=False)
+        remove_host_namespaces(states.values(), namespaces.values())
+
+
+def remove_host_namespaces(states: Iterable[Path], hosts: Iterable[str]) -> None:
+    """Delete the hosts' network namespaces, and each VM's own (named by its host's scope)."""
+    scopes = tuple(f"rc{scope_for(str(state.resolve()))}-" for state in states)
+    names = set(hosts)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    for line in listed.stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.startswith(scopes) or name in names:
+            subprocess.run(["ip", "netns", "del", name], check=False)
