@@ -18,6 +18,7 @@ change in every rendering of the plan, so a reviewer reads exactly what moved.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
@@ -769,8 +770,8 @@ class Plan:
             "head": self.head,
             "observed_version": self.observed_version,
             "summary": self.summary(),
-            "actions": [_action_to_dict(a) for a in self.actions],
-            "noops": [_action_to_dict(a) for a in self.noops],
+            "actions": [action_to_dict(a) for a in self.actions],
+            "noops": [action_to_dict(a) for a in self.noops],
             "builds": [
                 {
                     "workload": b.workload,
@@ -819,12 +820,13 @@ class Plan:
 
 
 # Looked up, not read from the enums: a plan of 100,000 VMs spends more in ``Enum.value``
-# (a descriptor call) than in the rest of ``_action_to_dict``.
+# (a descriptor call) than in the rest of ``action_to_dict``.
 _ACTION_VALUES = {kind: kind.value for kind in ActionType}
 _DISRUPTION_LABELS = {d: d.label for d in Disruption}
 
 
-def _action_to_dict(action: VMAction) -> dict[str, Any]:
+def action_to_dict(action: VMAction) -> dict[str, Any]:
+    """One action's row in the JSON form of a plan (``Plan.to_dict``)."""
     row = {
         "action": _ACTION_VALUES[action.action],
         "vm": action.vm,
@@ -873,22 +875,33 @@ def artifact_ref_for(workload: Workload, target: Target, kernel: str | None) -> 
     ``kernel`` is the fleet's kernel reference (name or digest); the executable target does
     not boot a kernel, so its digest ignores it.
     """
-    inputs = {
-        "source": workload.source_digest,
-        "build": digest_of(
-            {
-                "language": workload.source.language.value,
-                "entrypoint": workload.source.entrypoint,
-                "options": dict(workload.build.options),
-            }
-        ),
+    source = workload.source
+    build = digest_of(
+        {
+            "language": source.language.value,
+            "entrypoint": source.entrypoint,
+            "options": dict(workload.build.options),
+        }
+    )
+    return _artifact_ref(workload.name, workload.source_digest, build, target, kernel)
+
+
+def _artifact_ref(
+    name: str, source: str, build: str, target: Target, kernel: str | None
+) -> ArtifactRef:
+    inputs = {"source": source, "build": build, **_fixed_inputs(target, kernel)}
+    return ArtifactRef(workload=name, target=target, input_digest=digest_of(inputs), inputs=inputs)
+
+
+@functools.lru_cache(maxsize=256)  # kernel names come from manifests: bounded
+def _fixed_inputs(target: Target, kernel: str | None) -> dict[str, str]:
+    """The inputs of an artifact digest that every workload of a fleet shares: the same few
+    (target, kernel) pairs for ten thousand workloads, so each is digested once."""
+    return {
         "target": digest_of(target.value),
         "kernel": digest_of(kernel if target is not Target.EXECUTABLE else None),
         "builder": digest_of(BUILDER_ABI),
     }
-    return ArtifactRef(
-        workload=workload.name, target=target, input_digest=digest_of(inputs), inputs=inputs
-    )
 
 
 def vm_settings(workload: Workload, artifact: ArtifactRef, kernel: str | None) -> dict[str, str]:
@@ -1129,10 +1142,17 @@ def assemble_fleet(
         if known is not None and known[0] is workload and known[1] == kernel:
             _, _, own, deployed, settings = known
         else:
-            own = {t: artifact_ref_for(workload, t, kernel) for t in workload.build.targets}
-            deployed = own.get(workload.deploy.target) or artifact_ref_for(
-                workload, workload.deploy.target, kernel
-            )
+            # One build digest for every target of the workload (``artifact_ref_for``).
+            build = artifact_ref_for(workload, workload.deploy.target, kernel)
+            own = {
+                t: build
+                if t is build.target
+                else _artifact_ref(
+                    workload.name, workload.source_digest, build.inputs["build"], t, kernel
+                )
+                for t in workload.build.targets
+            }
+            deployed = own.get(workload.deploy.target) or build
             settings = vm_settings(workload, deployed, kernel)
             if expanded is not None:
                 expanded[id(workload)] = (workload, kernel, own, deployed, settings)

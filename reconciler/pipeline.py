@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from reconciler.errors import PlanError
 from reconciler.formatting import short_sha
-from reconciler.manifests import ParseCache, load_fleet
+from reconciler.manifests import ParseCache, load_fleet, load_remembered
 from reconciler.manifests.compile_cache import CompileCache, TreeIndex
 from reconciler.model import DesiredFleet, ObservedFleet, Plan, Workload, assemble_fleet
 from reconciler.planning import check_deletions, diff, observed_from_desired
@@ -72,22 +72,29 @@ class RevisionLoader:
         """The desired fleet at ``rev``; ``save=False`` leaves writing the persistent cache to
         a later load (``plan_between`` writes once for both revisions)."""
         revision = self.source.resolve(rev)
+        # Always: a source that verifies signatures does so here, cached revisions included.
         root = self.source.checkout(revision)
         if not self._opened:
             self._opened = True
             if self.compile_cache is not None:
                 self.cache.store = CompileCache.open(self.compile_cache)
+        fleet = None
         index = None
         if self.cache.store is not None and isinstance(self.source, ListsTrees):
-            index = TreeIndex.from_entries(self.source.tree_entries(revision))
-        fleet = load_fleet(
-            root,
-            subpath=self.subpath,
-            revision=revision,
-            cache=self.cache,
-            secrets=self.secrets,
-            tree_index=index,
-        )
+            # A commit loaded whole before needs no tree listing (a ``git`` process, and the
+            # parse of every entry of the repository).
+            fleet = load_remembered(self.cache, revision, subpath=self.subpath)
+            if fleet is None:
+                index = TreeIndex.from_entries(self.source.tree_entries(revision))
+        if fleet is None:
+            fleet = load_fleet(
+                root,
+                subpath=self.subpath,
+                revision=revision,
+                cache=self.cache,
+                secrets=self.secrets,
+                tree_index=index,
+            )
         if save:
             self.save()
         return fleet

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 from support.repo import FleetRepo
 
+from reconciler import model
 from reconciler.errors import ManifestError, PlanError
 from reconciler.manifests import DEFAULT_LIMITS, ParseCache, load_fleet
 from reconciler.manifests import compile_cache as compile_cache_module
@@ -398,9 +399,14 @@ def test_a_revision_loaded_whole_before_reads_no_file(tmp_path: Path) -> None:
         checkout = tmp_path / "state" / "git" / "trees" / rev
         os.chmod(checkout, 0o755)
         remove_tree(checkout / "fleet")
+    listed: list[str] = []
+    list_trees = source.tree_entries
+    source.tree_entries = lambda rev: listed.append(rev) or list_trees(rev)  # type: ignore[method-assign]
     plan, hits = _plan_of(source, base, head, cache_file)
     assert plan == expected
     assert hits == 12
+    assert listed == []  # nor their trees listed
+    del source.tree_entries
     # An entry of the wrong shape, or one whose workloads are gone, is loaded again.
     for broken in (
         (files, trees, workloads, dict.fromkeys(revisions, ("garbage", ()))),
@@ -606,6 +612,25 @@ def test_every_field_of_a_workload_survives_the_file() -> None:
     )
     encoded = encode_workload(workload)
     assert decode_workload(marshal.loads(marshal.dumps(encoded))) == workload
+
+
+def test_decoding_builds_what_the_constructors_build() -> None:
+    """Decoding fills each frozen dataclass's fields without its ``__init__``: right only as
+    long as no model class does more there. A wrong field count is refused, not truncated."""
+    checked = [
+        cls
+        for cls in vars(model).values()
+        if isinstance(cls, type)
+        and dataclasses.is_dataclass(cls)
+        and cls.__module__ == model.__name__
+    ]
+    assert checked
+    assert not [cls.__name__ for cls in checked if hasattr(cls, "__post_init__")]
+    encoded = encode_workload(_generated_workload(random.Random(1), "w2"))
+    assert encoded is not None
+    short = (encoded[0], encoded[1], encoded[2][:-1])
+    assert decode_workload(short) is None
+    assert decode_workload((encoded[0], encoded[1], (*encoded[2], "extra"))) is None
 
 
 def _generated_workload(rng: random.Random, name: str) -> Workload:

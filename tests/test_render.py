@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from support.fakes import fleet, running, workload
 
+from reconciler.model import ActionType, Change
 from reconciler.planning import diff
 from reconciler.render import RENDERERS
 
@@ -70,3 +71,25 @@ def test_markdown_escapes_pipes_in_cells() -> None:
     # Every row of the actions table has exactly the header's 8 cell borders.
     assert all(len(re.findall(r"(?<!\\)\|", row)) == 8 for row in rows), rows
     assert "a \\| b" in md
+
+
+def test_json_of_many_alike_noops_is_the_plain_encoding() -> None:
+    """``render_json`` encodes each distinct no-op row once and fills in the VM names: the
+    bytes must be those of encoding the plan's dict, whatever the names and reasons hold."""
+    plan = _sample_plan()
+    model = replace(plan.actions[0], changes=(), stands_in_for=None)
+    odd_names = ["web-0", 'q"uote-1', "é-ü-2", "back\\slash-3", "tab\there-4", "\u2028-5"]
+    noops = [
+        replace(model, vm=name, workload=workload, reason=reason, action=ActionType.NOOP)
+        for workload in ("web", 'we"b', "ü")
+        for reason in ("up to date", 'a ,"noops":[], reason', "workload is suspended")
+        for name in odd_names
+    ]
+    noops.insert(3, replace(noops[0], vm="changed-0", changes=(Change("k", "1", "2"),)))
+    noops.insert(5, replace(noops[0], vm="surge-0", stands_in_for="web-0"))
+    tricky = replace(plan.actions[0], reason=',"noops":[],', vm=',"vm":"",')
+    plan = replace(plan, noops=tuple(noops), actions=(tricky, *plan.actions[1:]))
+    assert RENDERERS["json"](plan) == json.dumps(plan.to_dict(), separators=(",", ":")) + "\n"
+    assert RENDERERS["json"](replace(plan, noops=())) == (
+        json.dumps(replace(plan, noops=()).to_dict(), separators=(",", ":")) + "\n"
+    )

@@ -6,6 +6,6 @@ revision are all refused, and every problem is reported at once with file, line 
 """
 
 from reconciler.manifests.limits import DEFAULT_LIMITS, Limits
-from reconciler.manifests.loader import ParseCache, load_fleet
+from reconciler.manifests.loader import ParseCache, load_fleet, load_remembered
 
-__all__ = ["DEFAULT_LIMITS", "Limits", "ParseCache", "load_fleet"]
+__all__ = ["DEFAULT_LIMITS", "Limits", "ParseCache", "load_fleet", "load_remembered"]

@@ -435,6 +435,7 @@ _GETTERS: dict[type, Any] = {
     if names
 }
 _PLAIN = frozenset({str, int, float, bool, type(None)})
+_new = object.__new__
 _CONTAINERS = frozenset({tuple, dict, list})
 # Dispatch on the exact type, and leaves (most values) without a call: ten thousand workloads
 # are some half a million values each way.
@@ -468,10 +469,17 @@ def _decode(value: Any) -> Any:
         if tag == _TUPLE:
             return tuple([_decode(v) if type(v) in _CONTAINERS else v for v in value[1]])
         cls = _MODEL_TYPES[value[1]]  # KeyError: not ours, the entry is dropped
-        if tag == _DATACLASS and cls in _FIELDS:
-            return cls(*[_decode(v) if type(v) in _CONTAINERS else v for v in value[2]])
+        names = _FIELDS.get(cls)
+        if tag == _DATACLASS and names is not None:
+            # What the frozen dataclass's ``__init__`` does (none of the model's has more to
+            # do), without a guarded ``__setattr__`` per field: half a million values. A
+            # wrong number of fields raises ValueError (``strict``): the entry is dropped.
+            fields = [_decode(v) if type(v) in _CONTAINERS else v for v in value[2]]
+            decoded: Any = _new(cls)
+            decoded.__dict__.update(zip(names, fields, strict=True))
+            return decoded
         if tag == _ENUM and issubclass(cls, Enum):
-            return cls(value[2])
+            return cls._value2member_map_[value[2]]  # KeyError: not one of its values
         raise ValueError(f"unknown tag {tag!r}")
     if kind is dict:
         return {k: _decode(v) if type(v) in _CONTAINERS else v for k, v in value.items()}

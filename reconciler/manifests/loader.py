@@ -525,6 +525,22 @@ def _read(rev: _Revision, path: Path) -> _File:
     return _File(rel, key, raw, path.name.endswith(".j2"))
 
 
+def load_remembered(
+    cache: ParseCache, revision: str, *, subpath: str = "", limits: Limits = DEFAULT_LIMITS
+) -> DesiredFleet | None:
+    """The desired fleet of commit ``revision`` decoded from the cache, without reading a file
+    or listing a tree, when a load of it was kept whole; else ``None`` (``load_fleet`` it).
+
+    Only a load that depended on nothing but its commit is kept (no symlink or submodule, no
+    template, no secret: see the end of ``load_fleet``), so the commit decides it all."""
+    if cache.store is None:
+        return None
+    kept = cache.store.revision(revision_key(revision, subpath, repr(limits)))
+    if kept is None:
+        return None
+    return _assemble(revision, kept[0], kept[1], cache.store)
+
+
 def load_fleet(
     root: Path,
     *,
@@ -547,14 +563,12 @@ def load_fleet(
     to it and must stay inside ``root``. Raises ``ManifestError`` with every problem found.
     """
     cache = cache or ParseCache()
-    # A revision loaded before, whole, is decoded from the cache: no file is read. Only one
-    # whose load depends on nothing but its commit qualifies (``_remember_revision``).
     memo = None
     if cache.store is not None and tree_index is not None and not tree_index.linked and revision:
         memo = revision_key(revision, subpath, repr(limits))
-        kept = cache.store.revision(memo)
-        if kept is not None:
-            return _assemble(revision, kept[0], kept[1], cache.store)
+        remembered = load_remembered(cache, revision, subpath=subpath, limits=limits)
+        if remembered is not None:
+            return remembered
     root = root.resolve()
     shown = subpath or "."
     fleet_dir = resolved(root / subpath)

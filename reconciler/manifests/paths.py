@@ -21,7 +21,10 @@ MANIFEST_SUFFIXES = (".yaml", ".yml", ".yaml.j2")
 
 
 def is_inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+    """Whether ``path`` is ``root`` or below it, lexically (resolve first to follow links)."""
+    # Strings, not ``root in path.parents``: this runs for every file of a revision.
+    here, top = str(path), str(root)
+    return here == top or here.startswith(top if top.endswith("/") else top + "/")
 
 
 def resolved(path: Path) -> Path | None:
@@ -35,10 +38,12 @@ def resolved(path: Path) -> Path | None:
 
 
 def relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
+    """``path`` relative to ``root`` (``.`` for the root itself), or whole when not below it."""
+    here, top = str(path), str(root)
+    if here == top:
+        return "."
+    prefix = top if top.endswith("/") else top + "/"
+    return here[len(prefix) :] if here.startswith(prefix) else path.as_posix()
 
 
 @dataclass
@@ -54,9 +59,18 @@ def find_manifests(root: Path, fleet_dir: Path, limits: Limits) -> ManifestFiles
     for directory, dirnames, filenames in os.walk(fleet_dir, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(directory)
-        for name in [*dirnames, *sorted(filenames)]:
+        filenames.sort()
+        # One ``lstat`` per file: a directory os.walk enters is no symlink (it does not follow
+        # them), so a file that is not one itself is where it is, inside the root.
+        modes: dict[str, os.stat_result | None] = {}
+        for name in [*dirnames, *filenames]:
             path = here / name
-            if not path.is_symlink():
+            try:
+                info: os.stat_result | None = os.lstat(path)
+            except OSError:
+                info = None
+            modes[name] = info
+            if info is None or not stat.S_ISLNK(info.st_mode):
                 continue
             target = resolved(path)
             if target is None:
@@ -72,13 +86,21 @@ def find_manifests(root: Path, fleet_dir: Path, limits: Limits) -> ManifestFiles
                         f"symlink to {os.readlink(path)} leaves the repository; refusing it",
                     )
                 )
-        for name in sorted(filenames):
+        for name in filenames:
             if not name.endswith(MANIFEST_SUFFIXES) or name.startswith("."):
                 continue
-            real = resolved(here / name)
-            if real is None or not is_inside(real, root) or not real.is_file():
-                continue  # reported above, or a dangling link
-            size = real.stat().st_size
+            info = modes.get(name)
+            if info is None:
+                continue  # gone since os.walk listed it
+            if stat.S_ISLNK(info.st_mode):
+                real = resolved(here / name)
+                if real is None or not is_inside(real, root) or not real.is_file():
+                    continue  # reported above, or a dangling link
+                size = real.stat().st_size
+            elif stat.S_ISREG(info.st_mode):
+                size = info.st_size
+            else:
+                continue  # a FIFO or a device node is no manifest
             rel = relative(here / name, root)
             if size > limits.max_file_bytes:
                 found.problems.append(
