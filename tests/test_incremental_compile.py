@@ -546,7 +546,8 @@ def test_paths_git_lists_are_refused_as_the_file_system_refuses_them(tmp_path: P
 
 def test_diff_imports_neither_validators_nor_runtimes(tmp_path: Path) -> None:
     """A warm ``diff`` loads what it needs: no jsonschema, jsonschema-rs or Jinja2 (every
-    document was validated before, no template), no runtime, builder or daemon code."""
+    document was validated before, no template), no runtime, builder or daemon code, and no
+    ``diff`` loads a store or the signature tools it was not asked to use."""
     repo, _, base, head = _example(tmp_path)
     state = tmp_path / "state"
     argv = ["diff", "--repo", str(repo.path), "--base", base, "--head", head]
@@ -559,14 +560,20 @@ def test_diff_imports_neither_validators_nor_runtimes(tmp_path: Path) -> None:
         "print(json.dumps([code, sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'jsonschema', 'jsonschema_rs', 'jinja2', 'runtime', 'builders', 'pyroute2', "
         "'git', 'sqlite3'} "
-        "or m.startswith(('reconciler.daemon.', 'reconciler.execution')))]))\n"
+        "or m.startswith(('reconciler.daemon.', 'reconciler.execution', "
+        "'reconciler.state.location', 'reconciler.state.protocol', "
+        "'reconciler.source.signatures', 'reconciler.source.gpg')))]))\n"
     )
+    # Neither the store's modules (no --store) nor the signature tools (no --trusted-key):
+    # cold or warm.
+    unasked = ("reconciler.state.", "reconciler.source.")
     for run in ("cold", "warm"):
         out = subprocess.run(
             [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=PROJECT
         ).stdout
         code, loaded = json.loads(out.splitlines()[-1])
         assert code == 2
+        assert not [m for m in loaded if m.startswith(unasked)]
         heavy = [m for m in loaded if not m.startswith("reconciler.daemon.")]
         if run == "warm":
             assert heavy == [], heavy

@@ -22,9 +22,9 @@ from reconciler.pipeline import RevisionLoader
 from reconciler.secrets import open_resolver
 from reconciler.source import open_source
 from reconciler.source.credentials import CREDENTIAL_ENV, GitCredential
-from reconciler.source.signatures import SignatureVerifier, TrustedKeys, VerifiedSource
 
 if TYPE_CHECKING:
+    from reconciler.source.signatures import TrustedKeys
     from reconciler.state import StoreLocation
 
 
@@ -142,9 +142,11 @@ def _store_digest_keys(args: argparse.Namespace) -> _StoreDigestKeys | None:
     """The store's digest key source when the command's store is PostgreSQL, else None."""
     chosen: str | None = getattr(args, "store", None)
     url = chosen if chosen is not None else read_environment().store
+    if url is None:
+        return None
     from reconciler.state.location import is_postgres_url  # noqa: PLC0415 (as above)
 
-    if url is None or not is_postgres_url(url):
+    if not is_postgres_url(url):
         return None
     return _StoreDigestKeys(store_location(args))
 
@@ -167,6 +169,9 @@ def repo_credential(args: argparse.Namespace) -> GitCredential | None:
 
 
 def trusted_keys(args: argparse.Namespace) -> TrustedKeys:
+    # Imported here, as in ``revision_loader``: signature checks are only for --trusted-key.
+    from reconciler.source.signatures import TrustedKeys  # noqa: PLC0415
+
     return TrustedKeys.from_paths(
         getattr(args, "trusted_key", []), getattr(args, "revoked_key", [])
     )
@@ -186,7 +191,8 @@ def revision_loader(
     commits signed by them. ``decrypt``: secrets are decrypted with the age key (commands that
     plan or start VMs); without, only checked (``validate``, ``build``). ``create_digest_key``:
     the fleet's digest key is created when missing (commands that write the state)."""
-    keys = trusted_keys(args)  # a bad key file fails before any fetch
+    verified = getattr(args, "trusted_key", None) or getattr(args, "revoked_key", None)
+    keys = trusted_keys(args) if verified else None  # a bad key file fails before any fetch
     source = open_source(
         args.repo, ref=args.ref, cache_dir=state_dir(args) / "git", credential=repo_credential(args)
     )
@@ -205,6 +211,10 @@ def revision_loader(
         return RevisionLoader(
             source=source, subpath=args.path, secrets=secrets, compile_cache=compiled
         )
+    # Imported here: the signature tools (gpg, ssh-keygen) are no concern of a repository
+    # that is not verified, and ``diff`` starts in every pull request.
+    from reconciler.source.signatures import SignatureVerifier, VerifiedSource  # noqa: PLC0415
+
     verifier = SignatureVerifier(keys, state_dir(args) / "signatures")
     verifier.prepare()
     return RevisionLoader(

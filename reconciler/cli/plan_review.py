@@ -24,6 +24,7 @@ import argparse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from reconciler.cli.environment import read_environment
 from reconciler.cli.options import state_dir, store_location
 from reconciler.errors import ConfigError
 from reconciler.model import Plan
@@ -39,9 +40,7 @@ from reconciler.source.worktree import WORKTREE, WorktreeSource
 
 if TYPE_CHECKING:
     from reconciler.planning.placed import LiveHosts
-from reconciler.state import open_state_store
 from reconciler.state.hosts import HOST_GRACE_SECONDS, grace_problem
-from reconciler.state.location import SQLITE, open_host_registry
 
 TIMELINE_EVENTS_READ = 2000  # the newest events scanned for measurements
 NOT_PLACED = (
@@ -99,6 +98,11 @@ def live_hosts(args: argparse.Namespace) -> LiveHosts | None:
     problem = grace_problem(grace)
     if problem is not None:
         raise ConfigError(problem)
+    if getattr(args, "store", None) is None and read_environment().store is None:
+        return None  # the state directory's SQLite store: one host (and no store to import)
+    # Imported here: the store's modules are no concern of a plan without one.
+    from reconciler.state.location import SQLITE, open_host_registry  # noqa: PLC0415
+
     location = store_location(args)
     if location.kind == SQLITE:
         return None
@@ -165,6 +169,9 @@ def render_plan(args: argparse.Namespace, plan: Plan) -> str:
 
 def measured_start_to_healthy(args: argparse.Namespace) -> dict[str, list[float]]:
     """Workload -> the newest start-to-healthy times the daemon recorded, newest first."""
+    from reconciler.state import open_state_store  # noqa: PLC0415 (as in ``live_hosts``)
+    from reconciler.state.location import SQLITE  # noqa: PLC0415
+
     location = store_location(args)  # --store / RECONCILER_STORE, as every other command
     if location.kind == SQLITE and not location.state_dir.is_dir():
         return {}
