@@ -7,14 +7,17 @@ another's env. For every size, in one run and side by side:
 * ``cold``: a fresh state directory (both checkouts exported, nothing cached);
 * ``first``: checkouts exported already, no compile cache (the first diff of a pull request on
   a runner that keeps its state directory);
+* ``new head``: the base known (its compile cache entries written by an earlier diff of it), the
+  head never seen: the next pull request against the same main on such a runner;
 * ``repeat``: the same pair again (the PR re-run, and what the daemon's per-commit cycle pays);
 * PyYAML's C loader alone on the manifest files of both revisions, and the ratios;
 * the peak RSS of the diff process.
 
 For the 1,000 x 10 fleet, the share of each phase of a ``first`` diff (start: the interpreter
 and the imports of ``diff``; git: resolve, export, list trees; parse; validate; compile;
-load: walking, reading and checking the revision; plan; render), measured in process by timing
-the functions of each phase.
+load: walking, reading and checking the revision, decoding the cache; plan; render), measured
+in process by timing the functions of each phase. Wall times are the best of ``--runs`` runs,
+with the median beside it.
 
 Targets (issue): 1,000 x 10 <= 1.0 s and <= 2x the C loader, repeat <= 0.5 s; 10,000 x 10
 <= 3 s and <= 300 MB; 1,000 x 100 <= 2 s.
@@ -34,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -210,7 +213,7 @@ loader.parse_documents = timed("parse", loader.parse_documents)
 loader.validate = timed("validate", loader.validate)
 loader.compile_workload = timed("compile", loader.compile_workload)
 loader.assemble_fleet = timed("compile", loader.assemble_fleet)
-pipeline.load_fleet = timed("load", pipeline.load_fleet)
+pipeline.RevisionLoader.load = timed("load", pipeline.RevisionLoader.load)
 for name in ("diff", "observed_from_desired", "check_deletions"):
     setattr(pipeline, name, timed("plan", getattr(pipeline, name)))
 repo, base, head, state = sys.argv[1:5]
@@ -223,9 +226,9 @@ middle = time.perf_counter()
 render_json(plan)
 spent["render"] = time.perf_counter() - middle
 spent["total"] = time.perf_counter() - start
-# load_fleet includes parse, validate and compile: what remains is walking and reading files,
-# classifying documents, the reuse lookups and the checks across documents.
-inner = sum(spent.get(p, 0.0) for p in ("parse", "validate", "compile"))
+# A load includes git, parse, validate and compile: what remains is walking and reading files,
+# classifying documents, the reuse lookups, decoding the cache and the checks across documents.
+inner = sum(spent.get(p, 0.0) for p in ("git", "parse", "validate", "compile"))
 spent["load"] = spent.get("load", 0.0) - inner
 print(json.dumps(spent))
 """
@@ -246,11 +249,9 @@ def phases(repo: Path, base: str, head: str, state_dir: Path) -> dict[str, float
 class Case:
     workloads: int
     replicas: int
-    cold: float = 0.0
-    first: float = 0.0
-    repeat: float = 0.0
-    first_cpu: float = 0.0
-    repeat_cpu: float = 0.0
+    walls: dict[str, list[float]] = field(default_factory=dict)
+    """Kind of run (cold, first, new head, repeat) -> wall seconds of each run."""
+    cpus: dict[str, list[float]] = field(default_factory=dict)
     yaml_s: float = 0.0
     rss: float = 0.0
     codes: frozenset[int] = frozenset()
@@ -259,34 +260,42 @@ class Case:
     def vms(self) -> int:
         return self.workloads * self.replicas
 
+    def best(self, kind: str) -> float:
+        """The fastest run: what the machine can do when nothing else disturbs it (the
+        issue's own figures are best of 3)."""
+        return min(self.walls[kind])
+
+    def median(self, kind: str) -> float:
+        return statistics.median(self.walls[kind])
+
+    def cpu(self, kind: str) -> float:
+        return statistics.median(self.cpus[kind])
+
+    def wall_cell(self, kind: str) -> str:
+        return f"{self.best(kind):.2f} s ({self.median(kind):.2f})"
+
 
 def measure(root: Path, case: Case, runs: int) -> Case:
     repo, base, head = make_repo(root, case.workloads, case.replicas)
-    colds, firsts, repeats, rss, codes = [], [], [], [], set()
-    first_cpus, repeat_cpus = [], []
+    rss, codes = [], set()
+
+    def timed(kind: str, state: Path) -> None:
+        wall, peak, code, cpu = time_diff(repo, base, head, state)
+        case.walls.setdefault(kind, []).append(wall)
+        case.cpus.setdefault(kind, []).append(cpu)
+        rss.append(peak)
+        codes.add(code)
+
     for run in range(runs):
         state = root / f"state-{case.workloads}x{case.replicas}-{run}"
-        wall, peak, code, _ = time_diff(repo, base, head, state)  # cold: nothing exported
-        colds.append(wall)
-        rss.append(peak)
-        codes.add(code)
+        timed("cold", state)  # nothing exported, nothing cached
         (state / "compile-cache").unlink(missing_ok=True)
-        wall, peak, code, cpu = time_diff(repo, base, head, state)  # first: checkouts exist
-        firsts.append(wall)
-        first_cpus.append(cpu)
-        rss.append(peak)
-        codes.add(code)
-        wall, peak, code, cpu = time_diff(repo, base, head, state)  # repeat: the same pair
-        repeats.append(wall)
-        repeat_cpus.append(cpu)
-        rss.append(peak)
-        codes.add(code)
+        timed("first", state)  # checkouts exist
+        timed("repeat", state)  # the same pair
+        (state / "compile-cache").unlink(missing_ok=True)
+        time_diff(repo, base, base, state)  # the base alone: known from now on
+        timed("new head", state)
         shutil.rmtree(state, ignore_errors=True)
-    case.cold = statistics.median(colds)
-    case.first = statistics.median(firsts)
-    case.repeat = statistics.median(repeats)
-    case.first_cpu = statistics.median(first_cpus)
-    case.repeat_cpu = statistics.median(repeat_cpus)
     case.rss = max(rss)
     case.codes = frozenset(codes)
     case.yaml_s = statistics.median(time_yaml(repo, base, head) for _ in range(runs))
@@ -308,8 +317,7 @@ def main() -> int:
         starts = [time_start() for _ in range(args.runs)]
         bares = [time_bare() for _ in range(args.runs)]
         for workloads, replicas in sizes:
-            runs = args.runs if workloads * replicas <= 10_000 else max(1, args.runs - 1)
-            cases.append(measure(root, Case(workloads, replicas), runs))
+            cases.append(measure(root, Case(workloads, replicas), args.runs))
             print(f"{workloads} x {replicas}: done", file=sys.stderr)
         (root / "phases").mkdir()
         repo, base, head = make_repo(root / "phases", 1000, 10)
@@ -326,7 +334,7 @@ def main() -> int:
         "",
         f"Generated by `bench/bench_diff.py --runs {args.runs}` on "
         f"{datetime.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPUs "
-        f"(shared with other work while it ran), Python {platform.python_version()}; medians. "
+        f"(shared with other work while it ran), Python {platform.python_version()}. "
         "Rerun: `.venv/bin/python bench/bench_diff.py` (add `--quick` for 1,000 x 10 only).",
         f"Workloads in files of {PER_FILE}, each with its own source directory; commit B changes "
         "one workload's replicas and another's env. Exit codes seen: "
@@ -334,22 +342,27 @@ def main() -> int:
         "",
         "* **cold**: empty state directory: both revisions exported, nothing cached.",
         "* **first**: checkouts already exported, no compile cache: the first diff of a pair.",
+        "* **new head**: the base known (an earlier diff of it left its compile cache entries), "
+        "the head never seen: the next pull request against the same main on a runner that "
+        "keeps its state directory.",
         "* **repeat**: the same pair again, compile cache warm (the PR re-run; the daemon's "
         "per-commit load is the same reuse, in memory).",
         "",
-        "Wall times depend on what else the machine runs; CPU seconds (user + system of the "
-        "diff process and its git children) much less: the ratio to the C loader (CPU too) is "
-        "taken on them.",
+        f"Wall times: the best of {args.runs} runs (as the issue measured), the median in "
+        "parentheses; they depend on what else the machine runs. CPU seconds (user + system of "
+        "the diff process and its children, medians) much less: the ratio to the C loader "
+        "(CPU too) is taken on them.",
         "",
-        "| workloads x replicas | VMs | cold wall | first wall | repeat wall | first CPU | "
-        "repeat CPU | C loader CPU, both revisions | first / C loader | peak RSS |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workloads x replicas | VMs | cold wall | first wall | new head wall | repeat wall | "
+        "first CPU | repeat CPU | C loader CPU, both revisions | first / C loader | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         lines.append(
-            f"| {c.workloads:,} x {c.replicas} | {c.vms:,} | {c.cold:.2f} s | {c.first:.2f} s | "
-            f"{c.repeat:.2f} s | {c.first_cpu:.2f} s | {c.repeat_cpu:.2f} s | {c.yaml_s:.2f} s | "
-            f"{c.first_cpu / c.yaml_s:.1f}x | {c.rss:.0f} MB |"
+            f"| {c.workloads:,} x {c.replicas} | {c.vms:,} | {c.wall_cell('cold')} | "
+            f"{c.wall_cell('first')} | {c.wall_cell('new head')} | {c.wall_cell('repeat')} | "
+            f"{c.cpu('first'):.2f} s | {c.cpu('repeat'):.2f} s | {c.yaml_s:.2f} s | "
+            f"{c.cpu('first') / c.yaml_s:.1f}x | {c.rss:.0f} MB |"
         )
     lines += [
         "",
@@ -368,20 +381,21 @@ def main() -> int:
         lines.append(f"| {phase} | {first:.3f} | {repeat:.3f} |")
     lines += ["", "Targets:", ""]
     targets = [
-        ("1,000 x 10 first <= 1.0 s (wall)", main_case.first, 1.0),
-        ("1,000 x 10 first <= 1.0 s (CPU)", main_case.first_cpu, 1.0),
-        ("1,000 x 10 first <= 2x C loader (CPU)", main_case.first_cpu / main_case.yaml_s, 2.0),
-        ("1,000 x 10 repeat <= 0.5 s (wall)", main_case.repeat, 0.5),
-        ("1,000 x 10 repeat <= 0.5 s (CPU)", main_case.repeat_cpu, 0.5),
+        ("1,000 x 10 first <= 1.0 s (wall)", main_case.best("first"), 1.0),
+        ("1,000 x 10 first <= 1.0 s (CPU)", main_case.cpu("first"), 1.0),
+        ("1,000 x 10 first <= 2x C loader (CPU)", main_case.cpu("first") / main_case.yaml_s, 2.0),
+        ("1,000 x 10 repeat <= 0.5 s (wall)", main_case.best("repeat"), 0.5),
+        ("1,000 x 10 repeat <= 0.5 s (CPU)", main_case.cpu("repeat"), 0.5),
     ]
     for c in cases:
         if (c.workloads, c.replicas) == (10000, 10):
-            targets += [("10,000 x 10 first <= 3 s (wall)", c.first, 3.0)]
-            targets += [("10,000 x 10 first <= 3 s (CPU)", c.first_cpu, 3.0)]
+            targets += [("10,000 x 10 first <= 3 s (wall)", c.best("first"), 3.0)]
+            targets += [("10,000 x 10 first <= 3 s (CPU)", c.cpu("first"), 3.0)]
+            targets += [("10,000 x 10 new head <= 3 s (wall)", c.best("new head"), 3.0)]
             targets += [("10,000 x 10 peak RSS <= 300 MB", c.rss, 300.0)]
         if (c.workloads, c.replicas) == (1000, 100):
-            targets += [("1,000 x 100 first <= 2 s (wall)", c.first, 2.0)]
-            targets += [("1,000 x 100 first <= 2 s (CPU)", c.first_cpu, 2.0)]
+            targets += [("1,000 x 100 first <= 2 s (wall)", c.best("first"), 2.0)]
+            targets += [("1,000 x 100 first <= 2 s (CPU)", c.cpu("first"), 2.0)]
     for label, value, limit in targets:
         verdict = "met" if value <= limit else f"missed by {value - limit:.2f} ({value:.2f})"
         lines.append(f"* {label}: {verdict}")

@@ -354,11 +354,11 @@ def test_an_entry_that_does_not_decode_is_dropped(tmp_path: Path) -> None:
     cache_file = tmp_path / CACHE_FILE
     fresh = _planned(source, base, head, cache_file)
     payload = cache_file.read_bytes()[len(MAGIC) + 32 :]
-    version, files, _, workloads, revisions = marshal.loads(payload)
+    version, files, _, workloads, revisions, expansions = marshal.loads(payload)
     # The example renders a template and decrypts secrets: its revisions are never kept whole.
     assert revisions == {}
     workloads = dict.fromkeys(workloads, ("garbage",))  # well signed, wrong shape
-    bad = marshal.dumps((version, files, {}, workloads, revisions))
+    bad = marshal.dumps((version, files, {}, workloads, revisions, expansions))
     cache_file.write_bytes(MAGIC + hashlib.sha256(bad).digest() + bad)
     assert _planned(source, base, head, cache_file) == fresh  # every workload compiled again
     assert decode_workload(("garbage",)) is None
@@ -384,7 +384,9 @@ def _plan_of(source: GitSource, base: str, head: str, cache_file: Path) -> tuple
     return plan, loader.cache.store.hits
 
 
-def test_a_revision_loaded_whole_before_reads_no_file(tmp_path: Path) -> None:
+def test_a_revision_loaded_whole_before_reads_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source, base, head = _generated(tmp_path)
     cache_file = tmp_path / "state" / CACHE_FILE
     expected = render_json(
@@ -392,13 +394,16 @@ def test_a_revision_loaded_whole_before_reads_no_file(tmp_path: Path) -> None:
     )
     assert _plan_of(source, base, head, cache_file)[0] == expected
     payload = cache_file.read_bytes()[len(MAGIC) + 32 :]
-    version, files, trees, workloads, revisions = marshal.loads(payload)
+    version, files, trees, workloads, revisions, expansions = marshal.loads(payload)
     assert len(revisions) == 2  # base and head, symlink-free, no template, no secret
     # Neither checkout is read again: both revisions come from the cache alone.
     for rev in (base, head):
         checkout = tmp_path / "state" / "git" / "trees" / rev
         os.chmod(checkout, 0o755)
         remove_tree(checkout / "fleet")
+    derived: list[str] = []
+    derive = model.vm_settings
+    monkeypatch.setattr(model, "vm_settings", lambda w, *a: derived.append(w.name) or derive(w, *a))
     listed: list[str] = []
     list_trees = source.tree_entries
     source.tree_entries = lambda rev: listed.append(rev) or list_trees(rev)  # type: ignore[method-assign]
@@ -406,11 +411,17 @@ def test_a_revision_loaded_whole_before_reads_no_file(tmp_path: Path) -> None:
     assert plan == expected
     assert hits == 12
     assert listed == []  # nor their trees listed
+    assert derived == []  # nor their VMs' settings derived again
     del source.tree_entries
-    # An entry of the wrong shape, or one whose workloads are gone, is loaded again.
+    # The derived settings of every workload were kept too, and are used.
+    assert len(expansions) == len(workloads)
+    # An entry of the wrong shape, or one whose workloads are gone, is loaded again; derived
+    # settings of the wrong shape are derived again.
     for broken in (
-        (files, trees, workloads, dict.fromkeys(revisions, ("garbage", ()))),
-        (files, trees, {}, revisions),
+        (files, trees, workloads, dict.fromkeys(revisions, ("garbage", ())), expansions),
+        (files, trees, {}, revisions, expansions),
+        (files, trees, workloads, revisions, dict.fromkeys(expansions, ("garbage",))),
+        (files, trees, workloads, revisions, dict.fromkeys(expansions, (None, "x", {}, ()))),
     ):
         bad = marshal.dumps((version, *broken))
         cache_file.write_bytes(MAGIC + hashlib.sha256(bad).digest() + bad)

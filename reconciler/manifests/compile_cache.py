@@ -179,6 +179,9 @@ class CompileCache:
     """revision key (``revision_key``) -> (the encoded ``FleetSettings``, ((workload name,
     content key), ...)) of a whole revision that loaded without problems, symlinks, templates
     or secrets: loading it again decodes these and reads no file."""
+    expansions: dict[str, Any] = field(default_factory=dict)
+    """content key -> what ``assemble_fleet`` derived from that workload (``Expansion``) in
+    plain data (``encode_expansion``): a revision decoded from the cache is not derived again."""
     changed: bool = False
     _saving: list[Pending] = field(default_factory=list, repr=False, compare=False)
     hits: int = 0
@@ -207,7 +210,7 @@ class CompileCache:
             log.warning("the compile cache %s is damaged; compiling everything again", path)
             return
         try:
-            version, files, trees, workloads, revisions = marshal.loads(payload)
+            version, files, trees, workloads, revisions, expansions = marshal.loads(payload)
         except (ValueError, EOFError, TypeError):
             log.warning("the compile cache %s does not decode; compiling everything again", path)
             return
@@ -221,6 +224,8 @@ class CompileCache:
             self.workloads = workloads  # decoded when used: a run touches what it loads
         if isinstance(revisions, dict):
             self.revisions = revisions
+        if isinstance(expansions, dict):
+            self.expansions = expansions
 
     def save(self, *, background: bool = False) -> None:
         """Write the cache (atomically, mode 0600) when it learnt something; a state directory
@@ -230,7 +235,13 @@ class CompileCache:
         writing them takes most of a second) is written by a forked child (``parallel``) while
         this process goes on making and rendering its plan; the process waits for the child
         before it exits, or at ``wait``."""
-        for entries in (self.files, self.trees, self.workloads, self.revisions):
+        for entries in (
+            self.files,
+            self.trees,
+            self.workloads,
+            self.revisions,
+            self.expansions,
+        ):
             for key in list(entries)[: max(0, len(entries) - MAX_ENTRIES)]:
                 del entries[key]  # the least recently used first
         self.wait()  # an older write still under way must not land after this one
@@ -264,14 +275,22 @@ class CompileCache:
                     encoded = _encode(value)
             if encoded is not None:
                 workloads[key] = encoded
-        contents = (compiler_version(), self.files, self.trees, workloads, self.revisions)
+        contents = (
+            compiler_version(),
+            self.files,
+            self.trees,
+            workloads,
+            self.revisions,
+            self.expansions,
+        )
         try:
             payload = marshal.dumps(contents)
         except ValueError:
             # Some workload holds a value that is not plain data: checked one by one only
             # then (one ``marshal`` of the whole is much cheaper than one per workload).
             workloads = {k: v for k, v in workloads.items() if _plain(v)}
-            payload = marshal.dumps((*contents[:3], workloads, self.revisions))
+            expansions = {k: v for k, v in self.expansions.items() if _plain(v)}
+            payload = marshal.dumps((*contents[:3], workloads, self.revisions, expansions))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -348,9 +367,12 @@ class CompileCache:
             self.encoded[key] = encoded
         self.changed = True
 
-    def revision(self, key: str) -> tuple[model.FleetSettings, dict[str, Workload]] | None:
-        """The fleet settings and workloads of a whole revision loaded before, or ``None`` when
-        it was not, or any part of it no longer decodes or was evicted (load it again)."""
+    def revision(
+        self, key: str
+    ) -> tuple[model.FleetSettings, dict[str, Workload], dict[str, str]] | None:
+        """The fleet settings, workloads and their content keys (by name) of a whole revision
+        loaded before, or ``None`` when it was not, or any part of it no longer decodes or was
+        evicted (load it again)."""
         entry = self.revisions.get(key)
         if entry is None:
             return None
@@ -370,7 +392,7 @@ class CompileCache:
                 return None
             workloads[name] = found
         self.revisions[key] = self.revisions.pop(key)  # most recently used last
-        return settings, workloads
+        return settings, workloads, dict(names)
 
     def remember_revision(
         self, key: str, settings: model.FleetSettings, workloads: Mapping[str, str]
@@ -386,6 +408,40 @@ class CompileCache:
         if self.revisions.get(key) != entry:
             self.revisions[key] = entry
             self.changed = True
+
+    def expansion(self, key: str, workload: Workload, kernel: str | None) -> Expansion | None:
+        """What ``assemble_fleet`` derived from the workload under ``key`` with ``kernel``,
+        when kept (``remember_expansion``) and it decodes; else None (derive it)."""
+        found = self.expansions.get(key)
+        if found is None:
+            return None
+        try:
+            kept_kernel, deployed, settings, refs = found
+            own = {
+                model.Target(target): model.ArtifactRef(
+                    workload.name, model.Target(target), str(digest), dict(inputs)
+                )
+                for target, digest, inputs in refs
+            }
+            deployed_ref = own.get(model.Target(deployed))
+        except (TypeError, ValueError, KeyError):
+            deployed_ref = None
+        if deployed_ref is None or kept_kernel != kernel or not isinstance(settings, dict):
+            del self.expansions[key]
+            self.changed = True
+            return None
+        return workload, kernel, own, deployed_ref, settings
+
+    def remember_expansion(self, key: str, expansion: Expansion) -> None:
+        _, kernel, own, deployed, settings = expansion
+        if deployed.target not in own:
+            return  # not built, so not keyable here (and a manifest error anyway)
+        kept = self.expansions.get(key)
+        if isinstance(kept, tuple) and kept and kept[0] == kernel:
+            return
+        refs = tuple((t.value, ref.input_digest, ref.inputs) for t, ref in own.items())
+        self.expansions[key] = (kernel, deployed.target.value, settings, refs)
+        self.changed = True
 
 
 def revision_key(*parts: str) -> str:

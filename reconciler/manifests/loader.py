@@ -538,7 +538,7 @@ def load_remembered(
     kept = cache.store.revision(revision_key(revision, subpath, repr(limits)))
     if kept is None:
         return None
-    return _assemble(revision, kept[0], kept[1], cache.store)
+    return _assemble(revision, *kept, cache.store)
 
 
 def load_fleet(
@@ -714,7 +714,7 @@ def load_fleet(
             # on where the checkout lies), no template (rendered in a child process), no
             # secret (decrypted with a key the repository does not hold).
             rev.cache.store.remember_revision(memo, settings, keys)
-        fleet = _assemble(revision, settings, workloads, rev.cache.store)
+        fleet = _assemble(revision, settings, workloads, keys, rev.cache.store)
     return replace(fleet, sensitive=SensitiveValues(fleet_secrets.sensitive))
 
 
@@ -794,11 +794,25 @@ def _assemble(
     revision: str | None,
     settings: FleetSettings,
     workloads: dict[str, Workload],
+    keys: Mapping[str, str],
     store: CompileCache,
 ) -> DesiredFleet:
+    """``assemble_fleet`` with what the cache knows: each workload's derivations (artifacts,
+    settings) as this process last made them, else as the cache file kept them by content key
+    (``keys``: name -> key), else made now, and kept both ways for the next load."""
+    expanded = store.expanded
+    for name, workload in workloads.items():
+        key = keys.get(name)
+        if key is not None and id(workload) not in expanded:
+            kept = store.expansion(key, workload, workload.deploy.kernel or settings.kernel)
+            if kept is not None:
+                expanded[id(workload)] = kept
+    fleet = assemble_fleet(revision, settings, workloads, expanded=expanded)
+    for name, key in keys.items():
+        made = expanded.get(id(workloads[name])) if name in workloads else None
+        if made is not None:
+            store.remember_expansion(key, made)
     # Workload objects reused from the last load keep their VMs' settings and artifacts; only
     # this load's are kept for the next (bounded by the fleet, not by history).
-    expanded = store.expanded
-    fleet = assemble_fleet(revision, settings, workloads, expanded=expanded)
     store.expanded = {id(w): expanded[id(w)] for w in workloads.values() if id(w) in expanded}
     return fleet
