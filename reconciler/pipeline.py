@@ -49,6 +49,14 @@ class ListsTrees(Protocol):
     def tree_entries(self, rev: str) -> dict[str, tuple[str, str]]: ...
 
 
+@runtime_checkable
+class VerifiesCommits(Protocol):
+    """A ``Source`` that serves only commits it verifies (``VerifiedSource``): ``verify``
+    raises for one it does not trust, as its ``checkout`` would."""
+
+    def verify(self, sha: str) -> str: ...
+
+
 @dataclass
 class RevisionLoader:
     """Loads the desired fleet at any revision of one source, parsing each file content once
@@ -72,8 +80,6 @@ class RevisionLoader:
         """The desired fleet at ``rev``; ``save=False`` leaves writing the persistent cache to
         a later load (``plan_between`` writes once for both revisions)."""
         revision = self.source.resolve(rev)
-        # Always: a source that verifies signatures does so here, cached revisions included.
-        root = self.source.checkout(revision)
         if not self._opened:
             self._opened = True
             if self.compile_cache is not None:
@@ -81,14 +87,18 @@ class RevisionLoader:
         fleet = None
         index = None
         if self.cache.store is not None and isinstance(self.source, ListsTrees):
-            # A commit loaded whole before needs no tree listing (a ``git`` process, and the
-            # parse of every entry of the repository).
+            # A commit loaded whole before needs neither its checkout (exporting a large
+            # revision takes seconds: a CI runner that restored the cache exports only the
+            # head) nor its tree listing. Only what the source trusts is served: a source that
+            # verifies signatures verifies this commit as its checkout would.
             fleet = load_remembered(self.cache, revision, subpath=self.subpath)
+            if fleet is not None and isinstance(self.source, VerifiesCommits):
+                self.source.verify(revision)
             if fleet is None:
                 index = TreeIndex.from_entries(self.source.tree_entries(revision))
         if fleet is None:
             fleet = load_fleet(
-                root,
+                self.source.checkout(revision),
                 subpath=self.subpath,
                 revision=revision,
                 cache=self.cache,

@@ -31,6 +31,7 @@ import pytest
 from support.repo import FleetRepo
 
 from reconciler import model
+from reconciler.cli.main import main
 from reconciler.errors import ManifestError, PlanError
 from reconciler.manifests import DEFAULT_LIMITS, ParseCache, load_fleet
 from reconciler.manifests import compile_cache as compile_cache_module
@@ -428,6 +429,44 @@ def test_a_revision_loaded_whole_before_reads_no_file(
         remove_tree(tmp_path / "state" / "git" / "trees")
         assert _plan_of(source, base, head, cache_file)[0] == expected
     assert decode_workload(("garbage",)) is None
+
+
+def test_a_remembered_revision_is_not_exported_but_still_verified(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A commit the cache holds whole is planned without exporting its tree (a CI runner that
+    restored the cache exports only what it has not seen), and a source that verifies
+    signatures still refuses it once its key is revoked."""
+    key = tmp_path / "signer"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "signer", "-f", str(key)],
+        check=True,
+    )
+    repo = FleetRepo(tmp_path / "repo")
+    signed = ("-c", "gpg.format=ssh", "-c", f"user.signingkey={key}", "commit", "-q")
+    generated = GeneratedFleet(repo, random.Random(3))
+    for _ in range(4):
+        generated.add_workload()
+    generated.write()
+    repo.git("add", "-A")
+    repo.git(*signed, "-S", "-m", "base")
+    base = repo.git("rev-parse", "HEAD")
+    generated.memory = 256
+    generated.write()
+    repo.git("add", "-A")
+    repo.git(*signed, "-S", "-m", "head")
+    head = repo.git("rev-parse", "HEAD")
+    state = tmp_path / "state"
+    argv = ["diff", "--repo", str(repo.path), "--path", "fleet", "--base", base, "--head", head]
+    argv += ["--state-dir", str(state), "--format", "json", "--trusted-key", f"{key}.pub"]
+    assert main(argv) == 2
+    first = capsys.readouterr().out
+    remove_tree(state / "git" / "trees")
+    assert main(argv) == 2
+    assert capsys.readouterr().out == first
+    assert not (state / "git" / "trees").exists() or not any((state / "git" / "trees").iterdir())
+    assert main([*argv, "--revoked-key", f"{key}.pub"]) == 1
+    assert "which is revoked (--revoked-key)" in capsys.readouterr().err
 
 
 def test_an_unwritable_state_directory_only_costs_the_reuse(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from string import Template
 from typing import Any
 
 import pytest
@@ -20,7 +21,9 @@ from support.forge_server import FakeForge
 from support.repo import FLEET_EXAMPLE, PROJECT, FleetRepo
 
 from reconciler.cli import main
+from reconciler.defaults import default_state_dir
 from reconciler.forge import COMMENT_MARKER
+from reconciler.manifests.compile_cache import CACHE_FILE
 
 GITHUB_WORKFLOW = PROJECT / "deploy" / "ci" / "github-pr-plan.yml"
 GITLAB_JOB = PROJECT / "deploy" / "ci" / "gitlab-pr-plan.yml"
@@ -154,6 +157,25 @@ def _run_github_job(pr: PullRequest, forge: FakeForge, *, fork: bool = False) ->
     return results
 
 
+def test_github_workflow_keeps_the_compile_cache_where_reconciler_writes_it() -> None:
+    """The cache step saves and restores the file reconciler keeps its compiled workloads in,
+    under the runner's default state directory, preferring one made against the same base."""
+    job = yaml.safe_load(GITHUB_WORKFLOW.read_text())["jobs"]["plan"]
+    assert "RECONCILER_STATE_DIR" not in job["env"]  # the default directory, then
+    (cache,) = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/cache@")]
+    home = "/home/runner"
+    path = cache["with"]["path"].replace("~", home, 1)
+    assert Path(path) == default_state_dir({"HOME": home}) / CACHE_FILE
+    base = "${{ github.event.pull_request.base.sha }}"
+    assert cache["with"]["key"].startswith(f"reconciler-compile-{base}-")
+    assert cache["with"]["restore-keys"].splitlines() == [
+        f"reconciler-compile-{base}-",
+        "reconciler-compile-",
+    ]
+    steps = [s.get("id") or s.get("uses") for s in job["steps"]]
+    assert steps.index(cache["uses"]) < steps.index("validate")
+
+
 def test_github_workflow_posts_then_updates_one_comment(tmp_path: Path) -> None:
     pr = PullRequest(tmp_path)
     pr.author.edit("workloads/web.yaml", "replicas: 2", "replicas: 3")
@@ -226,22 +248,32 @@ def test_gitlab_job_posts_then_updates_one_note(tmp_path: Path) -> None:
     pr = PullRequest(tmp_path)
     pr.author.edit("workloads/web.yaml", "replicas: 2", "replicas: 3")
     pr.push("web: 3 replicas")
+    (cached,) = job["cache"]["paths"]
+    kept: bytes | None = None
     with FakeForge("gitlab", token, prefix="/api/v4") as forge:
         for expected in ("created", "updated"):
             work, base, merge = pr.checkout()
+            if kept is not None:  # GitLab's cache: what the last job left at its paths
+                (work / cached).parent.mkdir(parents=True)
+                (work / cached).write_bytes(kept)
             env = _environment(
                 tmp_path,
                 CI_MERGE_REQUEST_DIFF_BASE_SHA=base,
                 CI_COMMIT_SHA=merge,
                 CI_API_V4_URL=forge.url,
                 CI_PROJECT_ID="42",
+                CI_PROJECT_DIR=str(work),
                 CI_MERGE_REQUEST_IID="5",
                 RECONCILER_FORGE_TOKEN=token,
-                **{k: str(v) for k, v in job["variables"].items()},
             )
+            # Job variables may name others, as GitLab expands them.
+            env.update({k: Template(str(v)).substitute(env) for k, v in job["variables"].items()})
             result = _run_script(script, work, env)
             assert result.returncode == 0, result.stderr
             assert f"{expected} the plan comment on gitlab merge request #5" in result.stdout
+            # The compile cache is where the job's cache keeps it.
+            assert env["RECONCILER_STATE_DIR"] == str(work / ".reconciler-state")
+            kept = (work / cached).read_bytes()
         (note,) = forge.comments[5]
         assert note["body"].startswith(COMMENT_MARKER)
         assert "`web-2`" in note["body"]
