@@ -1122,6 +1122,21 @@ class ReplicaVMs(Mapping[str, DesiredVM]):
 Expansion = tuple[Workload, str | None, dict[Target, ArtifactRef], ArtifactRef, dict[str, str]]
 
 
+def expand_workload(workload: Workload, kernel: str | None) -> Expansion:
+    """What ``assemble_fleet`` derives from one workload booting ``kernel``: its artifacts,
+    the one it deploys and its VMs' settings."""
+    # One build digest for every target of the workload (``artifact_ref_for``).
+    build = artifact_ref_for(workload, workload.deploy.target, kernel)
+    own = {
+        t: build
+        if t is build.target
+        else _artifact_ref(workload.name, workload.source_digest, build.inputs["build"], t, kernel)
+        for t in workload.build.targets
+    }
+    deployed = own.get(workload.deploy.target) or build
+    return workload, kernel, own, deployed, vm_settings(workload, deployed, kernel)
+
+
 def assemble_fleet(
     revision: str | None,
     fleet: FleetSettings,
@@ -1139,23 +1154,11 @@ def assemble_fleet(
     for workload in workloads.values():
         kernel = workload.deploy.kernel or fleet.kernel
         known = expanded.get(id(workload)) if expanded is not None else None
-        if known is not None and known[0] is workload and known[1] == kernel:
-            _, _, own, deployed, settings = known
-        else:
-            # One build digest for every target of the workload (``artifact_ref_for``).
-            build = artifact_ref_for(workload, workload.deploy.target, kernel)
-            own = {
-                t: build
-                if t is build.target
-                else _artifact_ref(
-                    workload.name, workload.source_digest, build.inputs["build"], t, kernel
-                )
-                for t in workload.build.targets
-            }
-            deployed = own.get(workload.deploy.target) or build
-            settings = vm_settings(workload, deployed, kernel)
+        if known is None or known[0] is not workload or known[1] != kernel:
+            known = expand_workload(workload, kernel)
             if expanded is not None:
-                expanded[id(workload)] = (workload, kernel, own, deployed, settings)
+                expanded[id(workload)] = known
+        _, _, own, deployed, settings = known
         for target, ref in own.items():
             artifacts[(workload.name, target)] = ref
         groups.append(

@@ -271,7 +271,7 @@ class CompileCache:
             encoded = value
             if isinstance(value, Workload):
                 encoded = self.encoded.get(key)
-                if encoded is None and not (value.deploy.secret_env or value.deploy.secret_files):
+                if encoded is None and cacheable(value):
                     encoded = _encode(value)
             if encoded is not None:
                 workloads[key] = encoded
@@ -356,9 +356,8 @@ class CompileCache:
 
     def remember_workload(self, key: str, workload: Workload, *, encoded: Any = None) -> None:
         """Keep ``workload`` under ``key``; ``encoded``: its plain data, when known already
-        (``encode_workload``; a workload compiled in a child process), so ``save`` need not
-        encode it again."""
-        if workload.deploy.secret_env or workload.deploy.secret_files:
+        (``encode_workload``), so ``save`` need not encode it again."""
+        if not cacheable(workload):
             return
         self.workloads[key] = workload
         if encoded is None:
@@ -552,9 +551,15 @@ def _plain(encoded: Any) -> bool:
     return True
 
 
+def cacheable(workload: Workload) -> bool:
+    """Whether the cache keeps ``workload``: never one with secrets, whose references depend
+    on the decrypted files rather than on its key."""
+    return not (workload.deploy.secret_env or workload.deploy.secret_files)
+
+
 def encode_workload(workload: Workload) -> Any | None:
     """``workload`` as plain data, or ``None`` when some value is not (it is not saved)."""
-    if workload.deploy.secret_env or workload.deploy.secret_files:
+    if not cacheable(workload):
         return None
     encoded = _encode(workload)
     return encoded if _plain(encoded) else None

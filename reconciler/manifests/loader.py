@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 import marshal
+import pickle
 import posixpath
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -51,8 +52,7 @@ from reconciler.manifests.compile import (
 from reconciler.manifests.compile_cache import (
     CompileCache,
     TreeIndex,
-    decode_workload,
-    encode_workload,
+    cacheable,
     revision_key,
     text_key,
     workload_key,
@@ -79,6 +79,7 @@ from reconciler.model import (
     Workload,
     assemble_fleet,
     canonical_json,
+    expand_workload,
 )
 from reconciler.secrets import SecretResolver
 
@@ -678,7 +679,11 @@ def load_fleet(
         trees=trees,
         secrets=fleet_secrets,
     )
-    helper = _CompileHalf.start(ordered, store, compile_one) if store is not None else None
+    helper = (
+        _CompileHalf.start(ordered, store, compile_one, settings.kernel)
+        if store is not None
+        else None
+    )
     try:
         for name, document, key in ordered:
             if key:
@@ -736,14 +741,17 @@ class _CompileHalf:
         ordered: Sequence[tuple[str, Document, str | None]],
         store: CompileCache,
         compile_one: Callable[..., Workload | None],
+        kernel: str | None,
     ) -> _CompileHalf | None:
         # Only workloads the cache can keep (keyed: no secret, no symlink) and does not hold.
         missing = [item for item in ordered if item[2] and item[2] not in store.workloads]
         if len(missing) < PARALLEL_COMPILE_WORKLOADS:
             return None
-        # The child's share is a little less than half: it also encodes what it compiled.
+        # The child also derives what ``assemble_fleet`` needs of its workloads (which the
+        # loader would otherwise do after both halves) and pickles them, and a forked child
+        # pays for the pages it touches: a little less than half is even.
         half = missing[len(missing) - len(missing) * 9 // 20 :]
-        pending = in_child(lambda: _compile_for_store(half, store, compile_one))
+        pending = in_child(lambda: _compile_for_store(half, store, compile_one, kernel))
         return None if pending is None else cls(pending, {item[0] for item in half}, store)
 
     def take(self, name: str, key: str) -> Workload | None:
@@ -755,16 +763,26 @@ class _CompileHalf:
             result = self.pending.result()
             if result is not None:
                 compiled, digests = result
-                self.learnt = {name: (key, encoded) for name, key, encoded in compiled}
+                try:
+                    # Our own forked child's bytes, through a pipe only it writes: pickle
+                    # (C both ways) here, never for the cache file. The file's encoding is
+                    # done by the child process that writes it (``CompileCache.save``).
+                    learnt = pickle.loads(compiled)
+                except Exception:  # a child cut short: compile its half here
+                    learnt = []
+                self.learnt = {name: (key, expansion) for name, key, expansion in learnt}
                 for tree, digest in digests:
                     self.store.remember_digest(tree, digest)
         found = self.learnt.pop(name, None)
         if found is None or found[0] != key:
             return None
-        workload = decode_workload(found[1])
-        if workload is None or workload.name != name:
+        workload = found[1][0]
+        if not isinstance(workload, Workload) or workload.name != name:
             return None
-        self.store.remember_workload(key, workload, encoded=found[1])
+        self.store.remember_workload(key, workload)
+        # ``_assemble`` finds it as a derivation of this process's (``assemble_fleet`` still
+        # checks it is this workload's, with the kernel it boots).
+        self.store.expanded[id(workload)] = found[1]
         return workload
 
     def close(self) -> None:
@@ -775,19 +793,22 @@ def _compile_for_store(
     items: Sequence[tuple[str, Document, str | None]],
     store: CompileCache,
     compile_one: Callable[..., Workload | None],
-) -> tuple[list[tuple[str, str, Any]], list[tuple[str, str]]]:
-    """In a child process: ``(name, key, encoded workload)`` of each workload of ``items``
-    that compiles without a problem, and the source digests learnt on the way."""
+    kernel: str | None,
+) -> tuple[bytes, list[tuple[str, str]]]:
+    """In a child process: ``(name, key, expansion)`` of each workload of ``items`` that
+    compiles without a problem and could be kept in the cache (the expansion: the workload and
+    what ``assemble_fleet`` derives of it with the fleet's ``kernel``), pickled, and the source
+    digests learnt on the way."""
     known = set(store.trees)
     compiled = []
     for name, document, key in items:
         problems: list[str] = []
         workload = compile_one(document, report=lambda *_, seen=problems: seen.append(""))
-        encoded = encode_workload(workload) if workload is not None and not problems else None
-        if encoded is not None and key:
-            compiled.append((name, key, encoded))
+        if workload is not None and not problems and key and cacheable(workload):
+            boots = workload.deploy.kernel or kernel
+            compiled.append((name, key, expand_workload(workload, boots)))
     digests = [(tree, digest) for tree, digest in store.trees.items() if tree not in known]
-    return compiled, digests
+    return pickle.dumps(compiled, protocol=pickle.HIGHEST_PROTOCOL), digests
 
 
 def _assemble(
