@@ -6,8 +6,9 @@
 A first load of a large revision (thousands of files or workloads nobody parsed or compiled
 before) is CPU-bound and pure, and a CI runner or a daemon host has more than one core. The
 child does exactly what the parent would have done for its half and hands back what the
-``CompileCache`` would have learnt (plain data, ``marshal``-ed through a pipe); the parent then
-finds those entries as if an earlier process had left them. Nothing the child learns is trusted
+``CompileCache`` would have learnt (``marshal``-ed through a pipe; compiled workloads as one
+``pickle`` inside it: bytes from our own child, never from a file); the parent then finds
+those entries as if an earlier process had left them. Nothing the child learns is trusted
 beyond that: an item the child could not do (a problem reported, a value that is not plain
 data, a child that died) is simply done again by the parent, which reports every problem
 itself, in its own order. So the outcome, and every message, is the one of a serial load.
