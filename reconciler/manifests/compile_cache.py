@@ -4,6 +4,7 @@
     load_fleet ──▶ CompileCache ──▶ parsed documents by text digest (schema-valid ones marked)
                                 └─▶ source digest by Git tree id
                                 └─▶ compiled Workload by content key ──▶ assemble_fleet
+                                └─▶ its artifacts and VMs' settings, by the same key
 
 Comparing two revisions, or loading each commit the daemon sees, mostly meets workloads that
 did not change: the same document (content-addressed by the digest of its file's text) and the
@@ -180,8 +181,9 @@ class CompileCache:
     content key), ...)) of a whole revision that loaded without problems, symlinks, templates
     or secrets: loading it again decodes these and reads no file."""
     expansions: dict[str, Any] = field(default_factory=dict)
-    """content key -> what ``assemble_fleet`` derived from that workload (``Expansion``) in
-    plain data (``encode_expansion``): a revision decoded from the cache is not derived again."""
+    """content key -> what ``assemble_fleet`` derived from that workload (``Expansion``: its
+    artifacts and VMs' settings) in plain data (``remember_expansion``), with the kernel it was
+    derived for: a revision decoded from the cache is not derived again."""
     changed: bool = False
     _saving: list[Pending] = field(default_factory=list, repr=False, compare=False)
     hits: int = 0
@@ -432,6 +434,8 @@ class CompileCache:
         return workload, kernel, own, deployed_ref, settings
 
     def remember_expansion(self, key: str, expansion: Expansion) -> None:
+        """Keep what ``assemble_fleet`` derived from the workload under ``key`` (``expansion``)
+        for ``expansion`` to give back, as plain data."""
         _, kernel, own, deployed, settings = expansion
         if deployed.target not in own:
             return  # not built, so not keyable here (and a manifest error anyway)
