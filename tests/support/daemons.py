@@ -190,6 +190,12 @@ def daemons(
     started = [Daemon(repo, state, log_dir, f"d{i}", extra) for i in range(count)]
     try:
         yield started
+    except BaseException:
+        # pytest shows this beside the failure: what each replica saw, for a timing that does
+        # not come back on a second run.
+        for daemon in started:
+            print(f"--- the log of {daemon.name}, last lines ---\n{daemon.log()[-6000:]}")
+        raise
     finally:
         for daemon in started:
             daemon.stop()
