@@ -154,6 +154,27 @@ def time_diff(repo: Path, base: str, head: str, state_dir: Path) -> tuple[float,
     return float(out[2]), int(out[1]) / 1024, int(out[0]), float(out[3])
 
 
+def settle(state_dir: Path, timeout: float = 120.0) -> float:
+    """Seconds until no process has ``state_dir`` among its arguments any more: the detached
+    writer of the compile cache (a fork of the diff that just answered, so the same command
+    line) has finished. The next run must not start before, or it would race the file."""
+    start = time.perf_counter()
+    needle = str(state_dir).encode()
+    while time.perf_counter() - start < timeout:
+        running = False
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                running = needle in cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if running:
+                break
+        if not running:
+            break
+        time.sleep(0.01)
+    return time.perf_counter() - start
+
+
 def time_start() -> float:
     """Seconds to start the interpreter and import what ``diff`` imports before it reads."""
     code = "import reconciler.cli.main, reconciler.cli.fleet_commands, reconciler.render"
@@ -254,6 +275,8 @@ class Case:
     walls: dict[str, list[float]] = field(default_factory=dict)
     """Kind of run (cold, first, new head, ci, repeat) -> wall seconds of each run."""
     cpus: dict[str, list[float]] = field(default_factory=dict)
+    writes: dict[str, list[float]] = field(default_factory=dict)
+    """Kind of run -> seconds the detached compile cache write went on after the answer."""
     yaml_s: float = 0.0
     rss: float = 0.0
     codes: frozenset[int] = frozenset()
@@ -270,6 +293,14 @@ class Case:
     def median(self, kind: str) -> float:
         return statistics.median(self.walls[kind])
 
+    def write(self, kind: str) -> float:
+        return statistics.median(self.writes[kind])
+
+    def work(self, kind: str) -> float:
+        """CPU seconds of the diff and its children, plus the detached cache write's wall time
+        after the answer (an upper bound of its CPU time: it runs on one core)."""
+        return self.cpu(kind) + self.write(kind)
+
     def cpu(self, kind: str) -> float:
         return statistics.median(self.cpus[kind])
 
@@ -285,6 +316,7 @@ def measure(root: Path, case: Case, runs: int) -> Case:
         wall, peak, code, cpu = time_diff(repo, base, head, state)
         case.walls.setdefault(kind, []).append(wall)
         case.cpus.setdefault(kind, []).append(cpu)
+        case.writes.setdefault(kind, []).append(settle(state))
         rss.append(peak)
         codes.add(code)
 
@@ -296,6 +328,7 @@ def measure(root: Path, case: Case, runs: int) -> Case:
         timed("repeat", state)  # the same pair
         (state / "compile-cache").unlink(missing_ok=True)
         time_diff(repo, base, base, state)  # the base alone: known from now on
+        settle(state)
         restored = root / f"ci-{case.workloads}x{case.replicas}-{run}"
         restored.mkdir()
         shutil.copy(state / "compile-cache", restored / "compile-cache")
@@ -330,8 +363,10 @@ def main() -> int:
         repo, base, head = make_repo(root / "phases", 1000, 10)
         state = root / "state-phases"
         time_diff(repo, base, head, state)  # export the checkouts
+        settle(state)
         (state / "compile-cache").unlink(missing_ok=True)
         first_phases = phases(repo, base, head, state)
+        settle(state)
         repeat_phases = phases(repo, base, head, state)
 
     start_s, bare_s = statistics.median(starts), statistics.median(bares)
@@ -359,22 +394,25 @@ def main() -> int:
         "per-commit load is the same reuse, in memory).",
         "",
         f"Wall times: the best of {args.runs} runs (as the issue measured), the median in "
-        "parentheses; they depend on what else the machine runs. CPU seconds (user + system of "
-        "the diff process and its children, medians) much less: the ratio to the C loader "
-        "(CPU too) is taken on them.",
+        "parentheses; they depend on what else the machine runs: the time until the command "
+        "has answered and exited. A large first load's compile cache is then still being "
+        "written by a detached process: **cache write after** is how long it went on (median), "
+        "and **first work** is the CPU seconds (user + system of the diff process and its "
+        "children, medians) plus that time, an upper bound of all the work a first diff "
+        "causes; the ratio to the C loader (CPU too) is taken on it.",
         "",
         "| workloads x replicas | VMs | cold wall | first wall | new head wall | "
-        "CI, cache restored | repeat wall | first CPU | repeat CPU | "
-        "C loader CPU, both revisions | first / C loader | peak RSS |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "CI, cache restored | repeat wall | cache write after first | first work | "
+        "repeat CPU | C loader CPU, both revisions | first / C loader | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         lines.append(
             f"| {c.workloads:,} x {c.replicas} | {c.vms:,} | {c.wall_cell('cold')} | "
             f"{c.wall_cell('first')} | {c.wall_cell('new head')} | {c.wall_cell('ci')} | "
             f"{c.wall_cell('repeat')} | "
-            f"{c.cpu('first'):.2f} s | {c.cpu('repeat'):.2f} s | {c.yaml_s:.2f} s | "
-            f"{c.cpu('first') / c.yaml_s:.1f}x | {c.rss:.0f} MB |"
+            f"{c.write('first'):.2f} s | {c.work('first'):.2f} s | {c.cpu('repeat'):.2f} s | "
+            f"{c.yaml_s:.2f} s | {c.work('first') / c.yaml_s:.1f}x | {c.rss:.0f} MB |"
         )
     lines += [
         "",
@@ -394,20 +432,20 @@ def main() -> int:
     lines += ["", "Targets:", ""]
     targets = [
         ("1,000 x 10 first <= 1.0 s (wall)", main_case.best("first"), 1.0),
-        ("1,000 x 10 first <= 1.0 s (CPU)", main_case.cpu("first"), 1.0),
-        ("1,000 x 10 first <= 2x C loader (CPU)", main_case.cpu("first") / main_case.yaml_s, 2.0),
+        ("1,000 x 10 first <= 1.0 s (work)", main_case.work("first"), 1.0),
+        ("1,000 x 10 first <= 2x C loader (work)", main_case.work("first") / main_case.yaml_s, 2.0),
         ("1,000 x 10 repeat <= 0.5 s (wall)", main_case.best("repeat"), 0.5),
         ("1,000 x 10 repeat <= 0.5 s (CPU)", main_case.cpu("repeat"), 0.5),
     ]
     for c in cases:
         if (c.workloads, c.replicas) == (10000, 10):
             targets += [("10,000 x 10 first <= 3 s (wall)", c.best("first"), 3.0)]
-            targets += [("10,000 x 10 first <= 3 s (CPU)", c.cpu("first"), 3.0)]
+            targets += [("10,000 x 10 first <= 3 s (work)", c.work("first"), 3.0)]
             targets += [("10,000 x 10 new head <= 3 s (wall)", c.best("new head"), 3.0)]
             targets += [("10,000 x 10 peak RSS <= 300 MB", c.rss, 300.0)]
         if (c.workloads, c.replicas) == (1000, 100):
             targets += [("1,000 x 100 first <= 2 s (wall)", c.best("first"), 2.0)]
-            targets += [("1,000 x 100 first <= 2 s (CPU)", c.cpu("first"), 2.0)]
+            targets += [("1,000 x 100 first <= 2 s (work)", c.work("first"), 2.0)]
     for label, value, limit in targets:
         verdict = "met" if value <= limit else f"missed by {value - limit:.2f} ({value:.2f})"
         lines.append(f"* {label}: {verdict}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -744,7 +744,8 @@ class Plan:
     head: str | None
     observed_version: int
     actions: tuple[VMAction, ...]
-    noops: tuple[VMAction, ...]
+    noops: Sequence[VMAction]
+    """What the plan leaves alone, in order; a ``noop_rows.NoopRows`` from ``diff``."""
     builds: tuple[BuildAction, ...]
     warnings: tuple[str, ...] = ()
     format_version: int = PLAN_FORMAT_VERSION

@@ -153,8 +153,8 @@ def plan_between(
     rarer_collections()
     base_fleet = loader.load(base, save=False)
     head_fleet = loader.load(head, save=False)
-    # Written by a child process while the plan is made and rendered, for a large first
-    # load; this process waits for it before it exits.
+    # For a large first load, written by a detached process while the plan is made and
+    # rendered, which this process does not wait for.
     loader.save(background=True)
     observed = observed_from_desired(base_fleet)
     plan = diff(head_fleet, observed, base=base_fleet)

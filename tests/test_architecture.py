@@ -47,6 +47,7 @@ LAYERS: list[tuple[str, ...]] = [
         "reconciler.forge",  # GitHub/GitLab REST: PR comments, commit statuses
     ),
     ("reconciler.guest_config",),  # what the guest init reads, shared by runtimes and execution
+    ("reconciler.noop_rows",),  # a plan's no-op rows, kept as runs: planning makes, render reads
     (
         "reconciler.model",  # the pure types every layer shares
         "reconciler.guest_values",
@@ -206,5 +207,5 @@ def test_rules_see_the_packages() -> None:
     assert "reconciler.planning.diff" in modules
     assert "reconciler.model" in modules
     assert _place("reconciler.planning.diff") == (4, "reconciler.planning")
-    assert _place("reconciler") == (7, "reconciler")
+    assert _place("reconciler") == (8, "reconciler")
     assert _place("reconciler.daemon.loop") == (2, "reconciler.daemon")

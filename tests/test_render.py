@@ -13,6 +13,7 @@ from support.fakes import fleet, running, workload
 
 from reconciler.model import ActionType, Change
 from reconciler.planning import diff
+from reconciler.noop_rows import NoopRows, NoopRun
 from reconciler.render import RENDERERS
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -93,3 +94,26 @@ def test_json_of_many_alike_noops_is_the_plain_encoding() -> None:
     assert RENDERERS["json"](replace(plan, noops=())) == (
         json.dumps(replace(plan, noops=()).to_dict(), separators=(",", ":")) + "\n"
     )
+
+
+def test_json_of_noop_runs_is_the_plain_encoding() -> None:
+    """Runs of no-op rows (what ``diff`` makes for unchanged workloads) are written from one
+    encoded row: the same bytes as encoding every action, whatever the workload's name holds,
+    with empty runs and single rows between them."""
+    plan = _sample_plan()
+    single = replace(plan.actions[0], changes=(), stands_in_for=None, action=ActionType.NOOP)
+    parts = [
+        NoopRun("web", "up to date", range(3)),
+        NoopRun('we"b', 'a ,"noops":[], reason', range(2, 12)),
+        single,
+        NoopRun("ü-\\x", "workload is suspended", range(0)),
+        NoopRun("\u2028", "up to date", range(1)),
+        replace(single, vm="changed-0", changes=(Change("k", "1", "2"),)),
+        NoopRun("web", "up to date", range(5, 7)),
+    ]
+    plan = replace(plan, noops=NoopRows(parts))
+    spelled = replace(plan, noops=tuple(plan.noops))
+    assert len(plan.noops) == 3 + 10 + 1 + 0 + 1 + 1 + 2
+    assert RENDERERS["json"](plan) == json.dumps(spelled.to_dict(), separators=(",", ":")) + "\n"
+    for fmt in ("text", "markdown"):
+        assert RENDERERS[fmt](plan) == RENDERERS[fmt](spelled)

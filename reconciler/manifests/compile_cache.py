@@ -32,13 +32,13 @@ pickle). A file that is truncated, altered or from another compiler version is i
 whole, and an entry that does not decode is dropped: either way the workload is compiled again,
 never trusted. The file holds at most ``MAX_ENTRIES`` of each kind, the most recently used.
 Without a writable state directory it is simply not written: the loader works the same.
-A large cache may be written by a forked child while the process goes on (``save(background=
-True)``, what ``pipeline.plan_between`` asks for); the process waits for it before it exits.
+A large cache may be written by a detached process while this one goes on and exits
+(``save(background=True)``, what ``pipeline.plan_between`` asks for): the command's answer does
+not wait for a file that only the next run reads.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import hashlib
@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import model
-from reconciler.manifests.parallel import Pending, in_child
+from reconciler.manifests.parallel import Pending, detached
 from reconciler.manifests.schema import KIND_FILES, SCHEMA_DIR
 from reconciler.model import Expansion, Workload
 
@@ -234,9 +234,10 @@ class CompileCache:
         that cannot be written only costs the next run its reuse.
 
         ``background``: a large cache (a first load of thousands of workloads: encoding and
-        writing them takes most of a second) is written by a forked child (``parallel``) while
-        this process goes on making and rendering its plan; the process waits for the child
-        before it exits, or at ``wait``."""
+        writing them takes most of a second) is written by a detached process (``parallel``)
+        while this one goes on making and rendering its plan, and exits without waiting for it:
+        a run that starts before the file is replaced finds the previous one. ``wait`` (and the
+        next ``save``) waits for it."""
         for entries in (
             self.files,
             self.trees,
@@ -251,11 +252,9 @@ class CompileCache:
             return
         path = self.path
         if background and len(self.workloads) >= BACKGROUND_SAVE_WORKLOADS:
-            pending = in_child(lambda: self._write(path))
+            pending = detached(lambda: self._write(path))
             if pending is not None:
                 self.changed = False
-                if not self._saving:
-                    atexit.register(self.wait)
                 self._saving.append(pending)
                 return
         self._write(path)
@@ -265,7 +264,6 @@ class CompileCache:
         if self._saving:
             while self._saving:
                 self._saving.pop().result()
-            atexit.unregister(self.wait)  # nothing left to wait for: let the cache go
 
     def _write(self, path: Path) -> None:
         workloads = {}

@@ -2,6 +2,7 @@
 
     load_fleet ──▶ ``in_child(work)`` ──▶ (child) parse + schema / compile half the items
                └─▶ (parent) the other half, then ``Pending.result()`` ──▶ CompileCache
+    CompileCache.save ──▶ ``detached(write)`` ──▶ (grandchild) the cache file, after we exit
 
 A first load of a large revision (thousands of files or workloads nobody parsed or compiled
 before) is CPU-bound and pure, and a CI runner or a daemon host has more than one core. The
@@ -17,6 +18,10 @@ Only above a size threshold (small fleets do not pay for a fork), only where ``o
 exists, and only in a single-threaded process: forking a process with other threads can
 inherit a lock one of them held (the daemon's threads never reach here with a large first
 load in flight, but this is checked rather than assumed).
+
+``detached`` is the other use of a fork: the compile cache of a large first load takes most of
+a second to encode and write, and nobody waits for it, so it is written by a process that
+outlives the command (as ``git gc --auto`` detaches), atomically, for the next run.
 """
 
 from __future__ import annotations
@@ -105,5 +110,39 @@ def in_child(work: Callable[[], Any]) -> Pending | None:
             code = 1
         finally:
             os._exit(code)
+    os.close(write)
+    return Pending(pid, read)
+
+
+def detached(work: Callable[[], object]) -> Pending | None:
+    """Run ``work`` in a process that this one does not wait for when it exits (a grandchild,
+    in its own session, with stdin, stdout and stderr on ``/dev/null``, so that a caller who
+    reads this process's output to its end does not wait for it either); None when this process
+    should not fork. ``Pending.result`` waits for it all the same (and returns None): for a
+    later write that must not land before it."""
+    if not can_fork():
+        return None
+    read, write = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read)
+        os.close(write)
+        return None
+    if pid == 0:  # the child: starts the grandchild and is gone at once
+        code = 1
+        try:
+            os.close(read)
+            if os.fork() == 0:
+                os.setsid()
+                quiet = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(quiet, fd)
+                work()
+            code = 0
+        except BaseException:  # nothing to report to: the work is only ever a cache write
+            code = 1
+        finally:
+            os._exit(code)  # the write end closes with the grandchild: that is the EOF
     os.close(write)
     return Pending(pid, read)

@@ -62,6 +62,7 @@ from reconciler.model import (
     vm_name,
     volumes_of,
 )
+from reconciler.noop_rows import NoopRows, NoopRun, noop
 from reconciler.planning.rollout import (
     policy_of,
     stand_in_delete,
@@ -205,7 +206,7 @@ def diff(
     else:
         order = _workload_order(desired, owned.values())
     actions: list[VMAction] = []
-    noops: list[VMAction] = []
+    noops: list[VMAction | NoopRun] = []
     warnings: list[str] = []
     # Surge stand-ins of an earlier plan still running (``rollout``), by the VM they stand in for.
     stand_ins: dict[str, VMAction] = {}
@@ -216,9 +217,7 @@ def diff(
         for name, foreign in sorted(observed.vms.items()):
             if foreign.fleet != fleet:
                 noops.append(
-                    _noop(
-                        name, foreign.workload, f"owned by fleet {foreign.fleet!r}, not {fleet!r}"
-                    )
+                    noop(name, foreign.workload, f"owned by fleet {foreign.fleet!r}, not {fleet!r}")
                 )
                 if name in desired.vms:
                     warnings.append(
@@ -242,12 +241,12 @@ def diff(
             count = group.count if group is not None else 0
             start = 0
             if group is not None and suspended:
-                noops.extend(_noops(workload_name, "workload is suspended", range(count)))
+                noops.append(NoopRun(workload_name, "workload is suspended", range(count)))
                 start = count
             elif group is not None and before is not None and _same(group, before):
                 # Unchanged replicas, running: up to date, without comparing them one by one.
                 start = min(count, before.count)
-                noops.extend(_noops(workload_name, "up to date", range(start)))
+                noops.append(NoopRun(workload_name, "up to date", range(start)))
             desired_vms = (group.vm(o) for o in range(start, count)) if group is not None else ()
             extra = (
                 (owned[vm_name(workload_name, o)] for o in range(count, before.count))
@@ -266,15 +265,18 @@ def diff(
             if current is not None and current.fleet != fleet:
                 continue
             if suspended:
-                noops.append(_noop(vm.name, vm.workload, "workload is suspended"))
+                noops.append(noop(vm.name, vm.workload, "workload is suspended"))
                 continue
             action = _plan_vm(vm, current, restart_policy)
-            (noops if action.action is ActionType.NOOP else actions).append(action)
+            if action.action is ActionType.NOOP:
+                noops.append(action)
+            else:
+                actions.append(action)
 
         for current in extra:
             vm_name_ = current.name
             if suspended:
-                noops.append(_noop(vm_name_, current.workload, "workload is suspended"))
+                noops.append(noop(vm_name_, current.workload, "workload is suspended"))
                 continue
             slot = stands_in_for(vm_name_)
             if slot is not None:
@@ -294,7 +296,7 @@ def diff(
                 else f"scaled down to {workload.deploy.replicas} replicas"
             )
             if not desired.fleet.prune:
-                noops.append(_noop(vm_name_, current.workload, f"{reason}; prune is disabled"))
+                noops.append(noop(vm_name_, current.workload, f"{reason}; prune is disabled"))
                 continue
             reason += _volume_fate(current, warnings)
             actions.append(
@@ -323,7 +325,7 @@ def diff(
         head=desired.revision,
         observed_version=observed.version,
         actions=tuple(_assign_waves(actions, order, desired, owned, stand_ins)),
-        noops=tuple(noops),
+        noops=NoopRows(noops),
         builds=tuple(_builds(desired, owned, actions, base)),
         warnings=tuple(warnings),
     )
@@ -416,13 +418,13 @@ def _plan_vm(vm: DesiredVM, current: ObservedVM | None, restart_policy: RestartP
     ended = current.state in (VMState.STOPPED, VMState.FAILED, VMState.MISSING)
     if ended and not changes:
         if restart_policy == RestartPolicy.NEVER:
-            return _noop(
+            return noop(
                 vm.name,
                 vm.workload,
                 f"batch job ended ({current.state.value}); restartPolicy never",
             )
         if restart_policy == RestartPolicy.ON_FAILURE and current.state is VMState.STOPPED:
-            return _noop(
+            return noop(
                 vm.name, vm.workload, "workload exited successfully; restartPolicy on-failure"
             )
     if current.state in (VMState.MISSING, VMState.FAILED):
@@ -445,7 +447,7 @@ def _plan_vm(vm: DesiredVM, current: ObservedVM | None, restart_policy: RestartP
         if changes:
             reason += "; changed: " + _keys(changes)
     elif disruption is Disruption.NONE:
-        return _noop(vm.name, vm.workload, "up to date")
+        return noop(vm.name, vm.workload, "up to date")
     else:
         reason = "changed: " + _keys(changes)
     return VMAction(
@@ -474,29 +476,6 @@ def _keys(changes: Sequence[Change], limit: int = 4) -> str:
     keys = [c.key for c in changes]
     shown = ", ".join(keys[:limit])
     return shown if len(keys) <= limit else f"{shown} and {len(keys) - limit} more"
-
-
-def _noop(vm: str, workload: str, reason: str) -> VMAction:
-    return VMAction(
-        action=ActionType.NOOP, vm=vm, workload=workload, disruption=Disruption.NONE, reason=reason
-    )
-
-
-def _noops(workload: str, reason: str, ordinals: range) -> Iterator[VMAction]:
-    """``_noop`` for each replica of ``workload`` in ``ordinals``, alike but for the VM.
-
-    A comparison of two revisions of 10,000 workloads makes some 100,000 of these. They are
-    copies of one record with the VM's name filled in: the frozen dataclass's ``__init__``
-    (a guarded ``__setattr__`` per field) costs five times as much, for the same values.
-    """
-    fields = vars(_noop(vm_name(workload, 0), workload, reason))
-    new = object.__new__
-    for ordinal in ordinals:
-        action = new(VMAction)
-        slots = action.__dict__
-        slots.update(fields)
-        slots["vm"] = vm_name(workload, ordinal)
-        yield action
 
 
 def _ordinal_key(vm_name: str) -> tuple[str, int]:

@@ -38,7 +38,7 @@ def suspend_plan(plan: Plan, suspended: Mapping[str, str]) -> Plan:
     return replace(
         plan,
         actions=kept,
-        noops=plan.noops + held,
+        noops=(*plan.noops, *held),
         builds=tuple(b for b in plan.builds if not is_suspended(b.workload)),
     )
 
