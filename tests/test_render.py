@@ -12,8 +12,8 @@ import pytest
 from support.fakes import fleet, running, workload
 
 from reconciler.model import ActionType, Change
-from reconciler.planning import diff
 from reconciler.noop_rows import NoopRows, NoopRun
+from reconciler.planning import diff
 from reconciler.render import RENDERERS
 
 GOLDEN = Path(__file__).parent / "golden"
