@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -109,4 +111,26 @@ def entrypoint() -> NoReturn:
     # Everything the reconciler writes (state, artifacts, VM directories, logs) is its owner's
     # alone; a path that another identity must read is opened up explicitly where it is made.
     os.umask(0o077)
-    sys.exit(main())
+    code = main()
+    if threading.active_count() == 1:
+        _exit_now(code)
+    sys.exit(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit without the interpreter's teardown, having done what it would have done that
+    anybody could notice: the exit handlers (logging's flush and ``weakref.finalize`` among
+    them) and the flush of the standard streams.
+
+    The teardown frees every object one by one: after a diff of 10,000 workloads, millions of
+    them, a fifth of a second of the command's time, where the kernel takes the pages back at
+    once. Only for a process with no other thread left, which the teardown would wait for."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:  # ``reconciler diff | head``: the reader has what it wanted
+            code = code or EXIT_BROKEN_PIPE
+        except (OSError, ValueError):  # a stream closed or gone: nothing left to write to
+            pass
+    os._exit(code)
