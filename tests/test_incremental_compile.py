@@ -350,6 +350,21 @@ def test_damaged_cache_is_compiled_again(tmp_path: Path) -> None:
     assert _planned(source, base, head, cache_file) == fresh
 
 
+def test_a_write_cut_short_leaves_no_file_behind_for_long(tmp_path: Path) -> None:
+    """A writer killed before its rename (a detached write when its CI job ended) leaves its
+    temporary file; the next write removes it, and leaves a live writer's alone."""
+    _, source, base, head = _example(tmp_path)
+    cache_file = tmp_path / CACHE_FILE
+    abandoned = tmp_path / f".{CACHE_FILE}.999999999.tmp"  # above any pid the kernel gives
+    in_flight = tmp_path / f".{CACHE_FILE}.1.tmp"  # init's: alive
+    abandoned.write_bytes(b"half a cache")
+    in_flight.write_bytes(b"being written")
+    _planned(source, base, head, cache_file)
+    assert cache_file.exists()
+    assert not abandoned.exists()
+    assert in_flight.read_bytes() == b"being written"
+
+
 def test_an_entry_that_does_not_decode_is_dropped(tmp_path: Path) -> None:
     _, source, base, head = _example(tmp_path)
     cache_file = tmp_path / CACHE_FILE

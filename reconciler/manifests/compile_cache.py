@@ -294,6 +294,7 @@ class CompileCache:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _remove_abandoned(path)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as stream:
                 stream.write(MAGIC + hashlib.sha256(payload).digest() + payload)
@@ -574,3 +575,21 @@ def decode_workload(encoded: Any) -> Workload | None:
     except (TypeError, ValueError, IndexError, KeyError):
         return None
     return decoded if isinstance(decoded, Workload) else None
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Remove the temporary files of writers of ``path`` that died before renaming theirs (a
+    detached write cut short when the CI job that started it ended): each is named after its
+    writer's process id, and one whose process is gone is never finished."""
+    prefix = f".{path.name}."
+    for stray in path.parent.glob(f"{prefix}*.tmp"):
+        pid = stray.name[len(prefix) : -len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                stray.unlink()
+        except OSError:  # alive under another user, or no such pid at all
+            continue
