@@ -11,7 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from support.daemons import Daemon, daemons, fleet_text, healthy_names, supervisor_counts
+from support.daemons import (
+    Daemon,
+    daemons,
+    fleet_text,
+    healthy_names,
+    leader_among,
+    supervisor_counts,
+)
 from support.daemons import fleet_repo as make_fleet_repo
 from support.repo import FleetRepo
 from support.waiting import eventually, free_port
@@ -44,9 +51,7 @@ def test_three_daemons_one_leader_and_takeover_after_kill(tmp_path: Path, lease_
             leader = the_leader(alive)
             leader.signal(signal.SIGKILL)
             alive.remove(leader)
-            new = eventually(
-                lambda: next((d for d in alive if d.is_leader()), None), 60, "takeover"
-            )
+            new = eventually(lambda: leader_among(alive), 60, "takeover")
             terms.append(new.status()["leader"]["term"])
             for follower in alive:
                 # A follower learns of the takeover at its next lease read (retry period).
@@ -83,7 +88,7 @@ def test_a_leader_paused_past_its_lease_is_fenced_and_steps_down(
         )
         leader.signal(signal.SIGSTOP)
         others = [d for d in group if d is not leader]
-        new = eventually(lambda: next((d for d in others if d.is_leader()), None), 60, "takeover")
+        new = eventually(lambda: leader_among(others), 60, "takeover")
         assert new.status()["leader"]["term"] > old_term
         time.sleep(4)  # well past the paused leader's 3 s lease
         leader.signal(signal.SIGCONT)
@@ -116,6 +121,8 @@ def test_sigterm_hands_the_postgres_lease_over_at_once(tmp_path: Path, lease_dsn
         eventually(lambda: sum(d.is_leader() for d in group) == 1, 60, "one leader")
         leader = the_leader(group)
         follower = next(d for d in group if d is not leader)
+        # No cycle in flight: SIGTERM waits for one to finish, which is not the hand-over.
+        eventually(lambda: healthy_names(leader.status()) == {"alpha-0"}, 120, "converge")
         leader.signal(signal.SIGTERM)
         stopped = time.monotonic()
         eventually(follower.is_leader, 30, "the follower taking over")

@@ -126,6 +126,22 @@ class Daemon:
         return self.log_path.read_text()
 
 
+def leader_among(group: Iterable[Daemon]) -> Daemon | None:
+    """The replica of ``group`` that says it leads; None when none does. When none does and
+    some did not answer, the last such error is raised instead, so that a wait that times out
+    says why (``eventually`` keeps it)."""
+    unanswered: OSError | None = None
+    for daemon in group:
+        try:
+            if daemon.status()["leader"]["is_leader"]:
+                return daemon
+        except OSError as err:
+            unanswered = OSError(f"{daemon.name} did not answer: {err}")
+    if unanswered is not None:
+        raise unanswered
+    return None
+
+
 def signal_daemon(process: subprocess.Popen[bytes], sig: int) -> None:
     """``sig`` to a daemon's process, which may have ended already."""
     with contextlib.suppress(ProcessLookupError):
