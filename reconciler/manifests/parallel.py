@@ -88,30 +88,13 @@ def can_fork() -> bool:
 def in_child(work: Callable[[], Any]) -> Pending | None:
     """Run ``work`` in a forked child; None when this process should not fork (then the caller
     does everything itself). ``work`` must return plain data (``marshal``)."""
-    if not can_fork():
-        return None
-    read, write = os.pipe()
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(read)
-        os.close(write)
-        return None
-    if pid == 0:  # the child: never returns into the caller's stack
-        code = 1
-        try:
-            os.close(read)
-            payload = marshal.dumps(work())
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(write, view) :]
-            code = 0
-        except BaseException:  # any failure: the parent does the work itself
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write)
-    return Pending(pid, read)
+
+    def send(write: int) -> None:
+        view = memoryview(marshal.dumps(work()))
+        while view:
+            view = view[os.write(write, view) :]
+
+    return _forked(send)
 
 
 def detached(work: Callable[[], object]) -> Pending | None:
@@ -120,6 +103,24 @@ def detached(work: Callable[[], object]) -> Pending | None:
     reads this process's output to its end does not wait for it either); None when this process
     should not fork. ``Pending.result`` waits for it all the same (and returns None): for a
     later write that must not land before it."""
+
+    def start(_write: int) -> None:
+        # The child is gone at once; the grandchild holds the write end until it exits: that
+        # is the EOF ``Pending.result`` waits for.
+        if os.fork() == 0:
+            os.setsid()
+            quiet = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(quiet, fd)
+            work()
+
+    return _forked(start)
+
+
+def _forked(child: Callable[[int], None]) -> Pending | None:
+    """Fork; the child runs ``child`` with the write end of a pipe and exits (0 when it
+    returned, 1 on any failure: the caller then does the work itself, or goes without it),
+    never returning into the caller's stack. None when this process should not fork."""
     if not can_fork():
         return None
     read, write = os.pipe()
@@ -129,20 +130,15 @@ def detached(work: Callable[[], object]) -> Pending | None:
         os.close(read)
         os.close(write)
         return None
-    if pid == 0:  # the child: starts the grandchild and is gone at once
+    if pid == 0:
         code = 1
         try:
             os.close(read)
-            if os.fork() == 0:
-                os.setsid()
-                quiet = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(quiet, fd)
-                work()
+            child(write)
             code = 0
-        except BaseException:  # nothing to report to: the work is only ever a cache write
+        except BaseException:
             code = 1
         finally:
-            os._exit(code)  # the write end closes with the grandchild: that is the EOF
+            os._exit(code)
     os.close(write)
     return Pending(pid, read)
